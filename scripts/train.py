@@ -1,0 +1,486 @@
+"""Train one model and write a self-describing checkpoint.
+
+  python -m scripts.train --model cnn                  # full default run on the bundled data
+  python -m scripts.train --model lstm --quick         # seconds-long run for demos and archives
+  python -m scripts.train --model transformer --data my-pairs.tsv --epochs 20
+  python -m scripts.train --model cnn --resume checkpoints/cnn/last.pt --epochs 15
+
+Writes <output-dir>/checkpoint.pt (best epoch by validation metric), <output-dir>/last.pt (for
+--resume, with optimizer state) and TensorBoard scalars under <output-dir>/tb. Both checkpoints
+hold only tensors and plain types and load with torch.load(path, weights_only=True).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import REGISTRY, build_model, config_to_dict, get_spec
+from models.cnn import CNNConfig
+from models.image import normalize
+from models.lstm import LSTMConfig
+from models.text import PAD_ID, Vocab, tokenize
+from models.transformer import TransformerConfig
+
+from .common import ROOT, CLIError, git_commit, run_cli
+from .data import Dataset, load_dataset
+
+CHECKPOINT_FORMAT = 1
+
+# Per-model defaults for the flags left unset. Full runs reach the README's figures; --quick runs
+# finish in seconds on 2 cores and are what `make archive` trains when a checkpoint is missing.
+DEFAULTS = {
+    "cnn": dict(epochs=10, batch_size=64, lr=2e-3),
+    "lstm": dict(epochs=6, batch_size=64, lr=2e-3),
+    "transformer": dict(epochs=12, batch_size=64, lr=7e-4),
+}
+QUICK = {
+    "cnn": dict(epochs=2, limit=2000),
+    "lstm": dict(epochs=2, limit=4000),
+    # The translator keeps only pairs of <= --max-tokens per side (about 30% at 20), after --limit.
+    "transformer": dict(epochs=2, limit=8000, bleu_samples=100),
+}
+
+
+# ----------------------------------------------------------------------------- tasks
+
+class Task:
+    """What differs between models: config, batching, loss, metrics, checkpoint extras."""
+
+    primary: str  # validation metric that picks the best epoch
+    higher_is_better: bool = True
+
+    def __init__(self, ds: Dataset, args: argparse.Namespace, saved: dict | None):
+        self.ds, self.args = ds, args
+
+    def config(self):
+        raise NotImplementedError
+
+    def batches(self, split: str, batch_size: int, rng: np.random.Generator | None):
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model, split: str, device) -> dict[str, float]:
+        raise NotImplementedError
+
+    def extras(self) -> dict:
+        return {}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _chunks(idx: np.ndarray, size: int, rng: np.random.Generator | None):
+    if rng is not None:
+        idx = rng.permutation(idx)
+    for i in range(0, len(idx), size):
+        yield idx[i:i + size]
+
+
+class ClassifierTask(Task):
+    primary = "accuracy"
+
+    def loss(self, model, batch):
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, device):
+        correct = total = 0
+        loss = 0.0
+        for x, y in self.batches(split, 256, None):
+            x, y = x.to(device), y.to(device)
+            logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            total += len(y)
+        return {"accuracy": correct / total, "loss": loss / total}
+
+
+class ImageTask(ClassifierTask):
+    def __init__(self, ds, args, saved):
+        super().__init__(ds, args, saved)
+        if saved:
+            self.mean, self.std = saved["preprocess"]["mean"], saved["preprocess"]["std"]
+        else:  # standardise with the training split's statistics
+            train = ds.x[ds.splits["train"]].astype(np.float32) / 255.0
+            self.mean, self.std = float(train.mean()), float(train.std())
+
+    def config(self):
+        return CNNConfig(num_classes=len(self.ds.labels))
+
+    def batches(self, split, batch_size, rng):
+        for idx in _chunks(self.ds.splits[split], batch_size, rng):
+            x = torch.from_numpy(normalize(self.ds.x[idx], self.mean, self.std))
+            yield x, torch.from_numpy(self.ds.y[idx])
+
+    def extras(self):
+        return {"labels": list(self.ds.labels),
+                "preprocess": {"mean": self.mean, "std": self.std, "image_size": 28}}
+
+
+def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
+    width = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+class TextTask(ClassifierTask):
+    max_tokens = 64  # Rotten Tomatoes snippets average ~22 words; longer input is truncated
+
+    def __init__(self, ds, args, saved):
+        super().__init__(ds, args, saved)
+        texts, _ = ds.take("train")
+        self.vocab = Vocab(saved["vocab"]) if saved else Vocab.build(texts, max_size=20000, min_freq=1)
+        self.ids = [self.vocab.encode(t, self.max_tokens) for t in ds.x]
+
+    def config(self):
+        return LSTMConfig(vocab_size=len(self.vocab), num_classes=len(self.ds.labels))
+
+    def batches(self, split, batch_size, rng):
+        for idx in _chunks(self.ds.splits[split], batch_size, rng):
+            yield pad_batch([self.ids[i] for i in idx]), torch.from_numpy(self.ds.y[idx])
+
+    def extras(self):
+        return {"labels": list(self.ds.labels), "vocab": list(self.vocab.itos),
+                "preprocess": {"max_tokens": self.max_tokens}}
+
+
+class TranslationTask(Task):
+    primary = "loss"
+    higher_is_better = False
+
+    def __init__(self, ds, args, saved):
+        super().__init__(ds, args, saved)
+        self.max_tokens = args.max_tokens
+        # Keep pairs whose sides both fit; the splits are filtered the same way, test included.
+        fits = [len(tokenize(s)) <= self.max_tokens and len(tokenize(t)) <= self.max_tokens
+                for s, t in zip(ds.x, ds.y)]
+        ds.splits = {k: v[[fits[i] for i in v]] for k, v in ds.splits.items()}
+        if min(len(v) for v in ds.splits.values()) == 0:
+            raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
+        if saved:
+            self.src_vocab, self.tgt_vocab = Vocab(saved["vocab"]["src"]), Vocab(saved["vocab"]["tgt"])
+        else:
+            src, tgt = ds.take("train")
+            self.src_vocab = Vocab.build(src, max_size=args.vocab_size, min_freq=2)
+            self.tgt_vocab = Vocab.build(tgt, max_size=args.vocab_size, min_freq=2)
+        limit = self.max_tokens + 2
+        self.src = [self.src_vocab.encode(s, limit, bos_eos=True) for s in ds.x]
+        self.tgt = [self.tgt_vocab.encode(t, limit, bos_eos=True) for t in ds.y]
+
+    def config(self):
+        return TransformerConfig(src_vocab_size=len(self.src_vocab), tgt_vocab_size=len(self.tgt_vocab),
+                                 max_len=self.max_tokens + 2)
+
+    def batches(self, split, batch_size, rng):
+        idx = self.ds.splits[split]
+        if rng is not None:
+            # Bucket by length so batches carry little padding, then shuffle the batches.
+            idx = rng.permutation(idx)
+            pools = [sorted(idx[i:i + batch_size * 50], key=lambda j: len(self.src[j]))
+                     for i in range(0, len(idx), batch_size * 50)]
+            groups = [np.array(p[i:i + batch_size]) for p in pools for i in range(0, len(p), batch_size)]
+            order = rng.permutation(len(groups))
+            groups = [groups[i] for i in order]
+        else:
+            groups = list(_chunks(idx, batch_size, None))
+        for g in groups:
+            yield pad_batch([self.src[i] for i in g]), pad_batch([self.tgt[i] for i in g]), g
+
+    def loss(self, model, batch, reduction="mean"):
+        src, tgt, _ = batch
+        logits = model(src, tgt[:, :-1])
+        smoothing = 0.1 if model.training else 0.0  # label smoothing as in Vaswani et al. (2017)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt[:, 1:].reshape(-1),
+                               ignore_index=PAD_ID, label_smoothing=smoothing, reduction=reduction)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, device):
+        import sacrebleu
+
+        total, tokens = 0.0, 0
+        hyps, refs = [], []
+        budget = None if split == "test" else self.args.bleu_samples
+        for src, tgt, g in self.batches(split, 128, None):
+            src, tgt = src.to(device), tgt.to(device)
+            total += self.loss(model, (src, tgt, g), reduction="sum").item()
+            tokens += (tgt[:, 1:] != PAD_ID).sum().item()
+            if budget is None or len(hyps) < budget:
+                out = model.greedy_decode(src).tolist()
+                hyps += [self.tgt_vocab.decode(o) for o in out]
+                refs += [self.ds.y[i] for i in g]
+        if budget is not None:
+            hyps, refs = hyps[:budget], refs[:budget]
+        loss = total / max(tokens, 1)
+        bleu = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bleu": bleu}
+
+    def extras(self):
+        return {"vocab": {"src": list(self.src_vocab.itos), "tgt": list(self.tgt_vocab.itos)},
+                "preprocess": {"max_tokens": self.max_tokens}}
+
+
+TASKS = {"cnn": ImageTask, "lstm": TextTask, "transformer": TranslationTask}
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op context on CPU."""
+    if device.type != "cuda":
+        return torch.autocast("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def to_device(batch, device):
+    return tuple(t.to(device, non_blocking=True) if torch.is_tensor(t) else t for t in batch)
+
+
+def train_one_epoch(model, task, optimizer, scheduler, scaler, device, epoch, args, writer, step):
+    model.train()
+    rng = np.random.default_rng(args.seed + epoch)
+    n_batches = math.ceil(len(task.ds.splits["train"]) / args.batch_size)
+    running, seen = 0.0, 0
+    bar = tqdm(task.batches("train", args.batch_size, rng), total=n_batches,
+               desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
+               disable=args.no_progress)
+    for batch in bar:
+        batch = to_device(batch, device)
+        with autocast(device):
+            loss = task.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        running += loss.item()
+        seen += 1
+        step += 1
+        bar.set_postfix(loss=f"{running / seen:.4f}")
+        if writer is not None and step % 10 == 0:
+            writer.add_scalar("train/loss_step", loss.item(), step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+    return running / max(seen, 1), step
+
+
+def evaluate(model, task, split, device):
+    model.eval()
+    with autocast(device):
+        return task.evaluate(model, split, device)
+
+
+def make_scheduler(optimizer, total_steps: int):
+    """Linear warm-up over the first 5% of steps, then cosine decay to 5% of the peak rate."""
+    warmup = max(1, int(0.05 * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write via a temporary file, then prove the result loads with weights_only=True."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    try:
+        torch.load(tmp, map_location="cpu", weights_only=True)
+    except Exception:
+        tmp.unlink()
+        raise
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint safely (tensors and plain types only) or raise a one-line CLIError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CLIError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise CLIError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
+        raise CLIError(f"{path}: not a checkpoint written by scripts.train")
+    return ckpt
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name}: {e}") from None
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(REGISTRY), help="which model to train (required)")
+    p.add_argument("--data", default=None,
+                   help="your own data file or folder (default: the bundled dataset; formats: python -m scripts.data --help)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs (default: cnn 10, lstm 6, transformer 12; --quick: 2)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of AdamW (default: cnn 2e-3, lstm 2e-3, transformer 7e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use a seeded random subset of N samples (default: all; --quick: cnn 2000, lstm 4000, transformer 8000)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run: few epochs on a subset (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; auto picks cuda when available, with AMP (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
+    p.add_argument("--output-dir", type=Path, default=None, help="where to write checkpoints and logs (default: checkpoints/<model>)")
+    p.add_argument("--resume", type=Path, default=None, help="continue from this last.pt (default: start fresh)")
+    p.add_argument("--max-tokens", type=int, default=20,
+                   help="transformer: keep pairs with at most N tokens per side (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="transformer: per-language vocabulary size (default: %(default)s)")
+    p.add_argument("--bleu-samples", type=int, default=500,
+                   help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar (default: shown)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs (default: written)")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    for key, value in DEFAULTS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        for key, value in QUICK[args.model].items():
+            if key == "epochs" or getattr(args, key) in (None, get_args_parser().get_default(key)):
+                setattr(args, key, value)
+    if args.output_dir is None:
+        args.output_dir = ROOT / "checkpoints" / args.model
+    for name in ("epochs", "batch_size", "lr", "limit", "max_tokens", "bleu_samples"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = resolve_defaults(get_args_parser().parse_args(argv))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed is not None and resumed["model_name"] != args.model:
+        raise CLIError(f"--resume {args.resume}: checkpoint is for model {resumed['model_name']!r}, not {args.model!r}")
+    if resumed is not None and "optimizer" not in resumed:
+        raise CLIError(f"--resume {args.resume}: resume from last.pt, which holds the optimizer state")
+
+    t0 = time.perf_counter()
+    ds = load_dataset(args.model, args.data, seed=args.seed, limit=args.limit)
+    if resumed is not None and resumed["data"]["fingerprint"] != ds.fingerprint:
+        raise CLIError(f"--resume {args.resume}: data differs from the run it continues (fingerprint mismatch)")
+    task = TASKS[args.model](ds, args, resumed)
+    config = task.config() if resumed is None else None
+    config_dict = resumed["config"] if resumed else config_to_dict(config)
+    model = build_model(args.model, config_dict).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = math.ceil(len(ds.splits["train"]) / args.batch_size)
+    scheduler = make_scheduler(optimizer, args.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    start_epoch, step, best, best_state, best_val, best_epoch = 1, 0, None, None, None, None
+    if resumed is not None:
+        model.load_state_dict(resumed["state_dict"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        start_epoch, step = resumed["epoch"] + 1, resumed["step"]
+        best, best_val = resumed["best"]["value"], resumed["metrics"]["val"]
+        best_state, best_epoch = resumed["best"]["state_dict"], resumed["best"]["epoch"]
+        if start_epoch > args.epochs:
+            raise CLIError(f"--resume {args.resume}: already trained {resumed['epoch']} epochs; pass --epochs > {resumed['epoch']}")
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if not args.no_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(args.output_dir / "tb"))
+    splits = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
+    print(f"train {args.model}: {n_params / 1e6:.2f}M parameters on {device}, data {ds.name} ({splits}), "
+          f"{args.epochs} epochs of batch {args.batch_size}", flush=True)
+
+    base = {
+        "format_version": CHECKPOINT_FORMAT,
+        "model_name": args.model,
+        "task": get_spec(args.model).task,
+        "config": config_dict,
+        **task.extras(),
+        "data": {"name": ds.name, "fingerprint": ds.fingerprint, "source_sha256": ds.source_sha256,
+                 "sizes": {k: len(v) for k, v in ds.splits.items()}},
+        # str(): torch.__version__ is a TorchVersion, which weights_only=True refuses to unpickle.
+        "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
+        "git_commit": git_commit(),
+        "train_args": plain_args(args),
+    }
+    for epoch in range(start_epoch, args.epochs + 1):
+        t_epoch = time.perf_counter()
+        train_loss, step = train_one_epoch(model, task, optimizer, scheduler, scaler, device, epoch, args, writer, step)
+        val = evaluate(model, task, "val", device)
+        value = val[task.primary]
+        improved = best is None or (value > best if task.higher_is_better else value < best)
+        if improved:
+            best, best_val, best_epoch = value, val, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if writer is not None:
+            writer.add_scalar("train/loss", train_loss, epoch)
+            for k, v in val.items():
+                writer.add_scalar(f"val/{k}", v, epoch)
+        print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val {task.summary(val)}  "
+              f"({time.perf_counter() - t_epoch:.1f}s){'  *best' if improved else ''}", flush=True)
+        save_atomic({**base, "epoch": epoch, "step": step,
+                     "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "best": {"value": best, "epoch": best_epoch, "state_dict": best_state},
+                     "metrics": {"val": best_val}}, args.output_dir / "last.pt")
+
+    model.load_state_dict(best_state)
+    test = evaluate(model, task, "test", device)
+    metrics = {"val": best_val, "test": test, "primary": task.primary}
+    base["train_args"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    save_atomic({**base, "state_dict": best_state, "metrics": metrics, "epoch": best_epoch},
+                args.output_dir / "checkpoint.pt")
+    if writer is not None:
+        for k, v in test.items():
+            writer.add_scalar(f"test/{k}", v, args.epochs)
+        writer.close()
+    print(f"test {task.summary(test)}  -> {args.output_dir / 'checkpoint.pt'} "
+          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("train", main))
