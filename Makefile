@@ -11,10 +11,18 @@ STAMP := $(VENV)/.installed
 
 MODEL ?= cnn
 MODELS ?= cnn lstm transformer
+VERSION ?= 1.0
+CHECKPOINT_DIR ?= checkpoints
+STORE ?= model-store
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install data train train-all train-quick demo test clean
+MARS := $(patsubst %,$(STORE)/%.mar,$(MODELS))
+CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py
+
+.PHONY: help install data train train-all train-quick archive verify-archives demo test clean FORCE
+# Checkpoints are built on demand for archives; never delete them as intermediates.
+.PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +48,22 @@ train-all: install ## train all three models with their full defaults
 
 train-quick: install ## seconds-long training of every model in MODELS (checkpoints/<model>/)
 	@for m in $(MODELS); do $(PY) -m scripts.train --model $$m --quick --no-progress $(ARGS) || exit 1; done
+
+archive: install $(MARS) ## build $(STORE)/<model>.mar for MODELS (VERSION=1.0), quick-training missing checkpoints
+	@$(PY) -m scripts.archive verify --model-store $(STORE) $(addprefix --model ,$(MODELS))
+
+$(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
+	$(PY) -m scripts.train --model $* --quick --no-progress --output-dir $(CHECKPOINT_DIR)/$*
+
+$(STORE)/%.mar: $(CHECKPOINT_DIR)/%/checkpoint.pt handlers/config/%.yaml $(CODE) $(STORE)/.version | $(STAMP)
+	$(PY) -m scripts.archive build --model $* --version $(VERSION) --checkpoint $< --export-path $(STORE)
+
+# Rewritten only when VERSION changes, so a new version rebuilds the archives and nothing else does.
+$(STORE)/.version: FORCE
+	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION)" ] || echo "$(VERSION)" > $@
+
+verify-archives: install ## recompute every archive's sha256 and size against $(STORE)/manifest.json
+	$(PY) -m scripts.archive verify --model-store $(STORE)
 
 demo: install ## the main job end to end on the bundled data: data -> quick training -> report
 	$(PY) -m scripts.demo $(ARGS)

@@ -9,6 +9,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import torch
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 # The same ids in every vocabulary, so source and target sides share them (the translator
 # masks padding and stops decoding by id).
@@ -73,3 +75,12 @@ class Vocab:
                 continue
             toks.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
         return detokenize(toks)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tensor:
+    """Right-pad id lists into one (B, T) long tensor, T the longest (at least 1)."""
+    width = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out

@@ -28,7 +28,7 @@ from models import REGISTRY, build_model, config_to_dict, get_spec
 from models.cnn import CNNConfig
 from models.image import normalize
 from models.lstm import LSTMConfig
-from models.text import PAD_ID, Vocab, tokenize
+from models.text import PAD_ID, Vocab, pad_batch, tokenize
 from models.transformer import TransformerConfig
 
 from .common import ROOT, CLIError, git_commit, run_cli
@@ -128,14 +128,6 @@ class ImageTask(ClassifierTask):
     def extras(self):
         return {"labels": list(self.ds.labels),
                 "preprocess": {"mean": self.mean, "std": self.std, "image_size": 28}}
-
-
-def pad_batch(seqs: list[list[int]]) -> torch.Tensor:
-    width = max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
 
 
 class TextTask(ClassifierTask):
@@ -444,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         # str(): torch.__version__ is a TorchVersion, which weights_only=True refuses to unpickle.
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         "git_commit": git_commit(),
+        # Unix time of this run; archives take their MANIFEST createdOn from it (reproducible builds).
+        "created_at": int(time.time()),
         "train_args": plain_args(args),
     }
     for epoch in range(start_epoch, args.epochs + 1):

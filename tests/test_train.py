@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import build_model
-from models.text import Vocab
+from models.text import Vocab, pad_batch
 from scripts import train
 from scripts.common import ROOT
 from tests.conftest import tiny_train
@@ -19,9 +19,9 @@ def _inputs(ckpt: dict) -> tuple:
         return (torch.randn(4, 1, 28, 28),)
     if ckpt["model_name"] == "lstm":
         v = Vocab(ckpt["vocab"])
-        return (train.pad_batch([v.encode("a gripping, funny film"), v.encode("dull and far too long")]),)
+        return (pad_batch([v.encode("a gripping, funny film"), v.encode("dull and far too long")]),)
     v = Vocab(ckpt["vocab"]["src"])
-    return (train.pad_batch([v.encode("in the beginning", 8, bos_eos=True), v.encode("god said", 8, bos_eos=True)]),)
+    return (pad_batch([v.encode("in the beginning", 8, bos_eos=True), v.encode("god said", 8, bos_eos=True)]),)
 
 
 @pytest.mark.parametrize("model", ["cnn", "lstm", "transformer"])

@@ -1,0 +1,1 @@
+"""Custom TorchServe handlers. Each .mar carries this package and the models package."""

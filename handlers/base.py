@@ -1,0 +1,245 @@
+"""What the three TorchServe handlers share.
+
+The stages follow TorchServe's BaseHandler contract (initialize / preprocess / inference /
+postprocess) with one change: bad input is handled per request. ``parse`` validates one request
+and raises ``InvalidInput``; that request gets its own 4xx via ``context.set_response_status``
+while the rest of the batch goes through one forward pass together. No exception escapes
+``handle`` for bad input, so a bad request never fails its neighbours or kills the worker.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from models import build_model
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1  # the format scripts/train.py writes
+
+
+class InvalidInput(ValueError):
+    """A request that can't be processed; ``code`` is the HTTP status it gets (4xx)."""
+
+    def __init__(self, message: str, code: int = 400):
+        super().__init__(message)
+        self.code = code
+
+
+class PayloadTooLarge(InvalidInput):
+    def __init__(self, message: str):
+        super().__init__(message, 413)
+
+
+def error_body(exc: InvalidInput) -> dict:
+    """The body a failed request gets; clients (REST and gRPC) recognise it by ``code``."""
+    return {"code": exc.code, "type": type(exc).__name__, "message": str(exc)}
+
+
+def request_payload(request: dict) -> Any:
+    """The payload of one request, wherever TorchServe put it.
+
+    REST raw body -> "body"; multipart -> the form field ("data" by convention); gRPC -> the
+    keys of the input map. JSON bodies arrive decoded, text/* as str, everything else as bytes.
+    """
+    for key in ("data", "body"):
+        if request.get(key) is not None:
+            return request[key]
+    values = [v for v in request.values() if v is not None]
+    if len(values) == 1:
+        return values[0]
+    if not values:
+        raise InvalidInput("empty request: send the input as the request body or a 'data' field")
+    raise InvalidInput(f"ambiguous request: send one field named 'data', got {sorted(request)}")
+
+
+def decode_text(payload: Any) -> str:
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            return bytes(payload).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"body is not valid UTF-8 text (byte {e.start})") from None
+    if isinstance(payload, str):
+        return payload
+    raise InvalidInput(f"expected text, got JSON {type(payload).__name__}")
+
+
+def maybe_json(payload: Any) -> Any:
+    """Bytes/str that hold a JSON object (gRPC sends JSON as bytes) -> the object; else unchanged."""
+    if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{" or isinstance(payload, str) and payload[:1] == "{":
+        try:
+            return json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidInput("body starts with '{' but is not valid JSON") from None
+    return payload
+
+
+def b64decode(text: str | bytes, what: str = "data") -> bytes:
+    if isinstance(text, str):
+        if text.startswith("data:") and "," in text:  # data URL: data:image/png;base64,....
+            text = text.split(",", 1)[1]
+        text = text.encode("ascii", "ignore")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput(f"'{what}' is not valid base64") from None
+
+
+def positive_int(value: Any, name: str, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"'{name}' must be a positive integer, got {value!r}")
+    if value > limit:
+        raise InvalidInput(f"'{name}' must be at most {limit}, got {value}")
+    return value
+
+
+def text_field(payload: Any, max_texts: int, extra_keys: frozenset = frozenset()) -> tuple[list[str], bool]:
+    """Raw text or {"text": str | [str, ...]} -> (texts, whether a list was sent)."""
+    if isinstance(payload, dict):
+        unknown = set(payload) - {"text"} - extra_keys
+        if "text" not in payload or unknown:
+            allowed = ", ".join(repr(k) for k in sorted({"text"} | extra_keys))
+            raise InvalidInput(f"JSON body must be an object with the keys {allowed}; got {sorted(payload)}")
+        value = payload["text"]
+        if isinstance(value, list):
+            if not value:
+                raise InvalidInput("'text' is an empty list")
+            if len(value) > max_texts:
+                raise PayloadTooLarge(f"'text' has {len(value)} entries, the limit is {max_texts}")
+            if not all(isinstance(v, str) for v in value):
+                raise InvalidInput("'text' must be a string or a list of strings")
+            return list(value), True
+        if not isinstance(value, str):
+            raise InvalidInput("'text' must be a string or a list of strings")
+        return [value], False
+    if isinstance(payload, list):
+        raise InvalidInput('send a JSON object {"text": [...]}, not a bare list')
+    return [decode_text(payload)], False
+
+
+class CheckpointHandler(BaseHandler):
+    """Rebuilds the model from the checkpoint's own config; subclasses define the data path."""
+
+    model_name: str = ""  # the checkpoint's model_name this handler serves
+    defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
+
+    def initialize(self, context) -> None:
+        try:
+            self._initialize(context)
+        except Exception:
+            # Logged with the traceback, then raised: TorchServe marks the worker failed instead
+            # of reporting a model that can't answer as serving.
+            logger.exception("%s: initialize failed", type(self).__name__)
+            raise
+
+    def _initialize(self, context) -> None:
+        self.context = context
+        props = context.system_properties
+        model_dir = props.get("model_dir") or "."
+        cfg = dict(self.defaults)
+        cfg.update((context.model_yaml_config or {}).get("handler") or {})
+        unknown = set(cfg) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"unknown handler options in model-config.yaml: {sorted(unknown)}")
+        self.options = cfg
+
+        gpu_id = props.get("gpu_id")
+        if gpu_id is not None and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+        # Reduced precision only where it pays: autocast on CUDA, full precision on CPU.
+        dtype = cfg.get("cuda_dtype", "float32")
+        self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+        serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "checkpoint.pt")
+        path = os.path.join(model_dir, serialized)
+        t0 = time.perf_counter()
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{serialized}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+        if ckpt.get("model_name") != self.model_name:
+            raise ValueError(f"{serialized}: holds model {ckpt.get('model_name')!r}, this handler serves {self.model_name!r}")
+        self.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+        self.model = build_model(self.model_name, ckpt["config"])
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.model.to(self.device).eval()
+        self.setup(ckpt)
+        self.initialized = True
+        logger.info("%s: loaded %s on %s in %.2fs (options %s)", type(self).__name__, serialized,
+                    self.device, time.perf_counter() - t0, self.options)
+
+    # -- what subclasses provide ------------------------------------------------------------
+
+    def setup(self, ckpt: dict) -> None:
+        """Read labels, vocabularies and preprocessing constants from the checkpoint."""
+
+    def parse(self, payload: Any) -> list[Any]:
+        """One request's payload -> (items, whether it sent a list); raise InvalidInput."""
+        raise NotImplementedError
+
+    def preprocess(self, items: list[Any]) -> Any:
+        """Parsed items of the whole batch -> model input."""
+        raise NotImplementedError
+
+    def inference(self, batch: Any, items: list[Any] | None = None) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, output: Any, items: list[Any] | None = None) -> list[Any]:
+        """Model output -> one JSON-able answer per item."""
+        raise NotImplementedError
+
+    # -- the batch path -----------------------------------------------------------------------
+
+    def predict_items(self, items: list[Any]) -> list[Any]:
+        """preprocess -> inference -> postprocess for already-parsed items (one forward)."""
+        with torch.inference_mode(), self._autocast():
+            batch = self.preprocess(items)
+            output = self.inference(batch, items)
+        return self.postprocess(output, items)
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def handle(self, data: list[dict], context) -> list[Any]:
+        self.context = context
+        t0 = time.perf_counter()
+        results: list[Any] = [None] * len(data)
+        groups: list[tuple[int, int, bool]] = []  # (request index, item count, request sent a list)
+        items: list[Any] = []
+        for i, request in enumerate(data):
+            try:
+                parsed, many = self.parse(maybe_json(request_payload(request or {})))
+            except InvalidInput as e:
+                results[i] = self._fail(context, i, e)
+                continue
+            groups.append((i, len(parsed), many))
+            items.extend(parsed)
+        answers = self.predict_items(items) if items else []
+        pos = 0
+        for i, n, many in groups:
+            out = answers[pos:pos + n]
+            pos += n
+            results[i] = out if many else out[0]
+            context.set_response_content_type(i, "application/json")
+        for i in range(len(data)):
+            context.set_response_header(i, "X-Batch-Size", str(len(data)))
+        logger.info("batch_size=%d items=%d failed=%d ms=%.1f", len(data), len(items),
+                    len(data) - len(groups), 1000 * (time.perf_counter() - t0))
+        return results
+
+    @staticmethod
+    def _fail(context, idx: int, exc: InvalidInput) -> dict:
+        context.set_response_status(exc.code, str(exc), idx=idx)
+        context.set_response_content_type(idx, "application/json")
+        return error_body(exc)

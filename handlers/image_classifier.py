@@ -1,0 +1,95 @@
+"""TorchServe handler for the CNN image classifier.
+
+Accepts per request: PNG/JPEG/... bytes (raw body or multipart field), a base64 string (or data
+URL), or JSON {"data": <base64>, "topk": k}. Any size and colour mode is converted to grayscale
+28x28 with the training normalisation. Answers {label: probability} for the top k labels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, b64decode, positive_int
+from models.image import normalize, pil_to_array
+
+
+class ImageClassifierHandler(CheckpointHandler):
+    model_name = "cnn"
+    defaults = {
+        "topk": 3,  # labels returned when the request does not ask
+        "max_bytes": 10 * 1024 * 1024,  # encoded image size limit
+        "max_pixels": 4096 * 4096,  # decoded size limit: refuses decompression bombs before decoding
+        "invert_light": True,  # invert dark-on-light images to MNIST's light-on-dark
+        "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
+    }
+
+    def setup(self, ckpt: dict) -> None:
+        self.labels = list(ckpt["labels"])
+        pre = ckpt["preprocess"]
+        self.mean, self.std, self.size = pre["mean"], pre["std"], pre["image_size"]
+
+    def parse(self, payload: Any):
+        topk = self.options["topk"]
+        if isinstance(payload, dict):
+            unknown = set(payload) - {"data", "topk"}
+            if "data" not in payload or unknown:
+                raise InvalidInput("JSON body must be {\"data\": <base64 image>, \"topk\": <int, optional>}")
+            if "topk" in payload:
+                topk = positive_int(payload["topk"], "topk", len(self.labels))
+            payload = payload["data"]
+            if not isinstance(payload, str):
+                raise InvalidInput("'data' must be a base64 string")
+        if isinstance(payload, str):
+            payload = b64decode(payload)
+        elif isinstance(payload, (bytes, bytearray)) and not _looks_like_image(payload):
+            payload = b64decode(bytes(payload).strip())  # base64 sent as a raw body
+        elif not isinstance(payload, (bytes, bytearray)):
+            raise InvalidInput(f"expected an image, got JSON {type(payload).__name__}")
+        return [(self.decode_image(bytes(payload)), topk)], False
+
+    def decode_image(self, raw: bytes) -> np.ndarray:
+        if not raw:
+            raise InvalidInput("empty image")
+        if len(raw) > self.options["max_bytes"]:
+            raise PayloadTooLarge(f"image is {len(raw)} bytes, the limit is {self.options['max_bytes']}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(raw)) as img:
+                    w, h = img.size  # read from the header, before any pixel is decoded
+                    if w * h > self.options["max_pixels"]:
+                        raise PayloadTooLarge(f"image is {w}x{h} pixels, the limit is {self.options['max_pixels']}")
+                    img.load()
+                    return pil_to_array(img, self.size, self.options["invert_light"])
+        except InvalidInput:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise PayloadTooLarge(f"image refused as a decompression bomb: {e}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise InvalidInput(f"not a readable image ({type(e).__name__})") from None
+
+    def preprocess(self, items):
+        x = normalize(np.stack([pixels for pixels, _ in items]), self.mean, self.std)
+        return torch.from_numpy(x).to(self.device)
+
+    def inference(self, batch, items=None):
+        return torch.softmax(self.model(batch).float(), dim=-1)
+
+    def postprocess(self, probs, items=None):
+        out = []
+        for row, (_, k) in zip(probs.cpu(), items):
+            p, idx = row.topk(k)
+            out.append({self.labels[i]: round(float(v), 6) for v, i in zip(p.tolist(), idx.tolist())})
+        return out
+
+
+_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"P5", b"P6")
+
+
+def _looks_like_image(raw: bytes) -> bool:
+    return raw.startswith(_MAGIC)

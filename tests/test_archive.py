@@ -1,0 +1,84 @@
+"""Archives built by the real torch-model-archiver through `make archive`: reproducible and verified."""
+import json
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+
+from scripts import archive
+from scripts.common import ROOT, sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def make(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_checkpoints, tmp_path_factory):
+    """`make archive` over copies of the tiny checkpoints; returns (checkpoint dir, store dir)."""
+    root = tmp_path_factory.mktemp("archive")
+    ckpts, store = root / "checkpoints", root / "store"
+    for model, path in tiny_checkpoints.items():
+        (ckpts / model).mkdir(parents=True)
+        shutil.copy(path, ckpts / model / "checkpoint.pt")
+    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
+    assert proc.returncode == 0, proc.stderr
+    return ckpts, store
+
+
+def test_archives_carry_handler_packages_checkpoint_and_config(store):
+    _, store = store
+    for model, handler in archive.HANDLERS.items():
+        with zipfile.ZipFile(store / f"{model}.mar") as z:
+            names = set(z.namelist())
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        assert {"checkpoint.pt", handler, f"{model}.yaml", "handlers/base.py", "handlers/__init__.py",
+                "models/__init__.py", "models/text.py", f"models/{model}.py"} <= names
+        assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+        assert manifest["model"] == {"configFile": f"{model}.yaml", "handler": handler, "modelName": model,
+                                     "modelVersion": "1.0", "serializedFile": "checkpoint.pt"}
+
+
+def test_make_archive_is_reproducible_and_does_no_work_when_nothing_changed(store):
+    ckpts, store = store
+    digests = {m: sha256_file(store / f"{m}.mar") for m in archive.HANDLERS}
+    mtimes = {m: (store / f"{m}.mar").stat().st_mtime_ns for m in archive.HANDLERS}
+    again = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
+    assert again.returncode == 0 and "scripts.archive build" not in again.stdout
+    assert {m: (store / f"{m}.mar").stat().st_mtime_ns for m in archive.HANDLERS} == mtimes
+    (store / "lstm.mar").unlink()  # rebuilt later, from the same inputs: the same bytes
+    rebuilt = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}", "MODELS=lstm")
+    assert rebuilt.returncode == 0 and "scripts.archive build --model lstm" in rebuilt.stdout
+    assert sha256_file(store / "lstm.mar") == digests["lstm"]
+    manifest = json.loads((store / "manifest.json").read_text())["archives"]
+    assert {m: e["sha256"] for m, e in manifest.items()} == digests
+
+
+def test_a_new_version_rebuilds(store, tmp_path):
+    ckpts, _ = store
+    out = tmp_path / "store"
+    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn", "VERSION=2.1").returncode == 0
+    entry = json.loads((out / "manifest.json").read_text())["archives"]["cnn"]
+    assert entry["version"] == "2.1"
+    assert entry["checkpoint_sha256"] == sha256_file(ckpts / "cnn" / "checkpoint.pt")
+    assert entry["size"] > entry["checkpoint_size"] * 0.5 and entry["metrics"]["accuracy"] >= 0
+
+
+def test_verify_refuses_a_flipped_byte_and_a_truncated_archive(store, tmp_path):
+    _, src = store
+    shutil.copytree(src, tmp_path / "s")
+    s = tmp_path / "s"
+    assert archive.verify(s) == []
+    data = bytearray((s / "cnn.mar").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (s / "cnn.mar").write_bytes(bytes(data))
+    (s / "lstm.mar").write_bytes((s / "lstm.mar").read_bytes()[:-100])
+    problems = archive.verify(s)
+    assert any("cnn.mar: sha256" in p for p in problems)
+    assert any("lstm.mar: size" in p for p in problems)
+    proc = make("verify-archives", f"STORE={s}")
+    assert proc.returncode != 0 and "cnn.mar: sha256" in proc.stderr

@@ -1,0 +1,200 @@
+"""Handlers in-process, through TorchServe's own Context: parity with the model, batching, bad input."""
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import build_model
+from models.image import normalize
+from models.text import Vocab, pad_batch
+from scripts.data import load_dataset
+from tests.conftest import load_handler, run_batch
+
+pytestmark = pytest.mark.slow
+TOL = dict(rtol=0, atol=1e-5)  # probabilities are rounded to 6 decimals in the answers
+
+
+def png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def direct_model(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(ckpt["model_name"], ckpt["config"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    return model, ckpt
+
+
+@pytest.fixture(scope="module")
+def handlers(tiny_checkpoints):
+    return {m: load_handler(m, p) for m, p in tiny_checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = load_dataset("cnn")
+    x, y = ds.take("test")
+    return x[:6], y[:6]
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_image_handler_matches_the_model_on_real_digits_in_every_input_format(handlers, tiny_checkpoints, digits):
+    handler, ctx = handlers["cnn"]
+    model, ckpt = direct_model(tiny_checkpoints["cnn"])
+    x, _ = digits
+    pre = ckpt["preprocess"]
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(normalize(x, pre["mean"], pre["std"]))), -1)
+    raw = [png(img) for img in x]
+    requests = [
+        {"body": raw[0]},                                                   # raw PNG body
+        {"data": raw[1]},                                                   # multipart field
+        {"body": base64.b64encode(raw[2]).decode()},                        # base64 text
+        {"body": {"data": base64.b64encode(raw[3]).decode(), "topk": 10}},  # JSON
+        {"body": json.dumps({"data": base64.b64encode(raw[4]).decode()}).encode()},  # JSON as bytes (gRPC)
+        {"body": png(x[5], "RGB")},                                         # colour image
+    ]
+    answers, statuses, headers = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [200] * 6
+    assert all(h["X-Batch-Size"] == "6" for h in headers)
+    for i, answer in enumerate(answers):
+        assert len(answer) == (10 if i == 3 else 3)
+        for label, p in answer.items():
+            torch.testing.assert_close(p, expected[i, ckpt["labels"].index(label)].item(), **TOL)
+        assert list(answer) == [ckpt["labels"][j] for j in expected[i].argsort(descending=True)[:len(answer)]]
+
+
+def test_image_handler_resizes_and_inverts_drawings(handlers, digits):
+    handler, ctx = handlers["cnn"]
+    x, _ = digits
+    light = np.array(Image.fromarray(255 - x[0]).resize((112, 112), Image.Resampling.NEAREST))
+    a, _, _ = run_batch(handler, ctx, [{"body": png(x[0])}, {"body": png(light)}])
+    assert list(a[0])[0] == list(a[1])[0]  # same top label for the digit and its large inverted copy
+
+
+def test_text_handler_matches_the_model_and_batching_does_not_change_answers(handlers, tiny_checkpoints):
+    handler, ctx = handlers["lstm"]
+    model, ckpt = direct_model(tiny_checkpoints["lstm"])
+    vocab = Vocab(ckpt["vocab"])
+    texts = ["A gripping, beautifully acted film.", "Dull, overlong and pointless.", "fine"]
+    with torch.no_grad():
+        expected = torch.softmax(model(pad_batch([vocab.encode(t, 64) for t in texts])), -1)
+    answers, statuses, _ = run_batch(handler, ctx, [
+        {"body": texts[0]}, {"body": texts[1].encode()}, {"body": {"text": [texts[2], texts[0]]}}])
+    assert [s for s, _ in statuses] == [200] * 3
+    flat = [answers[0], answers[1], *answers[2]]
+    for i, answer in enumerate(flat[:3]):
+        assert answer["label"] == ckpt["labels"][int(expected[i].argmax())]
+        for label, p in answer["probabilities"].items():
+            torch.testing.assert_close(p, expected[i, ckpt["labels"].index(label)].item(), **TOL)
+    assert flat[3] == flat[0]  # the same text in another request of the batch gets the same answer
+    alone, _, _ = run_batch(handler, ctx, [{"body": texts[1]}])
+    assert alone[0] == answers[1]
+
+
+def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_checkpoints):
+    handler, ctx = handlers["transformer"]
+    model, ckpt = direct_model(tiny_checkpoints["transformer"])
+    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
+    texts = ["In the beginning God created the heavens and the earth.", "The Lord is my shepherd."]
+    with torch.no_grad():
+        out = model.greedy_decode(pad_batch([src.encode(t, 64, bos_eos=True) for t in texts]))
+    expected = [tgt.decode(row) for row in out.tolist()]
+    answers, statuses, _ = run_batch(handler, ctx, [
+        {"body": texts[0]}, {"body": {"text": texts[1]}}, {"body": {"text": texts[0], "max_length": 3}}])
+    assert [s for s, _ in statuses] == [200] * 3
+    assert [a["translation"] for a in answers[:2]] == expected
+    assert len(answers[2]["translation"].split()) <= 3
+    assert expected[0].startswith(answers[2]["translation"].rstrip(".,;:"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")  # 25 Mpx, a few kB on the wire
+    return buf.getvalue()
+
+
+BAD = {
+    "cnn": [
+        ({"body": b"\x00\x01garbage bytes"}, 400, "not valid base64"),
+        ({"body": b"\x89PNG\r\n\x1a\nnot really a png"}, 400, "not a readable image"),
+        ({"body": b""}, 400, "empty"),
+        ({}, 400, "empty request"),
+        ({"body": "!!!not-base64!!!"}, 400, "not valid base64"),
+        ({"body": {"image": "abc"}}, 400, "JSON body must be"),
+        ({"body": {"data": 12}}, 400, "'data' must be a base64 string"),
+        ({"body": {"data": "aGVsbG8=", "topk": 0}}, 400, "'topk' must be a positive integer"),
+        ({"body": {"data": "aGVsbG8=", "topk": 11}}, 400, "'topk' must be at most 10"),
+        ({"body": b"{not json"}, 400, "not valid JSON"),
+        ({"body": [1, 2, 3]}, 400, "expected an image"),
+        ({"body": _bomb_png()}, 413, "5000x5000 pixels"),
+    ],
+    "lstm": [
+        ({"body": b""}, 400, "empty text"),
+        ({"body": "   "}, 400, "empty text"),
+        ({"body": b"\xff\xfe\xfa bad utf-8"}, 400, "not valid UTF-8"),
+        ({"body": "x" * 5001}, 413, "5001 characters"),
+        ({"body": {"txt": "hello"}}, 400, "keys 'text'"),
+        ({"body": {"text": 5}}, 400, "string or a list of strings"),
+        ({"body": {"text": []}}, 400, "empty list"),
+        ({"body": {"text": ["ok", 3]}}, 400, "string or a list of strings"),
+        ({"body": {"text": ["ok"] * 65}}, 413, "65 entries"),
+        ({"body": ["a bare list"]}, 400, "not a bare list"),
+    ],
+    "transformer": [
+        ({"body": b""}, 400, "empty text"),
+        ({"body": b"\xc3\x28 bad utf-8"}, 400, "not valid UTF-8"),
+        ({"body": "word " * 300}, 413, "1500 characters"),
+        ({"body": "word " * 40}, 413, "40 tokens"),
+        ({"body": {"text": "hello", "max_length": 0}}, 400, "'max_length' must be a positive integer"),
+        ({"body": {"text": "hello", "max_length": "5"}}, 400, "'max_length' must be a positive integer"),
+        ({"body": {"text": "hello", "max_length": 10_000}}, 400, "'max_length' must be at most"),
+        ({"body": {"text": "hello", "temperature": 1}}, 400, "keys 'max_length', 'text'"),
+    ],
+}
+GOOD = {"cnn": None, "lstm": {"body": "a warm, funny film"}, "transformer": {"body": "God is love."}}
+
+
+@pytest.mark.parametrize("model", ["cnn", "lstm", "transformer"])
+def test_every_bad_input_gets_its_own_4xx_and_its_neighbours_are_answered(model, handlers, digits):
+    handler, ctx = handlers[model]
+    good = GOOD[model] or {"body": png(digits[0][0])}
+    reference, _, _ = run_batch(handler, ctx, [good])
+    for bad, code, message in BAD[model]:
+        answers, statuses, _ = run_batch(handler, ctx, [good, bad, good])
+        assert statuses[0][0] == 200 and statuses[2][0] == 200, (bad, statuses)
+        assert answers[0] == answers[2] == reference[0]
+        status, phrase = statuses[1]
+        assert status == code, (bad, statuses[1])
+        assert message in phrase, (bad, phrase)
+        assert answers[1] == {"code": code, "type": "PayloadTooLarge" if code == 413 else "InvalidInput",
+                              "message": phrase}
+
+
+def test_a_batch_of_only_bad_requests_returns_errors_without_running_the_model(handlers):
+    handler, ctx = handlers["lstm"]
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": b""}, {"body": {"nope": 1}}])
+    assert [s for s, _ in statuses] == [400, 400]
+    assert all(a["code"] == 400 for a in answers)
+
+
+def test_image_over_the_byte_limit_is_413(tiny_checkpoints, digits):
+    handler, ctx = load_handler("cnn", tiny_checkpoints["cnn"], {"max_bytes": 100})
+    _, statuses, _ = run_batch(handler, ctx, [{"body": png(digits[0][0])}])
+    assert statuses[0][0] == 413 and "the limit is 100" in statuses[0][1]
+
+
+def test_initialize_fails_loudly_for_the_wrong_checkpoint_or_options(tiny_checkpoints):
+    with pytest.raises(ValueError, match="holds model 'lstm', this handler serves 'cnn'"):
+        load_handler("cnn", tiny_checkpoints["lstm"])
+    with pytest.raises(ValueError, match="unknown handler options"):
+        load_handler("lstm", tiny_checkpoints["lstm"], {"max_char": 10})
