@@ -14,20 +14,29 @@ MODELS ?= cnn lstm transformer
 VERSION ?= 1.0
 CHECKPOINT_DIR ?= checkpoints
 STORE ?= model-store
+RUN_DIR ?= run
+AUTH ?= 1
+TRANSPORT ?= rest
+TEXT ?=
+FILE ?=
+JSON ?=
 ARGS ?=
 PYTEST_ARGS ?=
 
 MARS := $(patsubst %,$(STORE)/%.mar,$(MODELS))
 CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py
+PROTOS := scripts/grpc_gen/inference_pb2_grpc.py
+SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
-.PHONY: help install data train train-all train-quick archive verify-archives demo test clean FORCE
+.PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict demo test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  \033[1m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
-	@echo "  Variables: MODEL=$(MODEL)  MODELS=\"$(MODELS)\"  ARGS=\"$(ARGS)\" (extra flags for the script)"
+	@echo "  Variables: MODEL=$(MODEL) MODELS=\"$(MODELS)\" VERSION=$(VERSION) AUTH=$(AUTH) TRANSPORT=$(TRANSPORT)"
+	@echo "             ARGS=\"...\" passes extra flags to the target's script (each has --help)"
 
 $(STAMP): requirements.txt requirements-data.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +58,7 @@ train-all: install ## train all three models with their full defaults
 train-quick: install ## seconds-long training of every model in MODELS (checkpoints/<model>/)
 	@for m in $(MODELS); do $(PY) -m scripts.train --model $$m --quick --no-progress $(ARGS) || exit 1; done
 
-archive: install $(MARS) ## build $(STORE)/<model>.mar for MODELS (VERSION=1.0), quick-training missing checkpoints
+archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0), quick-training missing checkpoints
 	@$(PY) -m scripts.archive verify --model-store $(STORE) $(addprefix --model ,$(MODELS))
 
 $(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
@@ -62,14 +71,32 @@ $(STORE)/%.mar: $(CHECKPOINT_DIR)/%/checkpoint.pt handlers/config/%.yaml $(CODE)
 $(STORE)/.version: FORCE
 	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION)" ] || echo "$(VERSION)" > $@
 
-verify-archives: install ## recompute every archive's sha256 and size against $(STORE)/manifest.json
+verify-archives: install ## recompute every archive's sha256 and size against model-store/manifest.json
 	$(PY) -m scripts.archive verify --model-store $(STORE)
+
+protos: $(PROTOS) ## generate gRPC stubs from the protos inside the installed TorchServe
+
+$(PROTOS): scripts/gen_protos.py | $(STAMP)
+	$(PY) -m scripts.gen_protos
+
+serve: archive ## start TorchServe on loopback with the MODELS archives; returns once all are READY (AUTH=0: no tokens)
+	$(SERVE) start --models $(MODELS) $(ARGS)
+
+stop: install ## stop TorchServe and wait until no process of it is left
+	$(SERVE) stop
+
+status: install ## list the served models, versions and worker states
+	$(SERVE) status
+
+predict: protos ## one prediction: MODEL=... and TEXT="..." | FILE=path | JSON='{...}' (TRANSPORT=rest|grpc)
+	TS_KEY_FILE=$(RUN_DIR)/key_file.json $(PY) -m scripts.client --transport $(TRANSPORT) predict $(MODEL) \
+	  $(if $(FILE),--file "$(FILE)",$(if $(JSON),--json '$(JSON)',--text "$(TEXT)"))
 
 demo: install ## the main job end to end on the bundled data: data -> quick training -> report
 	$(PY) -m scripts.demo $(ARGS)
 
-test: install ## run the test suite (what CI runs)
+test: install protos ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean: ## remove checkpoints, archives and run state (keeps .venv)
-	rm -rf checkpoints model-store run .pytest_cache
+	rm -rf checkpoints model-store run .pytest_cache scripts/grpc_gen

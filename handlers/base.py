@@ -53,10 +53,15 @@ def request_payload(request: dict) -> Any:
     for key in ("data", "body"):
         if request.get(key) is not None:
             return request[key]
-    values = [v for v in request.values() if v is not None]
+    values = [v for v in request.values() if v is not None and v != b"" and v != ""]
     if len(values) == 1:
         return values[0]
     if not values:
+        if request:
+            # curl -d without a Content-Type sends a form; TorchServe turns the text into an
+            # empty field named after it.
+            raise InvalidInput("body arrived as an empty form field (a form-encoded POST): send it with "
+                               "Content-Type text/plain or application/json, or curl --data-binary/-T")
         raise InvalidInput("empty request: send the input as the request body or a 'data' field")
     raise InvalidInput(f"ambiguous request: send one field named 'data', got {sorted(request)}")
 

@@ -21,6 +21,9 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: lis
     except CLIError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,9 @@
 """Shared fixtures. Tests run on 2 loaded cores: one torch thread keeps them fast and repeatable."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -73,3 +76,27 @@ def load_handler(model: str, checkpoint_path, handler_overrides: dict | None = N
     ctx = make_context(model, checkpoint_path.parent, handler_overrides)
     handler.initialize(ctx)
     return handler, ctx
+
+
+# ----------------------------------------------------------------------------- archives
+
+def make(*args, **kw) -> subprocess.CompletedProcess:
+    from scripts.common import ROOT
+
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="session")
+def archive_store(tiny_checkpoints, tmp_path_factory):
+    """`make archive` (the real torch-model-archiver) over copies of the tiny checkpoints.
+
+    Returns (checkpoint dir, store dir)."""
+    root = tmp_path_factory.mktemp("archive")
+    ckpts, store = root / "checkpoints", root / "store"
+    for model, path in tiny_checkpoints.items():
+        (ckpts / model).mkdir(parents=True)
+        shutil.copy(path, ckpts / model / "checkpoint.pt")
+    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
+    assert proc.returncode == 0, proc.stderr
+    return ckpts, store

@@ -7,27 +7,15 @@ import zipfile
 import pytest
 
 from scripts import archive
-from scripts.common import ROOT, sha256_file
+from scripts.common import sha256_file
+from tests.conftest import make
 
 pytestmark = pytest.mark.slow
 
 
-def make(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, **kw)
-
-
 @pytest.fixture(scope="module")
-def store(tiny_checkpoints, tmp_path_factory):
-    """`make archive` over copies of the tiny checkpoints; returns (checkpoint dir, store dir)."""
-    root = tmp_path_factory.mktemp("archive")
-    ckpts, store = root / "checkpoints", root / "store"
-    for model, path in tiny_checkpoints.items():
-        (ckpts / model).mkdir(parents=True)
-        shutil.copy(path, ckpts / model / "checkpoint.pt")
-    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
-    assert proc.returncode == 0, proc.stderr
-    return ckpts, store
+def store(archive_store):
+    return archive_store
 
 
 def test_archives_carry_handler_packages_checkpoint_and_config(store):

@@ -1,0 +1,324 @@
+"""Run a real TorchServe on loopback with the archives in the model store.
+
+  python -m scripts.serve start            # returns once every model has a READY worker
+  python -m scripts.serve status           # models, versions and worker states
+  python -m scripts.serve stop             # returns once no TorchServe process is left
+
+Logs, the token key file and the server's pid file live under the run directory (default run/),
+never in the repo root. Token authorization is on unless --no-auth is given; clients find the
+key file in the run directory themselves.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .common import ROOT, CLIError, run_cli
+
+BASE_CONFIG = ROOT / "handlers" / "config" / "config.properties"
+PORTS = {  # name -> (default, config key, flag)
+    "inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070, "grpc_management": 7071,
+}
+READY = "READY"
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class ServerConfig:
+    run_dir: Path = ROOT / "run"
+    model_store: Path = ROOT / "model-store"
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: {k: env_int(f"TS_{k.upper()}_PORT", v) for k, v in PORTS.items()})
+    auth: bool = True
+    models: list[str] | None = None  # default: every .mar in the model store
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run_dir / "tmp" / ".model_server.pid"
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    def url(self, api: str) -> str:
+        return f"http://{self.host}:{self.ports[api]}"
+
+    def env(self) -> dict[str, str]:
+        tmp = str(self.run_dir / "tmp")
+        return {**os.environ, "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir),
+                "TEMP": tmp, "TMPDIR": tmp, "TMP": tmp}
+
+
+def model_archives(cfg: ServerConfig) -> dict[str, Path]:
+    mars = {p.stem: p for p in sorted(cfg.model_store.glob("*.mar"))}
+    if cfg.models:
+        missing = [m for m in cfg.models if m not in mars]
+        if missing:
+            raise CLIError(f"no archive for {missing} in {cfg.model_store}; run `make archive`")
+        mars = {m: mars[m] for m in cfg.models}
+    if not mars:
+        raise CLIError(f"no .mar files in {cfg.model_store}; run `make archive` first")
+    return mars
+
+
+def startup_timeout(mar: Path) -> int:
+    """The model's own startupTimeout from the model-config.yaml inside its archive."""
+    with zipfile.ZipFile(mar) as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        conf = manifest["model"].get("configFile")
+        values = yaml.safe_load(z.read(conf)) if conf else {}
+    return int((values or {}).get("startupTimeout", 120))
+
+
+def write_config(cfg: ServerConfig, mars: dict[str, Path]) -> Path:
+    lines = []
+    overrides = {
+        "inference_address": cfg.url("inference"), "management_address": cfg.url("management"),
+        "metrics_address": cfg.url("metrics"),
+        "grpc_inference_address": cfg.host, "grpc_inference_port": str(cfg.ports["grpc_inference"]),
+        "grpc_management_address": cfg.host, "grpc_management_port": str(cfg.ports["grpc_management"]),
+        "model_store": str(cfg.model_store.resolve()),
+        "load_models": ",".join(f"{m}={p.name}" for m, p in mars.items()),
+        "disable_token_authorization": "false" if cfg.auth else "true",
+    }
+    for line in BASE_CONFIG.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in overrides and not line.lstrip().startswith("#"):
+            continue
+        lines.append(line)
+    lines += ["", "# Set by scripts/serve.py"] + [f"{k}={v}" for k, v in overrides.items()]
+    path = cfg.run_dir / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def running_pid(cfg: ServerConfig) -> int | None:
+    try:
+        pid = int(cfg.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def check_ports_free(cfg: ServerConfig) -> None:
+    for name, port in cfg.ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((cfg.host, port))
+            except OSError:
+                flag = f"--{name.replace('_', '-')}-port"
+                raise CLIError(f"port {port} ({name}) on {cfg.host} is in use; stop what holds it or pass {flag}") from None
+
+
+def read_token(cfg: ServerConfig, api: str) -> str | None:
+    """The current key for `inference`, `management` or `API` from the run's key file."""
+    if not cfg.auth:
+        return None
+    try:
+        return json.loads(cfg.key_file.read_text())[api]["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def describe(cfg: ServerConfig, model: str, timeout: float = 5.0) -> list[dict]:
+    req = urllib.request.Request(f"{cfg.url('management')}/models/{model}")
+    token = read_token(cfg, "management")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def ready_workers(info: list[dict]) -> int:
+    return sum(1 for version in info for w in version.get("workers", []) if w.get("status") == READY)
+
+
+def log_excerpt(cfg: ServerConfig, model: str, lines: int = 25) -> str:
+    path = cfg.log_dir / "model_log.log"
+    if not path.is_file():
+        return f"(no {path})"
+    text = path.read_text(errors="replace").splitlines()
+    pattern = re.compile(rf"W-\d+-{re.escape(model)}_")
+    picked = [l for l in text if pattern.search(l)] or text
+    return "\n".join(picked[-lines:])
+
+
+def server_processes(pid: int) -> list:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]:
+    """Start TorchServe and wait until every model has a READY worker; stop it again on failure."""
+    pid = running_pid(cfg)
+    if pid:
+        raise CLIError(f"TorchServe is already running from {cfg.run_dir} (pid {pid}); run `make stop` first")
+    if shutil.which("java") is None:
+        raise CLIError("java not found: TorchServe's frontend needs Java 17 or newer")
+    mars = model_archives(cfg)
+    check_ports_free(cfg)
+    for sub in ("logs", "tmp"):
+        (cfg.run_dir / sub).mkdir(parents=True, exist_ok=True)
+    cfg.key_file.unlink(missing_ok=True)
+    config = write_config(cfg, mars)
+    cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--foreground",
+           "--model-store", str(cfg.model_store.resolve()), "--ts-config", str(config)]
+    if not cfg.auth:
+        cmd.append("--disable-token-auth")
+    out = open(cfg.log_dir / "torchserve.out", "ab")
+    # --foreground keeps the frontend our child; start_new_session detaches it from our terminal
+    # so Ctrl-C here does not kill it, and `stop` ends it by pid.
+    proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=cfg.env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadlines = {m: time.monotonic() + (wait or startup_timeout(p) + 30) for m, p in mars.items()}
+    state: dict[str, list[dict]] = {}
+    pending = set(mars)
+    try:
+        while pending:
+            if proc.poll() is not None:
+                tail = (cfg.log_dir / "torchserve.out").read_text(errors="replace").splitlines()[-15:]
+                raise CLIError("TorchServe exited during start-up:\n" + "\n".join(tail))
+            for m in sorted(pending):
+                try:
+                    info = describe(cfg, m, timeout=2)
+                except (urllib.error.URLError, OSError, ValueError):
+                    info = []
+                if ready_workers(info):
+                    state[m] = info
+                    pending.discard(m)
+                elif time.monotonic() > deadlines[m]:
+                    raise CLIError(f"model {m} has no READY worker after its start-up timeout; "
+                                   f"worker log ({cfg.log_dir / 'model_log.log'}):\n{log_excerpt(cfg, m)}")
+            time.sleep(0.25)
+    except BaseException:
+        stop(cfg)
+        raise
+    return state
+
+
+def stop(cfg: ServerConfig, timeout: float = 30.0) -> bool:
+    """Stop the server from this run directory and wait until its processes are gone."""
+    pid = running_pid(cfg)
+    if pid is None:
+        return False
+    procs = server_processes(pid)
+    subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=cfg.run_dir, env=cfg.env(),
+                   capture_output=True, timeout=timeout)
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:  # a frontend that ignored --stop: TERM, then KILL
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    cfg.pid_file.unlink(missing_ok=True)
+    return True
+
+
+def status_rows(cfg: ServerConfig) -> list[tuple[str, str, str]]:
+    rows = []
+    for m in model_archives(cfg):
+        try:
+            info = describe(cfg, m)
+        except urllib.error.HTTPError as e:
+            rows.append((m, "-", f"HTTP {e.code}"))
+            continue
+        for version in info:
+            workers = ", ".join(f"{w['id']}:{w['status']}" for w in version.get("workers", [])) or "no workers"
+            rows.append((m, version.get("modelVersion", "?"), workers))
+    return rows
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["start", "stop", "status"], help="what to do")
+    p.add_argument("--run-dir", type=Path, default=ROOT / "run", help="logs, keys and pid file (default: run/)")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="folder of .mar files (default: model-store/)")
+    p.add_argument("--models", nargs="+", default=None, help="models to load (default: every .mar in the store)")
+    p.add_argument("--host", default="127.0.0.1", help="address every API binds to (default: %(default)s)")
+    for name, default in PORTS.items():
+        env = f"TS_{name.upper()}_PORT"
+        p.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=env_int(env, default),
+                       help=f"{name.replace('_', ' ')} port (default: ${env} or {default})")
+    p.add_argument("--no-auth", action="store_true", help="turn token authorization off (default: on)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for each model to be READY (default: its startupTimeout + 30)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    ports = {name: getattr(args, f"{name}_port") for name in PORTS}
+    if len(set(ports.values())) != len(ports):
+        raise CLIError(f"ports must differ, got {ports}")
+    return ServerConfig(run_dir=args.run_dir.resolve(), model_store=args.model_store.resolve(), host=args.host,
+                        ports=ports, auth=not args.no_auth, models=args.models)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.command == "stop":
+        print("stopped" if stop(cfg) else f"no TorchServe running from {cfg.run_dir}")
+        return 0
+    if args.command == "status":
+        if running_pid(cfg) is None:
+            raise CLIError(f"no TorchServe running from {cfg.run_dir}; run `make serve`")
+        for m, version, workers in status_rows(cfg):
+            print(f"{m:12s} {version:8s} {workers}")
+        return 0
+    t0 = time.monotonic()
+    state = start(cfg, args.timeout)
+    loaded = ", ".join(f"{m} v{info[0].get('modelVersion')}" for m, info in state.items())
+    print(f"TorchServe ready in {time.monotonic() - t0:.1f}s (pid {running_pid(cfg)}), {len(state)} models: {loaded}")
+    print(f"  REST inference  {cfg.url('inference')}/predictions/<model>")
+    print(f"  gRPC inference  {cfg.host}:{cfg.ports['grpc_inference']}")
+    print(f"  management      {cfg.url('management')}    metrics {cfg.url('metrics')}/metrics")
+    print(f"  auth            {'token (keys in ' + str(cfg.key_file) + ')' if cfg.auth else 'off'}")
+    print(f"  logs            {cfg.log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("serve", main))

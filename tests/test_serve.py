@@ -1,0 +1,262 @@
+"""End to end on a real TorchServe (Java frontend + Python workers) on free loopback ports."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from scripts import serve
+from scripts.client import (BadInput, Client, ModelNotFound, Overloaded, RestTransport, ServerError, Settings,
+                            Timeout, Unauthorized)
+from scripts.common import ROOT, CLIError
+from scripts.data import load_dataset
+from tests.conftest import load_handler, run_batch
+
+pytestmark = pytest.mark.slow
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def server_config(run_dir, store, auth=True, models=None) -> serve.ServerConfig:
+    return serve.ServerConfig(run_dir=run_dir, model_store=store, ports=dict(zip(serve.PORTS, free_ports(5))),
+                              auth=auth, models=models)
+
+
+@pytest.fixture(scope="module")
+def server(archive_store, tmp_path_factory):
+    _, store = archive_store
+    cfg = server_config(tmp_path_factory.mktemp("run"), store)
+    serve.start(cfg)
+    pid = serve.running_pid(cfg)
+    procs = serve.server_processes(pid)
+    yield cfg
+    assert serve.stop(cfg)
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "TorchServe left processes"
+
+
+def settings(cfg: serve.ServerConfig, **kw) -> Settings:
+    return Settings(host=cfg.host, ports=dict(cfg.ports), timeout=kw.pop("timeout", 30), key_file=cfg.key_file, **kw)
+
+
+@pytest.fixture(params=["rest", "grpc"])
+def client(request, server):
+    with Client(request.param, settings(server)) as c:
+        yield c
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digit() -> bytes:
+    x, _ = load_dataset("cnn").take("test")
+    return png(x[0])
+
+
+INPUTS = {
+    "lstm": [{"text": "A gripping, beautifully acted film."}, "Dull and far too long."],
+    "transformer": [{"text": "God is love.", "max_length": 10}, "The Lord is my shepherd."],
+}
+
+
+def in_process(model, tiny_checkpoints, payloads):
+    handler, ctx = load_handler(model, tiny_checkpoints[model])
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": p} for p in payloads])
+    assert all(s == 200 for s, _ in statuses)
+    return answers
+
+
+# ----------------------------------------------------------------------------- serving
+
+def test_every_model_is_ready_and_status_lists_its_workers(server):
+    rows = serve.status_rows(server)
+    assert {m for m, _, _ in rows} == {"cnn", "lstm", "transformer"}
+    assert all("READY" in workers for _, _, workers in rows)
+
+
+def test_predictions_equal_the_in_process_handler(client, tiny_checkpoints, digit):
+    assert client.health() == {"status": "Healthy"}
+    assert {m["modelName"] for m in client.list_models()} == {"cnn", "lstm", "transformer"}
+    assert client.predict("cnn", digit) == in_process("cnn", tiny_checkpoints, [digit])[0]
+    b64 = {"data": base64.b64encode(digit).decode(), "topk": 5}
+    assert client.predict("cnn", b64) == in_process("cnn", tiny_checkpoints, [b64])[0]
+    for model, payloads in INPUTS.items():
+        expected = in_process(model, tiny_checkpoints, payloads)
+        assert [client.predict(model, p) for p in payloads] == expected
+
+
+def test_versioned_prediction_and_describe(client):
+    info = client.describe("lstm")
+    assert info[0]["modelVersion"] == "1.0" and info[0]["batchSize"] == 16
+    assert client.predict("lstm", "fine", version="1.0")["label"] in ("rotten", "fresh")
+
+
+def test_concurrent_requests_are_batched(server):
+    with Client("rest", settings(server)) as c:
+        def one(i):
+            answer = c.transport.predict("lstm", f"review number {i} was a fine film", None)
+            return json.loads(answer[0]), int(answer[1]["X-Batch-Size"])
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(48)))
+    assert all(r[0]["label"] in ("rotten", "fresh") for r in results)
+    assert max(size for _, size in results) > 1, "no request shared a batch"
+
+
+# ----------------------------------------------------------------------------- auth
+
+def test_token_auth_is_on_rest_and_grpc(server):
+    for transport in ("rest", "grpc"):
+        with Client(transport, settings(server, inference_token="", management_token="")) as c:
+            with pytest.raises(Unauthorized):
+                c.predict("lstm", "hello")
+            with pytest.raises(Unauthorized):
+                c.describe("lstm")
+        with Client(transport, settings(server, inference_token="wrong")) as c:
+            with pytest.raises(Unauthorized):
+                c.predict("lstm", "hello")
+    with Client("rest", settings(server, inference_token="")) as c:
+        assert "ts_inference_requests_total" in c.metrics()  # the metrics port takes no token
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (5000, 5000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+WIRE_BAD = {
+    "cnn": [(b"\x00\x01garbage", 400, "not valid base64"), (b"\x89PNG\r\n\x1a\ntruncated", 400, "not a readable image"),
+            ({"image": "x"}, 400, "JSON body must be"), ({"data": "aGk=", "topk": 99}, 400, "'topk' must be at most"),
+            (_bomb(), 413, "5000x5000 pixels")],
+    "lstm": [(b"\xff\xfe\xfa", 400, "not valid UTF-8"), ("   ", 400, "empty text"), ("x" * 5001, 413, "5001 characters"),
+             ({"txt": "hi"}, 400, "keys 'text'"), ({"text": 5}, 400, "string or a list")],
+    "transformer": [(b"\xc3\x28", 400, "not valid UTF-8"), ("word " * 40, 413, "40 tokens"),
+                    ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer")],
+}
+WIRE_GOOD = {"lstm": "a warm film", "transformer": "God is love."}
+
+
+def worker_pids(cfg, model) -> list[int]:
+    return sorted(w["pid"] for v in serve.describe(cfg, model) for w in v["workers"] if w["status"] == "READY")
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+@pytest.mark.parametrize("model", ["cnn", "lstm", "transformer"])
+def test_bad_input_over_the_wire_gets_its_4xx_neighbours_succeed_worker_survives(server, transport, model, digit):
+    good = WIRE_GOOD.get(model, digit)
+    pids = worker_pids(server, model)
+    with Client(transport, settings(server)) as c:
+        expected = c.predict(model, good)
+        for bad, code, message in WIRE_BAD[model]:
+            # Good neighbours sent together with the bad request, so they share its batch when they can.
+            with ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(c.predict, model, p) for p in (good, bad, good)]
+                with pytest.raises(BadInput) as err:
+                    futures[1].result()
+                assert futures[0].result() == expected and futures[2].result() == expected
+            assert err.value.status == code and message in str(err.value), (bad, err.value)
+        assert c.predict(model, good) == expected
+    assert worker_pids(server, model) == pids, "a worker restarted"
+
+
+def test_wrong_model_wrong_version_and_oversized_body(client, server):
+    with pytest.raises(ModelNotFound):
+        client.predict("resnet", "hi")
+    with pytest.raises(ModelNotFound):
+        client.predict("lstm", "hi", version="9.9")
+    if isinstance(client.transport, RestTransport):
+        with pytest.raises(BadInput) as err:
+            client.predict("lstm", b"x" * 7_000_000)  # over max_request_size: the frontend refuses it
+        assert err.value.status == 413
+    assert client.predict("lstm", "still fine")["label"]
+
+
+# ----------------------------------------------------------------------------- failures
+
+def test_a_killed_worker_comes_back_and_no_request_hangs(server):
+    [pid] = worker_pids(server, "lstm")
+    outcomes = []
+    with Client("rest", settings(server, timeout=20)) as c:
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60  # lstm's startupTimeout
+        while time.monotonic() < deadline:
+            try:
+                outcomes.append(c.predict("lstm", "after the crash")["label"])
+                if len(outcomes) >= 1 and worker_pids(server, "lstm"):
+                    break
+            except (ServerError, Overloaded, Timeout) as e:  # documented: 507 Worker died, or 503
+                outcomes.append(type(e).__name__)
+            time.sleep(0.2)
+    new = worker_pids(server, "lstm")
+    assert new and new != [pid], "worker not back READY with a new process"
+    assert outcomes[-1] in ("rotten", "fresh"), outcomes
+
+
+def test_start_refuses_a_port_in_use_and_a_second_server(server, archive_store, tmp_path):
+    _, store = archive_store
+    busy = server_config(tmp_path / "a", store)
+    busy.ports["inference"] = server.ports["inference"]
+    with pytest.raises(CLIError, match=rf"port {server.ports['inference']} \(inference\) .* is in use"):
+        serve.start(busy)
+    with pytest.raises(CLIError, match="already running"):
+        serve.start(server)
+
+
+def test_a_model_that_cannot_load_fails_start_with_its_worker_log(tiny_checkpoints, tmp_path):
+    from scripts import archive
+
+    bad_config = tmp_path / "lstm.yaml"
+    bad_config.write_text((ROOT / "handlers" / "config" / "lstm.yaml").read_text().replace("max_texts:", "max_textz:"))
+    store = tmp_path / "store"
+    archive.build("lstm", tiny_checkpoints["lstm"], "1.0", store, bad_config)
+    cfg = server_config(tmp_path / "run", store)
+    with pytest.raises(CLIError, match=r"(?s)model lstm has no READY worker.*unknown handler options"):
+        serve.start(cfg, wait=25)
+    assert serve.running_pid(cfg) is None
+
+
+def test_make_serve_cli_round_trip_without_auth(archive_store, tmp_path):
+    """The CLI a user types: start with --no-auth, predict without a token, status, stop."""
+    _, store = archive_store
+    ports = dict(zip(serve.PORTS, free_ports(5)))
+    flags = [f"--{k.replace('_', '-')}-port={v}" for k, v in ports.items()]
+    base = [sys.executable, "-m", "scripts.serve", "--run-dir", str(tmp_path / "run"), "--model-store", str(store), *flags]
+    run = lambda *a: subprocess.run([*base, *a], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    started = run("start", "--no-auth", "--models", "lstm")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "ready" in started.stdout and "auth            off" in started.stdout
+        client = subprocess.run([sys.executable, "-m", "scripts.client", f"--inference-port={ports['inference']}",
+                                 "--key-file", str(tmp_path / "none.json"), "predict", "lstm", "--text", "lovely"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert client.returncode == 0 and '"label"' in client.stdout, client.stderr
+        status = run("status", "--models", "lstm")
+        assert "READY" in status.stdout
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert run("status").returncode == 1
