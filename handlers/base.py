@@ -24,6 +24,10 @@ from models import build_model
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # the format scripts/train.py writes
+# While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
+# describe-model shows queued requests but not the batch a worker is processing, and the
+# preStop drain (scripts/pod.py) must wait for both.
+BUSY_DIR = os.environ.get("TS_BUSY_DIR")
 
 
 class InvalidInput(ValueError):
@@ -217,6 +221,17 @@ class CheckpointHandler(BaseHandler):
         return torch.autocast("cpu", enabled=False)
 
     def handle(self, data: list[dict], context) -> list[Any]:
+        if not BUSY_DIR:
+            return self._handle(data, context)
+        busy = os.path.join(BUSY_DIR, f"torchserve-busy-{os.getpid()}")
+        with open(busy, "w") as f:
+            f.write(str(len(data)))
+        try:
+            return self._handle(data, context)
+        finally:
+            os.unlink(busy)
+
+    def _handle(self, data: list[dict], context) -> list[Any]:
         self.context = context
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(data)

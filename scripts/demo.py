@@ -1,48 +1,73 @@
-"""The main job end to end on the bundled data: verify data -> train (quick) -> report.
+"""The main job end to end on the bundled data, after `make archive` (see `make demo`):
 
-  python -m scripts.demo              # reuse checkpoints/<model>/checkpoint.pt when present
-  python -m scripts.demo --retrain    # train every model again with --quick first
+  report the checkpoints -> start TorchServe -> one REST and one gRPC prediction per model -> stop
+
+  python -m scripts.demo                 # default ports (TS_*_PORT to change), run dir run/demo
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import sys
+import time
 
 from .common import ROOT, run_cli
-from . import data, train
+from . import serve
+from .client import Client, Settings
 
 MODELS = ("cnn", "lstm", "transformer")
 
 
-def checkpoint_path(model: str):
-    return ROOT / "checkpoints" / model / "checkpoint.pt"
-
-
-def ensure_checkpoint(model: str, retrain: bool = False) -> None:
-    """Train with --quick when the checkpoint is missing (or when asked to)."""
-    if retrain or not checkpoint_path(model).is_file():
-        train.main(["--model", model, "--quick", "--no-progress"])
-
-
-def report(models=MODELS) -> str:
-    rows = ["| model | data | test metrics | best epoch | parameters file |", "|---|---|---|---|---|"]
-    for m in models:
-        ckpt = train.load_checkpoint(checkpoint_path(m))
-        test = ", ".join(f"{k} {v:.4f}" for k, v in ckpt["metrics"]["test"].items())
-        rows.append(f"| {m} | {ckpt['data']['name']} | {test} | {ckpt['epoch']} | "
-                    f"{checkpoint_path(m).relative_to(ROOT)} |")
+def report(store=ROOT / "model-store") -> str:
+    """The archived models' test metrics and sizes, from model-store/manifest.json."""
+    archives = json.loads((store / "manifest.json").read_text())["archives"]
+    rows = ["| model | test metrics | archive | checkpoint |", "|---|---|---|---|"]
+    for m, e in archives.items():
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in e["metrics"].items())
+        rows.append(f"| {m} | {metrics} | {e['size'] / 1e6:.2f} MB | {e['checkpoint_size'] / 1e6:.2f} MB |")
     return "\n".join(rows)
+
+
+def sample_inputs() -> dict:
+    from PIL import Image
+
+    from .data import load_dataset
+
+    x, y = load_dataset("cnn").take("test")
+    buf = io.BytesIO()
+    Image.fromarray(x[0]).save(buf, format="PNG")
+    return {
+        "cnn": (f"a test-split digit (true label {y[0]}) as PNG bytes", buf.getvalue()),
+        "lstm": ("'A gripping, beautifully acted film.'", {"text": "A gripping, beautifully acted film."}),
+        "transformer": ("'In the beginning God created the heavens and the earth.'",
+                        {"text": "In the beginning God created the heavens and the earth."}),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retrain", action="store_true", help="train again even when checkpoints exist (default: off)")
+    parser.add_argument("--run-dir", default=str(ROOT / "run" / "demo"), help="server run directory (default: run/demo)")
     args = parser.parse_args(argv)
-    print("== data"); data.main([])
-    for m in MODELS:
-        print(f"== train {m}"); ensure_checkpoint(m, args.retrain)
-    print("== report"); print(report())
+    print("== archived models\n" + report())
+    cfg = serve.ServerConfig(run_dir=ROOT / args.run_dir, models=list(MODELS))
+    t0 = time.monotonic()
+    print("== serve")
+    serve.start(cfg)
+    try:
+        print(f"TorchServe ready in {time.monotonic() - t0:.1f}s: REST {cfg.url('inference')}, "
+              f"gRPC {cfg.host}:{cfg.ports['grpc_inference']}, token auth on")
+        settings = Settings(host=cfg.host, ports=dict(cfg.ports), key_file=cfg.key_file)
+        inputs = sample_inputs()
+        for transport in ("rest", "grpc"):
+            with Client(transport, settings) as c:
+                for model, (what, payload) in inputs.items():
+                    answer = c.predict(model, payload)
+                    print(f"== {transport:4s} {model:12s} {what}\n   -> {json.dumps(answer, ensure_ascii=False)}")
+    finally:
+        serve.stop(cfg)
+        print("== stopped")
     return 0
 
 

@@ -68,7 +68,7 @@ class ServerConfig:
     def env(self) -> dict[str, str]:
         tmp = str(self.run_dir / "tmp")
         return {**os.environ, "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir),
-                "TEMP": tmp, "TMPDIR": tmp, "TMP": tmp}
+                "TEMP": tmp, "TMPDIR": tmp, "TMP": tmp, "TS_BUSY_DIR": tmp}
 
 
 def model_archives(cfg: ServerConfig) -> dict[str, Path]:

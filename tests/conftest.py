@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 
+import psutil
 import pytest
 import torch
 
-from scripts import train
+from scripts import serve, train
+from scripts.client import Settings
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -100,3 +103,36 @@ def archive_store(tiny_checkpoints, tmp_path_factory):
     proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
     assert proc.returncode == 0, proc.stderr
     return ckpts, store
+
+
+# ----------------------------------------------------------------------------- a real TorchServe
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def server_config(run_dir, store, auth=True, models=None) -> serve.ServerConfig:
+    return serve.ServerConfig(run_dir=run_dir, model_store=store, ports=dict(zip(serve.PORTS, free_ports(5))),
+                              auth=auth, models=models)
+
+
+@pytest.fixture(scope="session")
+def server(archive_store, tmp_path_factory):
+    _, store = archive_store
+    cfg = server_config(tmp_path_factory.mktemp("run"), store)
+    serve.start(cfg)
+    pid = serve.running_pid(cfg)
+    procs = serve.server_processes(pid)
+    yield cfg
+    assert serve.stop(cfg)
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "TorchServe left processes"
+
+
+def settings(cfg: serve.ServerConfig, **kw) -> Settings:
+    return Settings(host=cfg.host, ports=dict(cfg.ports), timeout=kw.pop("timeout", 30), key_file=cfg.key_file, **kw)

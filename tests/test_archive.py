@@ -1,7 +1,6 @@
 """Archives built by the real torch-model-archiver through `make archive`: reproducible and verified."""
 import json
 import shutil
-import subprocess
 import zipfile
 
 import pytest

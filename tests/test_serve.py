@@ -4,56 +4,22 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from scripts import serve
-from scripts.client import (BadInput, Client, ModelNotFound, Overloaded, RestTransport, ServerError, Settings,
-                            Timeout, Unauthorized)
+from scripts.client import BadInput, Client, ModelNotFound, Overloaded, RestTransport, ServerError, Timeout, Unauthorized
 from scripts.common import ROOT, CLIError
 from scripts.data import load_dataset
-from tests.conftest import load_handler, run_batch
+from tests.conftest import free_ports, load_handler, run_batch, server_config, settings
 
 pytestmark = pytest.mark.slow
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def server_config(run_dir, store, auth=True, models=None) -> serve.ServerConfig:
-    return serve.ServerConfig(run_dir=run_dir, model_store=store, ports=dict(zip(serve.PORTS, free_ports(5))),
-                              auth=auth, models=models)
-
-
-@pytest.fixture(scope="module")
-def server(archive_store, tmp_path_factory):
-    _, store = archive_store
-    cfg = server_config(tmp_path_factory.mktemp("run"), store)
-    serve.start(cfg)
-    pid = serve.running_pid(cfg)
-    procs = serve.server_processes(pid)
-    yield cfg
-    assert serve.stop(cfg)
-    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "TorchServe left processes"
-
-
-def settings(cfg: serve.ServerConfig, **kw) -> Settings:
-    return Settings(host=cfg.host, ports=dict(cfg.ports), timeout=kw.pop("timeout", 30), key_file=cfg.key_file, **kw)
 
 
 @pytest.fixture(params=["rest", "grpc"])

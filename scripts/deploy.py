@@ -1,0 +1,270 @@
+"""Deploy the rendered manifests to the cluster KUBECONFIG names, and prove they serve.
+
+  python -m scripts.deploy apply              # server-side apply, wait, smoke-predict, report
+  python -m scripts.deploy apply --namespace team-a --timeout 1200
+  python -m scripts.deploy delete             # remove what `apply` created (keeps the namespace)
+
+`apply` checks the cluster answers and (when the pods ask for GPUs) that some node advertises
+nvidia.com/gpu, applies every object of k8s/manifests server-side, waits for the rollout and for
+every pod to be Ready (every model READY, per the chart's readiness probe), then sends one
+prediction to a pod through a port-forward and prints it. Image pull failures, failed model
+fetches, crash loops and pods that never turn Ready stop it with their events and log tail.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .common import ROOT, CLIError, run_cli
+
+MANIFESTS = ROOT / "k8s" / "manifests"
+FIELD_MANAGER = "torchserve-models-deploy"
+PULL_FAILURES = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
+CRASH = {"CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+# ----------------------------------------------------------------------------- pure logic
+
+def load_manifests(folder: Path = MANIFESTS, namespace: str | None = None) -> list[dict]:
+    """The objects of every listed file in the kustomization, moved to ``namespace`` if given."""
+    kust = folder / "kustomization.yaml"
+    if not kust.is_file():
+        raise CLIError(f"{kust} not found; run `make manifests`")
+    docs = []
+    for name in yaml.safe_load(kust.read_text())["resources"]:
+        docs += [d for d in yaml.safe_load_all((folder / name).read_text()) if d]
+    if namespace:
+        docs = [copy.deepcopy(d) for d in docs]
+        for d in docs:
+            if d["kind"] == "Namespace":
+                d["metadata"]["name"] = namespace
+            elif "namespace" in d["metadata"]:
+                d["metadata"]["namespace"] = namespace
+    # Namespace first, then the rest in file order (ServiceAccount/ConfigMap before the Deployment).
+    return sorted(docs, key=lambda d: d["kind"] != "Namespace")
+
+
+def deployment_of(docs: list[dict]) -> dict:
+    found = [d for d in docs if d["kind"] == "Deployment"]
+    if len(found) != 1:
+        raise CLIError(f"expected one Deployment in the manifests, found {len(found)}")
+    return found[0]
+
+
+def gpu_request(deployment: dict, resource: str = "nvidia.com/gpu") -> int:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return sum(int(c.get("resources", {}).get("limits", {}).get(resource, 0)) for c in containers)
+
+
+def gpu_capacity(nodes, resource: str = "nvidia.com/gpu") -> dict[str, int]:
+    """Schedulable nodes advertising the GPU resource -> their allocatable count."""
+    out = {}
+    for n in nodes:
+        alloc = (n.status.allocatable or {}).get(resource)
+        if alloc and int(alloc) > 0 and not n.spec.unschedulable:
+            out[n.metadata.name] = int(alloc)
+    return out
+
+
+def pod_problem(pod) -> str | None:
+    """A reason this pod will not become Ready by waiting longer, or None."""
+    statuses = [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
+    for cs in statuses:
+        waiting = cs.state.waiting if cs.state else None
+        if waiting and waiting.reason in PULL_FAILURES:
+            return f"pod {pod.metadata.name}: cannot pull image {cs.image} ({waiting.reason}: {waiting.message or ''})".strip()
+        if waiting and waiting.reason in CRASH:
+            return f"pod {pod.metadata.name}: container {cs.name} is in {waiting.reason}"
+        terminated = cs.state.terminated if cs.state else None
+        if terminated and terminated.exit_code and cs.name == "fetch-models":
+            return f"pod {pod.metadata.name}: model fetch failed (exit {terminated.exit_code}): the archives did not verify"
+    for cond in pod.status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
+            return f"pod {pod.metadata.name}: unschedulable: {cond.message}"
+    return None
+
+
+def rollout_done(dep) -> bool:
+    s, want = dep.status, dep.spec.replicas or 0
+    return ((s.observed_generation or 0) >= dep.metadata.generation and (s.updated_replicas or 0) == want
+            and (s.ready_replicas or 0) == want and (s.available_replicas or 0) == want and not s.unavailable_replicas)
+
+
+def http_over_socket(sock, method: str, path: str, body: bytes, content_type: str, timeout: float) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 exchange on a connected socket (the port-forward stream)."""
+    sock.settimeout(timeout)
+    head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    sock.sendall(head + body)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    header, _, payload = data.partition(b"\r\n\r\n")
+    try:
+        status = int(header.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        raise CLIError(f"port-forward: no HTTP answer ({data[:80]!r})") from None
+    if b"transfer-encoding: chunked" in header.lower():
+        payload = _dechunk(payload)
+    return status, payload
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, data = out + rest[:size], rest[size + 2:]
+    return out
+
+
+# ----------------------------------------------------------------------------- cluster calls
+
+def connect():
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        config.load_kube_config()
+    except (ConfigException, FileNotFoundError, TypeError):
+        try:
+            config.load_incluster_config()
+        except ConfigException:
+            raise CLIError("no cluster: no usable KUBECONFIG (or ~/.kube/config) and not running in a pod") from None
+    api = client.ApiClient()
+    try:
+        version = client.VersionApi(api).get_code(_request_timeout=10)
+    except Exception as e:  # urllib3 MaxRetryError, ApiException, ...
+        raise CLIError(f"no cluster: the API server at {api.configuration.host} does not answer ({type(e).__name__})") from None
+    return api, f"{version.major}.{version.minor}"
+
+
+def apply(api, docs: list[dict]) -> None:
+    from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.exceptions import DynamicApiError
+
+    dyn = DynamicClient(api)
+    for doc in docs:
+        res = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+        try:
+            res.server_side_apply(body=doc, name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"),
+                                  field_manager=FIELD_MANAGER, force_conflicts=True)
+        except DynamicApiError as e:
+            raise CLIError(f"apply {doc['kind']}/{doc['metadata']['name']}: {e.summary()}") from None
+        print(f"applied {doc['kind']}/{doc['metadata']['name']}")
+
+
+def pod_log_tail(core, pod, lines: int = 30) -> str:
+    out = []
+    for c in [*(pod.spec.init_containers or []), *pod.spec.containers]:
+        try:
+            out.append(f"--- {c.name}\n" + core.read_namespaced_pod_log(pod.metadata.name, pod.metadata.namespace, container=c.name,
+                                                                        tail_lines=lines))
+        except Exception:  # a container that never started has no log
+            continue
+    return "\n".join(out)
+
+
+def pod_events(core, pod) -> str:
+    events = core.list_namespaced_event(pod.metadata.namespace, field_selector=f"involvedObject.name={pod.metadata.name}").items
+    return "\n".join(f"{e.type} {e.reason}: {e.message}" for e in events[-10:])
+
+
+def wait_for_rollout(api, dep_doc: dict, timeout: float):
+    from kubernetes import client
+
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    name, ns = dep_doc["metadata"]["name"], dep_doc["metadata"]["namespace"]
+    selector = ",".join(f"{k}={v}" for k, v in dep_doc["spec"]["selector"]["matchLabels"].items())
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = apps.read_namespaced_deployment(name, ns)
+        pods = core.list_namespaced_pod(ns, label_selector=selector).items
+        if rollout_done(dep):
+            return [p for p in pods if p.status.phase == "Running"]
+        for pod in pods:
+            problem = pod_problem(pod)
+            if problem:
+                raise CLIError(f"{problem}\nevents:\n{pod_events(core, pod)}\nlogs:\n{pod_log_tail(core, pod)}")
+        if time.monotonic() > deadline:
+            details = "\n".join(f"{p.metadata.name}: {pod_events(core, p)}\n{pod_log_tail(core, p)}" for p in pods)
+            raise CLIError(f"deployment {ns}/{name} not Ready after {timeout:.0f}s "
+                           f"({dep.status.ready_replicas or 0}/{dep.spec.replicas} ready):\n{details}")
+        time.sleep(5)
+
+
+def smoke(api, pod, model: str, text: str, port: int = 8080, timeout: float = 30) -> tuple[int, bytes]:
+    from kubernetes import client
+    from kubernetes.stream import portforward
+
+    core = client.CoreV1Api(api)
+    pf = portforward(core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace, ports=str(port))
+    sock = pf.socket(port)
+    try:
+        return http_over_socket(sock, "POST", f"/predictions/{model}", text.encode(), "text/plain; charset=utf-8", timeout)
+    finally:
+        sock.close()
+
+
+def delete(api, docs: list[dict]) -> None:
+    from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    dyn = DynamicClient(api)
+    for doc in reversed(docs):
+        if doc["kind"] == "Namespace":
+            continue  # may hold other things; remove it yourself
+        res = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+        try:
+            res.delete(name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"))
+            print(f"deleted {doc['kind']}/{doc['metadata']['name']}")
+        except NotFoundError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["apply", "delete"], help="what to do")
+    p.add_argument("--manifests", type=Path, default=MANIFESTS, help="rendered manifests (default: k8s/manifests)")
+    p.add_argument("--namespace", default=None, help="deploy into this namespace (default: the manifests', ml-serving)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds for the rollout (default: %(default)s)")
+    p.add_argument("--smoke-model", default="lstm", help="model for the smoke prediction (default: %(default)s)")
+    p.add_argument("--smoke-text", default="A gripping, beautifully acted film.", help="its input (default: a review)")
+    args = p.parse_args(argv)
+    docs = load_manifests(args.manifests, args.namespace)
+    api, version = connect()
+    print(f"cluster: Kubernetes {version}")
+    if args.command == "delete":
+        delete(api, docs)
+        return 0
+    from kubernetes import client
+
+    dep = deployment_of(docs)
+    gpus = gpu_request(dep)
+    if gpus:
+        nodes = gpu_capacity(client.CoreV1Api(api).list_node().items)
+        if not nodes:
+            raise CLIError("no GPU nodes: no schedulable node advertises nvidia.com/gpu "
+                           "(install the NVIDIA device plugin, or render with gpu.count=0)")
+        print(f"GPU nodes: {', '.join(f'{n} ({c})' for n, c in nodes.items())}")
+    apply(api, docs)
+    t0 = time.monotonic()
+    pods = wait_for_rollout(api, dep, args.timeout)
+    print(f"rollout done in {time.monotonic() - t0:.0f}s: {len(pods)} pods Ready")
+    status, body = smoke(api, pods[0], args.smoke_model, args.smoke_text)
+    if status != 200:
+        raise CLIError(f"smoke prediction on {pods[0].metadata.name}: HTTP {status} {body[:200]!r}")
+    print(f"smoke: {args.smoke_model} on {pods[0].metadata.name} -> {json.dumps(json.loads(body))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("deploy", main))

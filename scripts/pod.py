@@ -1,0 +1,244 @@
+"""What runs inside a TorchServe pod besides the server: fetch+verify, readiness, drain.
+
+  python pod.py fetch --source https://bucket.example/models/v1 --dest /model-store [--models cnn lstm]
+  python pod.py fetch --source /mnt/pvc/model-store --dest /model-store
+  python pod.py ready                     # exit 0 only when every model has a READY worker
+  python pod.py drain --timeout 60        # preStop: stop taking traffic, wait for in-flight work
+  python pod.py smoke --url http://svc:8080 --model lstm --text "fine"   # helm test
+
+Standard library only, so the same file runs in the init container, the probes and the preStop
+hook of the serving image (k8s/Dockerfile copies it to /opt/torchserve-k8s/pod.py).
+
+fetch: reads manifest.json from the source, copies or downloads each listed archive into a
+temporary file, checks its size and sha256 against the manifest, and only then moves it into
+place. A mismatch or a short download stops with exit 1 and one clear line, so the pod never
+serves an archive it could not verify.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+DRAIN_MARKER = Path(os.environ.get("TS_DRAIN_MARKER", "/tmp/torchserve-draining"))
+MANAGEMENT = os.environ.get("TS_MANAGEMENT_URL", "http://127.0.0.1:8081")
+# Workers hold <TS_BUSY_DIR>/torchserve-busy-<pid> while a batch runs (handlers/base.py).
+BUSY_DIR = os.environ.get("TS_BUSY_DIR")
+
+
+class PodError(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- fetch
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _open(source: str, name: str, timeout: float):
+    if _is_url(source):
+        req = urllib.request.Request(f"{source.rstrip('/')}/{name}")
+        token = os.environ.get("MODEL_SOURCE_BEARER_TOKEN")  # for private buckets behind a gateway
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            return urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raise PodError(f"{source}/{name}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise PodError(f"{source}/{name}: cannot download ({getattr(e, 'reason', e)})") from None
+    path = Path(source) / name
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise PodError(f"{path}: {e.strerror}") from None
+
+
+def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: float = 60.0) -> list[str]:
+    """Copy every listed archive from ``source`` to ``dest``, verified; returns the names."""
+    with _open(source, MANIFEST, timeout) as f:
+        raw = f.read()
+    try:
+        archives = json.loads(raw)["archives"]
+    except (ValueError, KeyError):
+        raise PodError(f"{source}/{MANIFEST}: not a manifest written by `make archive`") from None
+    names = models or sorted(archives)
+    missing = [m for m in names if m not in archives]
+    if missing:
+        raise PodError(f"{source}/{MANIFEST}: no entry for {missing}")
+    dest.mkdir(parents=True, exist_ok=True)
+    done = []
+    for name in names:
+        entry = archives[name]
+        target = dest / entry["file"]
+        if target.is_file() and target.stat().st_size == entry["size"] and _sha256_path(target) == entry["sha256"]:
+            done.append(name)  # baked into the image or fetched by an earlier attempt
+            continue
+        tmp = dest / f".{entry['file']}.part"
+        digest, size = hashlib.sha256(), 0
+        with _open(source, entry["file"], timeout) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        if size != entry["size"]:
+            tmp.unlink()
+            raise PodError(f"{entry['file']}: got {size} bytes, manifest says {entry['size']} (truncated download?)")
+        if digest.hexdigest() != entry["sha256"]:
+            tmp.unlink()
+            raise PodError(f"{entry['file']}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}")
+        os.replace(tmp, target)
+        done.append(name)
+    (dest / MANIFEST).write_bytes(raw)
+    return done
+
+
+def _sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- readiness and drain
+
+def _get(url: str, timeout: float):
+    req = urllib.request.Request(url)
+    token = _management_token()
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _management_token() -> str | None:
+    key_file = os.environ.get("TS_KEY_FILE")
+    if key_file and Path(key_file).is_file():
+        try:
+            return json.loads(Path(key_file).read_text())["management"]["key"]
+        except (ValueError, KeyError):
+            return None
+    return None
+
+
+def model_states(url: str = MANAGEMENT, timeout: float = 2.0) -> dict[str, list[dict]]:
+    names = [m["modelName"] for m in _get(f"{url}/models?limit=1000", timeout)["models"]]
+    return {name: _get(f"{url}/models/{name}", timeout) for name in names}
+
+
+def not_ready(states: dict[str, list[dict]], expected: list[str] | None = None) -> list[str]:
+    """Models without a READY worker (and expected models that are not registered at all)."""
+    problems = [f"{m}: not registered" for m in (expected or []) if m not in states]
+    for name, versions in states.items():
+        if not any(w.get("status") == "READY" for v in versions for w in v.get("workers", [])):
+            problems.append(f"{name}: no READY worker")
+    if not states:
+        problems.append("no models registered")
+    return problems
+
+
+def ready(url: str = MANAGEMENT, expected: list[str] | None = None, timeout: float = 2.0) -> list[str]:
+    if DRAIN_MARKER.exists():
+        return ["draining"]
+    try:
+        return not_ready(model_states(url, timeout), expected)
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as e:
+        return [f"management API at {url} not answering ({getattr(e, 'reason', e)})"]
+
+
+def in_flight(states: dict[str, list[dict]]) -> int:
+    """Queued requests (describe-model) plus workers busy with a batch (their busy files)."""
+    queued = sum(v.get("jobQueueStatus", {}).get("pendingRequests", 0) for vs in states.values() for v in vs)
+    busy = len(list(Path(BUSY_DIR).glob("torchserve-busy-*"))) if BUSY_DIR else 0
+    return queued + busy
+
+
+def drain(url: str = MANAGEMENT, timeout: float = 60.0, settle: float = 5.0, poll: float = 0.5) -> tuple[bool, int]:
+    """Fail readiness, let endpoints drop the pod, then wait until nothing is in flight."""
+    DRAIN_MARKER.touch()
+    deadline = time.monotonic() + timeout
+    time.sleep(min(settle, timeout))  # kube-proxy and the Service take a moment to stop routing here
+    quiet, pending = 0, -1
+    while time.monotonic() < deadline:
+        try:
+            pending = in_flight(model_states(url))
+        except (urllib.error.URLError, OSError, ValueError):
+            return True, 0  # the server is already gone: nothing left in flight
+        quiet = quiet + 1 if pending == 0 else 0
+        if quiet >= 2:  # two quiet polls in a row: no request between them either
+            return True, 0
+        time.sleep(poll)
+    return False, pending
+
+
+def smoke(url: str, model: str, text: str, timeout: float = 30.0) -> dict:
+    """One text prediction through a Service: HTTP 200 with a JSON object, else PodError."""
+    req = urllib.request.Request(f"{url.rstrip('/')}/predictions/{model}", data=text.encode(),
+                                 headers={"Content-Type": "text/plain; charset=utf-8"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise PodError(f"{req.full_url}: HTTP {e.code} {e.read()[:200]!r}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise PodError(f"{req.full_url}: {getattr(e, 'reason', e)}") from None
+    if not isinstance(body, dict) or not body:
+        raise PodError(f"{req.full_url}: unexpected answer {body!r}")
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pod", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch", help="copy/download the archives listed in a manifest, verified")
+    f.add_argument("--source", default=os.environ.get("MODEL_SOURCE"), help="URL or folder with manifest.json (default: $MODEL_SOURCE)")
+    f.add_argument("--dest", type=Path, default=Path(os.environ.get("MODEL_STORE", "/home/model-server/model-store")),
+                   help="model store to fill (default: $MODEL_STORE or /home/model-server/model-store)")
+    f.add_argument("--models", nargs="*", default=None, help="only these models (default: every listed archive)")
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds per connection (default: %(default)s)")
+    r = sub.add_parser("ready", help="exit 0 when every model has a READY worker")
+    r.add_argument("--url", default=MANAGEMENT, help="management API (default: $TS_MANAGEMENT_URL or %(default)s)")
+    r.add_argument("--models", nargs="*", default=None, help="models that must be registered (default: whatever is)")
+    d = sub.add_parser("drain", help="preStop: fail readiness, wait for in-flight requests")
+    d.add_argument("--url", default=MANAGEMENT, help="management API (default: %(default)s)")
+    d.add_argument("--timeout", type=float, default=60.0, help="upper bound in seconds (default: %(default)s)")
+    d.add_argument("--settle", type=float, default=5.0, help="seconds for endpoints to drop the pod (default: %(default)s)")
+    s = sub.add_parser("smoke", help="one text prediction through a URL (helm test, deploy)")
+    s.add_argument("--url", required=True, help="inference base URL, e.g. http://svc:8080")
+    s.add_argument("--model", required=True, help="model name")
+    s.add_argument("--text", required=True, help="text to send")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            if not args.source:
+                raise PodError("no --source and no MODEL_SOURCE: nothing to fetch from")
+            names = fetch(args.source, args.dest, args.models, args.timeout)
+            print(f"fetch: verified {', '.join(names)} into {args.dest}")
+        elif args.command == "ready":
+            problems = ready(args.url, args.models)
+            if problems:
+                print("not ready: " + "; ".join(problems), file=sys.stderr)
+                return 1
+            print("ready")
+        elif args.command == "smoke":
+            print(json.dumps(smoke(args.url, args.model, args.text)))
+        else:
+            ok, pending = drain(args.url, args.timeout, args.settle)
+            print("drain: no request in flight" if ok else f"drain: gave up after {args.timeout}s with {pending} in flight")
+    except PodError as e:
+        print(f"pod {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""The chart and manifests with real helm, kubectl, kubernetes-validate and checkov (offline), the
+in-pod scripts for real, and the deploy tool's logic. No API server runs here: the deploy tool's
+real run is skipped unless KUBECONFIG names a reachable cluster."""
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from kubernetes import client as k8s
+
+from scripts import deploy, k8s as k8s_tool, pod
+from scripts.client import Client
+from scripts.common import ROOT, CLIError
+from tests.conftest import settings
+
+pytestmark = pytest.mark.slow
+POD = [sys.executable, str(ROOT / "scripts" / "pod.py")]
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+# ----------------------------------------------------------------------------- chart and manifests
+
+def test_every_offline_check_passes():
+    assert k8s_tool.check() == [
+        "helm lint --strict (defaults and variants)",
+        f"kubernetes-validate --strict for {', '.join(k8s_tool.KUBE_VERSIONS)} (defaults and variants)",
+        "checkov on the chart and the manifests",
+        "k8s/manifests in sync with the chart",
+    ]
+
+
+@pytest.mark.parametrize("values,message", [
+    (["image.tag=latest"], "image.tag"),
+    (["gpu.count=-1"], "gpu.count"),
+    (["autoscaling.maxReplica=3"], "maxReplica"),
+    (["models.source.type=s3"], "models.source.type"),
+])
+def test_schema_refuses_bad_values(values, message):
+    cmd = [k8s_tool.tool("helm"), "lint", "--strict", str(k8s_tool.CHART), *[a for v in values for a in ("--set", v)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr
+
+
+def test_rendered_defaults_are_safe_and_honest():
+    docs = k8s_tool.template()
+    [dep] = by_kind(docs, "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    [ts] = spec["containers"]
+    assert ts["resources"]["limits"]["nvidia.com/gpu"] == ts["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert spec["nodeSelector"] and spec["tolerations"] and spec["automountServiceAccountToken"] is False
+    sc = ts["securityContext"]
+    assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc["allowPrivilegeEscalation"] and sc["runAsUser"] >= 10000
+    assert ts["readinessProbe"]["exec"]["command"][-1] == "ready"  # describe-model, not /ping
+    assert ts["startupProbe"]["failureThreshold"] * ts["startupProbe"]["periodSeconds"] >= 300
+    assert ts["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert "drain" in ts["lifecycle"]["preStop"]["exec"]["command"]
+    assert spec["terminationGracePeriodSeconds"] > 60 + 5  # drain timeout + settle
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    [init] = spec["initContainers"]
+    assert init["command"][2] == "fetch" and {"cnn", "lstm", "transformer"} <= set(init["command"])
+    [cm] = by_kind(docs, "ConfigMap")
+    conf = cm["data"]["config.properties"]
+    assert "management_address=http://127.0.0.1:8081" in conf and "inference_address=http://0.0.0.0:8080" in conf
+    assert "grpc_management_address=127.0.0.1" in conf and "metrics_mode=prometheus" in conf
+    [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "torchserve_queue_latency_ms"
+    assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    [pdb] = by_kind(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1"
+    [np] = by_kind(docs, "NetworkPolicy")
+    ingress = np["spec"]["ingress"]
+    assert {p["port"] for p in ingress[0]["ports"]} == {"http", "grpc"}
+    assert ingress[1]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    assert all(s["spec"]["type"] == "ClusterIP" for s in services.values())
+    assert not by_kind(docs, "Ingress")
+
+
+def test_cpu_only_and_keda_variants():
+    cpu = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "gpu.count=0", "--set", "autoscaling.metric=cpu")
+    [dep] = by_kind(cpu, "Deployment")
+    spec = dep["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(spec["containers"]) and "nodeSelector" not in spec
+    assert by_kind(cpu, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    keda = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "autoscaling.keda.enabled=true")
+    assert by_kind(keda, "ScaledObject") and not by_kind(keda, "HorizontalPodAutoscaler")
+    assert "replicas" not in by_kind(keda, "Deployment")[0]["spec"]
+
+
+def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_path, monkeypatch):
+    out = subprocess.run([k8s_tool.tool("kubectl"), "kustomize", str(k8s_tool.MANIFESTS)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    kinds = [l.split(": ")[1] for l in out.stdout.splitlines() if l.startswith("kind: ")]
+    assert kinds.count("Namespace") == 1 and "Deployment" in kinds and "HorizontalPodAutoscaler" in kinds
+    copy = tmp_path / "manifests"
+    shutil.copytree(k8s_tool.MANIFESTS, copy)
+    dep = copy / "deployment-torchserve-models.yaml"
+    dep.write_text(dep.read_text().replace("maxUnavailable: 0", "maxUnavailable: 1"))
+    monkeypatch.setattr(k8s_tool, "MANIFESTS", copy)
+    assert k8s_tool.out_of_sync() == ["k8s/manifests/deployment-torchserve-models.yaml: differs from the chart"]
+
+
+# ----------------------------------------------------------------------------- pod.py fetch
+
+@pytest.fixture
+def source(archive_store, tmp_path):
+    """A copy of the archive store: the model source an init container reads."""
+    _, store = archive_store
+    src = tmp_path / "source"
+    shutil.copytree(store, src, ignore=shutil.ignore_patterns(".version"))
+    return src
+
+
+def fetch(src, dest, *extra):
+    return subprocess.run([*POD, "fetch", "--source", str(src), "--dest", str(dest), *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_fetch_accepts_good_archives_from_a_folder(source, tmp_path):
+    proc = fetch(source, tmp_path / "store")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["cnn.mar", "lstm.mar", "manifest.json", "transformer.mar"]
+    assert "verified cnn, lstm, transformer" in proc.stdout
+
+
+def test_fetch_refuses_a_flipped_byte_and_a_truncated_archive(source, tmp_path):
+    data = bytearray((source / "lstm.mar").read_bytes())
+    data[1000] ^= 0x40
+    (source / "lstm.mar").write_bytes(bytes(data))
+    proc = fetch(source, tmp_path / "a", "--models", "lstm")
+    assert proc.returncode == 1 and "lstm.mar: sha256" in proc.stderr and "does not match the manifest" in proc.stderr
+    assert not list((tmp_path / "a").glob("*.mar")) and not list((tmp_path / "a").glob(".*part"))
+    (source / "cnn.mar").write_bytes((source / "cnn.mar").read_bytes()[:-4096])
+    proc = fetch(source, tmp_path / "b", "--models", "cnn")
+    assert proc.returncode == 1 and "truncated download" in proc.stderr
+    assert fetch(source, tmp_path / "c", "--models", "resnet").returncode == 1
+
+
+def test_fetch_over_http_and_a_failed_download(source, tmp_path):
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(source), **kw)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert fetch(url, tmp_path / "ok").returncode == 0
+        (source / "transformer.mar").unlink()
+        proc = fetch(url, tmp_path / "bad", "--models", "transformer")
+        assert proc.returncode == 1 and "HTTP 404" in proc.stderr
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# ----------------------------------------------------------------------------- pod.py ready and drain
+
+def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
+    env = {**os.environ, "TS_KEY_FILE": str(server.key_file), "TS_DRAIN_MARKER": str(tmp_path / "draining"),
+           "TS_BUSY_DIR": server.env()["TS_BUSY_DIR"]}
+    url = server.url("management")
+    ready = lambda *a: subprocess.run([*POD, "ready", "--url", url, *a], env=env, capture_output=True, text=True, timeout=30)
+    ok = ready("--models", "cnn", "lstm", "transformer")
+    assert ok.returncode == 0 and ok.stdout.strip() == "ready", ok.stderr
+    missing = ready("--models", "resnet")
+    assert missing.returncode == 1 and "resnet: not registered" in missing.stderr
+    no_server = subprocess.run([*POD, "ready", "--url", "http://127.0.0.1:9"], env=env, capture_output=True, text=True)
+    assert no_server.returncode == 1 and "not answering" in no_server.stderr
+    # Drain while requests are in flight: readiness turns false at once, drain returns when done.
+    with Client("rest", settings(server)) as c, ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(c.predict, "transformer", {"text": f"God is love {i}."}) for i in range(24)]
+        t0 = time.monotonic()
+        drain = subprocess.Popen([*POD, "drain", "--url", url, "--timeout", "60", "--settle", "0"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert ready().returncode == 1 and "draining" in ready().stderr
+        out, err = drain.communicate(timeout=90)
+        assert drain.returncode == 0 and "no request in flight" in out, err
+        assert all(f.done() for f in futures), "drain returned with requests still in flight"
+        assert all("translation" in f.result() for f in futures)
+        assert time.monotonic() - t0 < 60
+    (tmp_path / "draining").unlink()
+    assert ready().returncode == 0
+
+
+def test_smoke_subcommand_against_a_real_torchserve_without_auth(archive_store, tmp_path):
+    from scripts import serve
+    from tests.conftest import server_config
+
+    _, store = archive_store
+    cfg = server_config(tmp_path / "run", store, auth=False, models=["lstm"])
+    serve.start(cfg)
+    try:
+        proc = subprocess.run([*POD, "smoke", "--url", cfg.url("inference"), "--model", "lstm", "--text", "lovely"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["label"] in ("rotten", "fresh")
+        bad = subprocess.run([*POD, "smoke", "--url", cfg.url("inference"), "--model", "resnet", "--text", "x"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and "HTTP 404" in bad.stderr
+    finally:
+        serve.stop(cfg)
+
+
+# ----------------------------------------------------------------------------- deploy tool
+
+def test_deploy_loads_manifests_into_another_namespace():
+    docs = deploy.load_manifests(namespace="team-a")
+    assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == "team-a"
+    assert all(d["metadata"].get("namespace", "team-a") == "team-a" for d in docs)
+    assert deploy.gpu_request(deploy.deployment_of(docs)) == 1
+    assert deploy.load_manifests()[1]["metadata"]["namespace"] == "ml-serving"
+
+
+def node(name, gpus=None, unschedulable=False):
+    alloc = {"cpu": "8"} | ({"nvidia.com/gpu": str(gpus)} if gpus is not None else {})
+    return k8s.V1Node(metadata=k8s.V1ObjectMeta(name=name), spec=k8s.V1NodeSpec(unschedulable=unschedulable),
+                      status=k8s.V1NodeStatus(allocatable=alloc))
+
+
+def test_gpu_capacity_counts_only_schedulable_gpu_nodes():
+    nodes = [node("cpu-1"), node("gpu-1", 4), node("gpu-2", 8, unschedulable=True), node("gpu-3", 0)]
+    assert deploy.gpu_capacity(nodes) == {"gpu-1": 4}
+    assert deploy.gpu_capacity([node("cpu-1")]) == {}
+
+
+def pod_with(waiting=None, terminated=None, name="torchserve", unschedulable=None):
+    state = k8s.V1ContainerState(
+        waiting=k8s.V1ContainerStateWaiting(reason=waiting, message="back-off") if waiting else None,
+        terminated=k8s.V1ContainerStateTerminated(exit_code=terminated) if terminated is not None else None)
+    cs = k8s.V1ContainerStatus(name=name, image="registry.example.com/ml/torchserve-models:0.1.0", image_id="",
+                               ready=False, restart_count=0, state=state)
+    conds = [k8s.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=unschedulable)] if unschedulable else []
+    status = k8s.V1PodStatus(container_statuses=[cs] if name == "torchserve" else [],
+                             init_container_statuses=[cs] if name != "torchserve" else [], conditions=conds)
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="tsm-abc"), status=status)
+
+
+def test_pod_problems_are_named():
+    assert "cannot pull image" in deploy.pod_problem(pod_with("ImagePullBackOff"))
+    assert "CrashLoopBackOff" in deploy.pod_problem(pod_with("CrashLoopBackOff"))
+    assert "model fetch failed" in deploy.pod_problem(pod_with(terminated=1, name="fetch-models"))
+    assert "unschedulable: 0/3 nodes" in deploy.pod_problem(pod_with(unschedulable="0/3 nodes have nvidia.com/gpu"))
+    assert deploy.pod_problem(pod_with("ContainerCreating")) is None
+    assert deploy.pod_problem(pod_with(terminated=0, name="fetch-models")) is None
+
+
+def test_rollout_done_needs_every_replica_updated_and_ready():
+    def dep(**status):
+        return k8s.V1Deployment(metadata=k8s.V1ObjectMeta(generation=3), spec=k8s.V1DeploymentSpec(
+            replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
+            status=k8s.V1DeploymentStatus(**status))
+    full = dict(observed_generation=3, updated_replicas=2, ready_replicas=2, available_replicas=2)
+    assert deploy.rollout_done(dep(**full))
+    assert not deploy.rollout_done(dep(**{**full, "observed_generation": 2}))
+    assert not deploy.rollout_done(dep(**{**full, "ready_replicas": 1}))
+    assert not deploy.rollout_done(dep(**full, unavailable_replicas=1))
+
+
+def test_http_over_a_socket_pair_like_the_port_forward():
+    a, b = socket.socketpair()
+    def answer():
+        request = b.recv(65536)
+        assert request.startswith(b"POST /predictions/lstm HTTP/1.1") and request.endswith(b"fine")
+        b.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
+        b.close()
+    threading.Thread(target=answer).start()
+    assert deploy.http_over_socket(a, "POST", "/predictions/lstm", b"fine", "text/plain", 5) == (200, b'{"a":1}')
+
+
+def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.run([sys.executable, "-m", "scripts.deploy", "apply"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.startswith("deploy: error: no cluster") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="no KUBECONFIG: no API server to deploy to on this machine")
+def test_deploy_for_real_against_the_kubeconfig_cluster():
+    try:
+        deploy.connect()
+    except CLIError as e:
+        pytest.skip(f"KUBECONFIG names no reachable cluster: {e}")
+    assert deploy.main(["apply", "--namespace", "torchserve-models-test", "--timeout", "1200"]) == 0
+    assert deploy.main(["delete", "--namespace", "torchserve-models-test"]) == 0
