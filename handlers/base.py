@@ -61,11 +61,6 @@ def request_payload(request: dict) -> Any:
     if len(values) == 1:
         return values[0]
     if not values:
-        if request:
-            # curl -d without a Content-Type sends a form; TorchServe turns the text into an
-            # empty field named after it.
-            raise InvalidInput("body arrived as an empty form field (a form-encoded POST): send it with "
-                               "Content-Type text/plain or application/json, or curl --data-binary/-T")
         raise InvalidInput("empty request: send the input as the request body or a 'data' field")
     raise InvalidInput(f"ambiguous request: send one field named 'data', got {sorted(request)}")
 
@@ -239,6 +234,10 @@ class CheckpointHandler(BaseHandler):
         items: list[Any] = []
         for i, request in enumerate(data):
             try:
+                if _is_form(context, i):
+                    raise InvalidInput("body was sent as an HTML form (curl -d/--data-binary without a Content-Type): "
+                                       "send raw bytes with Content-Type application/octet-stream, image/*, "
+                                       "text/plain or application/json, or use curl -T", 415)
                 parsed, many = self.parse(maybe_json(request_payload(request or {})))
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
@@ -250,8 +249,8 @@ class CheckpointHandler(BaseHandler):
         for i, n, many in groups:
             out = answers[pos:pos + n]
             pos += n
-            results[i] = out if many else out[0]
-            context.set_response_content_type(i, "application/json")
+            results[i] = _json(out if many else out[0])
+            context.set_response_content_type(i, "application/json; charset=utf-8")
         for i in range(len(data)):
             context.set_response_header(i, "X-Batch-Size", str(len(data)))
         logger.info("batch_size=%d items=%d failed=%d ms=%.1f", len(data), len(items),
@@ -259,7 +258,22 @@ class CheckpointHandler(BaseHandler):
         return results
 
     @staticmethod
-    def _fail(context, idx: int, exc: InvalidInput) -> dict:
+    def _fail(context, idx: int, exc: InvalidInput) -> bytes:
         context.set_response_status(exc.code, str(exc), idx=idx)
-        context.set_response_content_type(idx, "application/json")
-        return error_body(exc)
+        context.set_response_content_type(idx, "application/json; charset=utf-8")
+        return _json(error_body(exc))
+
+
+def _json(answer: Any) -> bytes:
+    """UTF-8 JSON (Spanish stays readable; TorchServe's own encoding escapes it to ASCII)."""
+    return json.dumps(answer, ensure_ascii=False).encode("utf-8")
+
+
+def _is_form(context, idx: int) -> bool:
+    """curl -d and --data-binary default to a form; TorchServe then mangles binary bodies."""
+    try:
+        headers = context.get_all_request_header(idx) or {}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return False
+    ctype = next((str(v) for k, v in headers.items() if str(k).lower() == "content-type"), "")
+    return ctype.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on 2 loaded cores: one torch thread keeps them fast and repeatable."""
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -59,13 +60,15 @@ def make_context(model: str, model_dir, handler_overrides: dict | None = None, b
     return ctx
 
 
-def run_batch(handler, ctx, requests: list[dict]):
+def run_batch(handler, ctx, requests: list[dict], request_headers: list[dict] | None = None):
     """Run one batch the way a worker does; returns (answers, [(status, phrase), ...], headers)."""
     from ts.context import RequestProcessor
 
-    ctx.request_processor = [RequestProcessor({}) for _ in requests]
-    answers = handler.handle(requests, ctx)
-    assert isinstance(answers, list) and len(answers) == len(requests)
+    ctx.request_processor = [RequestProcessor(h) for h in (request_headers or [{} for _ in requests])]
+    raw = handler.handle(requests, ctx)
+    assert isinstance(raw, list) and len(raw) == len(requests)
+    assert all(isinstance(r, bytes) for r in raw)  # UTF-8 JSON, serialised by the handler
+    answers = [json.loads(r) for r in raw]
     statuses = [ctx.get_response_status(i) for i in range(len(requests))]
     headers = [ctx.get_response_headers(i) for i in range(len(requests))]
     return answers, statuses, headers

@@ -198,3 +198,21 @@ def test_initialize_fails_loudly_for_the_wrong_checkpoint_or_options(tiny_checkp
         load_handler("cnn", tiny_checkpoints["lstm"])
     with pytest.raises(ValueError, match="unknown handler options"):
         load_handler("lstm", tiny_checkpoints["lstm"], {"max_char": 10})
+
+
+def test_a_form_encoded_request_gets_415_with_how_to_send_it(handlers):
+    handler, ctx = handlers["lstm"]
+    headers = [{"Content-Type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain; charset=utf-8"}]
+    answers, statuses, _ = run_batch(handler, ctx, [{"a warm film": b""}, {"body": "a warm film"}], headers)
+    assert statuses[0][0] == 415 and "HTML form" in statuses[0][1] and "curl -T" in statuses[0][1]
+    assert statuses[1][0] == 200 and answers[1]["label"] in ("rotten", "fresh")
+
+
+def test_answers_are_utf8_json(handlers):
+    from ts.context import RequestProcessor
+
+    handler, ctx = handlers["transformer"]
+    ctx.request_processor = [RequestProcessor({})]
+    raw = handler.handle([{"body": "God is love."}], ctx)[0]
+    assert "\\u00" not in raw.decode("utf-8")
+    assert ctx.get_response_content_type(0) == "application/json; charset=utf-8"

@@ -149,6 +149,18 @@ def test_bad_input_over_the_wire_gets_its_4xx_neighbours_succeed_worker_survives
     assert worker_pids(server, model) == pids, "a worker restarted"
 
 
+def test_a_form_encoded_upload_is_refused_with_415(server, digit):
+    import requests
+
+    token = serve.read_token(server, "inference")
+    resp = requests.post(f"{server.url('inference')}/predictions/cnn", data=digit, timeout=30,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 415 and "curl -T" in resp.json()["message"]
+    ok = requests.post(f"{server.url('inference')}/predictions/transformer", data="God is love.".encode(), timeout=30,
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"})
+    assert ok.headers["content-type"].startswith("application/json") and "\\u00" not in ok.text
+
+
 def test_wrong_model_wrong_version_and_oversized_body(client, server):
     with pytest.raises(ModelNotFound):
         client.predict("resnet", "hi")
