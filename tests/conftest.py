@@ -1,7 +1,6 @@
 """Shared fixtures. Tests run on 2 loaded cores: one torch thread keeps them fast and repeatable."""
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import torch
 
 from scripts import serve, train
 from scripts.client import Settings
+from scripts.inprocess import load_handler, make_context, run_batch  # noqa: F401 (re-exported for tests)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -35,53 +35,6 @@ def tiny_checkpoints(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ckpt")
     return {m: root / m / "checkpoint.pt" for m in ("cnn", "lstm", "transformer")
             if tiny_train(m, root / m) is not None}
-
-
-# ----------------------------------------------------------------------------- handlers in-process
-
-HANDLER_CLASSES = {
-    "cnn": ("handlers.image_classifier", "ImageClassifierHandler"),
-    "lstm": ("handlers.text_classifier", "TextClassifierHandler"),
-    "transformer": ("handlers.translator", "TranslatorHandler"),
-}
-
-
-def make_context(model: str, model_dir, handler_overrides: dict | None = None, batch_size: int = 8):
-    """TorchServe's own Context and RequestProcessor classes, as a worker builds them."""
-    import yaml
-    from ts.context import Context
-
-    from scripts.common import ROOT
-
-    config = yaml.safe_load((ROOT / "handlers" / "config" / f"{model}.yaml").read_text())
-    config["handler"] = {**config.get("handler", {}), **(handler_overrides or {})}
-    manifest = {"model": {"modelName": model, "serializedFile": "checkpoint.pt"}}
-    ctx = Context(model, str(model_dir), manifest, batch_size, None, "0.12.0", model_yaml_config=config)
-    return ctx
-
-
-def run_batch(handler, ctx, requests: list[dict], request_headers: list[dict] | None = None):
-    """Run one batch the way a worker does; returns (answers, [(status, phrase), ...], headers)."""
-    from ts.context import RequestProcessor
-
-    ctx.request_processor = [RequestProcessor(h) for h in (request_headers or [{} for _ in requests])]
-    raw = handler.handle(requests, ctx)
-    assert isinstance(raw, list) and len(raw) == len(requests)
-    assert all(isinstance(r, bytes) for r in raw)  # UTF-8 JSON, serialised by the handler
-    answers = [json.loads(r) for r in raw]
-    statuses = [ctx.get_response_status(i) for i in range(len(requests))]
-    headers = [ctx.get_response_headers(i) for i in range(len(requests))]
-    return answers, statuses, headers
-
-
-def load_handler(model: str, checkpoint_path, handler_overrides: dict | None = None):
-    import importlib
-
-    module, name = HANDLER_CLASSES[model]
-    handler = getattr(importlib.import_module(module), name)()
-    ctx = make_context(model, checkpoint_path.parent, handler_overrides)
-    handler.initialize(ctx)
-    return handler, ctx
 
 
 # ----------------------------------------------------------------------------- archives
