@@ -29,10 +29,12 @@ PROTOS := scripts/grpc_gen/inference_pb2_grpc.py
 K8S_VENV := .venv/k8s
 K8S_STAMP := $(K8S_VENV)/.installed
 IMAGE ?= registry.example.com/ml/torchserve-models:0.1.0
+BENCH ?= full
+VARIANT ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image deploy undeploy demo test clean FORCE
+	k8s-tools manifests check-k8s image deploy undeploy bench variants demo test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -62,14 +64,15 @@ train-all: install ## train all three models with their full defaults
 train-quick: install ## seconds-long training of every model in MODELS (checkpoints/<model>/)
 	@for m in $(MODELS); do $(PY) -m scripts.train --model $$m --quick --no-progress $(ARGS) || exit 1; done
 
-archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0), quick-training missing checkpoints
+archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0, VARIANT=int8), quick-training missing checkpoints
 	@$(PY) -m scripts.archive verify --model-store $(STORE) $(addprefix --model ,$(MODELS))
 
 $(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
 	$(PY) -m scripts.train --model $* --quick --no-progress --output-dir $(CHECKPOINT_DIR)/$*
 
 $(STORE)/%.mar: $(CHECKPOINT_DIR)/%/checkpoint.pt handlers/config/%.yaml $(CODE) $(STORE)/.version | $(STAMP)
-	$(PY) -m scripts.archive build --model $* --version $(VERSION) --checkpoint $< --export-path $(STORE)
+	$(PY) -m scripts.archive build --model $* --version $(VERSION) --checkpoint $< --export-path $(STORE) \
+	  $(if $(VARIANT),--optimize $(VARIANT))
 
 # Rewritten only when VERSION changes, so a new version rebuilds the archives and nothing else does.
 $(STORE)/.version: FORCE
@@ -118,6 +121,12 @@ deploy: install ## apply k8s/manifests to the KUBECONFIG cluster, wait for Ready
 
 undeploy: install ## delete what `make deploy` applied (keeps the namespace)
 	$(PY) -m scripts.deploy delete $(ARGS)
+
+bench: archive protos ## served vs in-process throughput and latency, cold start, RSS -> bench/results (BENCH=quick: ~1 min)
+	$(PY) -m scripts.bench $(if $(filter quick,$(BENCH)),--quick) --models $(MODELS) $(ARGS)
+
+variants: install ## accuracy/BLEU delta and speed of the int8 variant against eager, on the test split
+	$(PY) -m scripts.variants --models $(MODELS) $(ARGS)
 
 demo: install protos ## the main job end to end: data -> quick training -> archive -> serve -> REST+gRPC predictions -> stop
 	$(PY) -m scripts.data

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -176,6 +177,7 @@ class CheckpointHandler(BaseHandler):
         self.model = build_model(self.model_name, ckpt["config"])
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(self.device).eval()
+        self.model = optimize(self.model, cfg.get("optimize", "none"), self.device)
         self.setup(ckpt)
         self.initialized = True
         logger.info("%s: loaded %s on %s in %.2fs (options %s)", type(self).__name__, serialized,
@@ -262,6 +264,30 @@ class CheckpointHandler(BaseHandler):
         context.set_response_status(exc.code, str(exc), idx=idx)
         context.set_response_content_type(idx, "application/json; charset=utf-8")
         return _json(error_body(exc))
+
+
+def optimize(model: torch.nn.Module, how: str, device: torch.device) -> torch.nn.Module:
+    """The archive's optimisation variant (model-config.yaml `handler.optimize`).
+
+    int8: dynamic int8 quantisation of Linear and LSTM weights (activations quantised on the fly),
+    CPU only; scripts/variants.py measures its accuracy/BLEU delta and speed ratio against eager.
+    """
+    if how == "none":
+        return model
+    if how == "int8":
+        if device.type != "cpu":
+            raise ValueError("optimize: int8 is a CPU variant; on CUDA use cuda_dtype: bfloat16 or float16")
+        # Not inside TransformerEncoderLayers: their fast-path check reads linear weights as
+        # tensors, which quantised Linears no longer have. The decoder and the vocabulary
+        # projection, the translator's largest layers, are still quantised.
+        encoders = [n for n, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+        spec = {n: torch.ao.quantization.default_dynamic_qconfig for n, m in model.named_modules()
+                # exact types: attention's out_proj is a Linear subclass attention reads directly
+                if type(m) in (torch.nn.Linear, torch.nn.LSTM) and not any(n.startswith(e + ".") for e in encoders)}
+        with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
+    raise ValueError(f"optimize must be none or int8, got {how!r}")
 
 
 def _json(answer: Any) -> bytes:

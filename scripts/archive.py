@@ -75,7 +75,18 @@ def normalise_zip(src: Path, dst: Path, created: str) -> None:
                 zout.writestr(out, data, compresslevel=6)
 
 
-def build(model: str, checkpoint: Path, version: str, export: Path, config: Path) -> dict:
+def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
+    """A copy of the model config with handler.optimize set, for an optimised archive."""
+    import yaml
+
+    values = yaml.safe_load(config.read_text())
+    values.setdefault("handler", {})["optimize"] = optimize
+    out = tmp / config.name
+    out.write_text(yaml.safe_dump(values, sort_keys=False))
+    return out
+
+
+def build(model: str, checkpoint: Path, version: str, export: Path, config: Path, optimize: str | None = None) -> dict:
     from .train import load_checkpoint
 
     if model not in HANDLERS:
@@ -93,6 +104,8 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         stage, out = Path(tmp) / "stage", Path(tmp) / "out"
         out.mkdir()
         extra = stage_packages(stage)
+        if optimize:
+            config = variant_config(config, optimize, Path(tmp))
         cmd = [archiver, "--model-name", model, "--version", version,
                "--serialized-file", str(checkpoint), "--handler", str(stage / "handlers" / HANDLERS[model]),
                "--extra-files", str(extra), "--config-file", str(config),
@@ -112,6 +125,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         "checkpoint_sha256": sha256_file(checkpoint),
         "checkpoint_size": checkpoint.stat().st_size,
         "handler": HANDLERS[model],
+        "optimize": optimize or _config_optimize(config),
         "metrics": ckpt["metrics"]["test"],
         "data_fingerprint": ckpt["data"]["fingerprint"],
         "versions": {"torch": ckpt["versions"]["torch"],
@@ -122,6 +136,12 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
     }
     update_manifest(export, model, entry)
     return entry
+
+
+def _config_optimize(config: Path) -> str:
+    import yaml
+
+    return (yaml.safe_load(config.read_text()).get("handler") or {}).get("optimize", "none")
 
 
 def update_manifest(export: Path, model: str, entry: dict) -> None:
@@ -184,6 +204,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--version", default="1.0", help="model version in the archive (default: %(default)s)")
     b.add_argument("--export-path", type=Path, default=ROOT / "model-store", help="output folder (default: model-store)")
     b.add_argument("--config", type=Path, default=None, help="model-config.yaml (default: handlers/config/<model>.yaml)")
+    b.add_argument("--optimize", choices=["none", "int8"], default=None,
+                   help="optimisation variant written into the archive's config (default: the config's own, none)")
     v = sub.add_parser("verify", help="recompute sha256 and sizes against manifest.json")
     v.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="folder with the archives (default: model-store)")
     v.add_argument("--model", action="append", default=None, help="only this model; repeatable (default: every listed archive)")
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         ckpt = args.checkpoint or ROOT / "checkpoints" / args.model / "checkpoint.pt"
         config = args.config or ROOT / "handlers" / "config" / f"{args.model}.yaml"
-        e = build(args.model, ckpt, args.version, args.export_path, config)
+        e = build(args.model, ckpt, args.version, args.export_path, config, args.optimize)
         print(f"{args.export_path / e['file']}: version {e['version']}, {e['size'] / 1e6:.2f} MB "
               f"(checkpoint {e['checkpoint_size'] / 1e6:.2f} MB), sha256 {e['sha256'][:16]}…")
         return 0

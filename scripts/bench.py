@@ -1,0 +1,354 @@
+"""Benchmark the served models against their in-process limit, on this machine, in one run.
+
+  python -m scripts.bench                  # full sweep (make bench)
+  python -m scripts.bench --quick          # about a minute (make bench BENCH=quick)
+  python -m scripts.bench --slo-ms 100     # capacity at p99 <= 100 ms -> the HPA target it implies
+
+Measures, for each model, with the archives in model-store/ and inputs from the test split:
+  served   throughput and p50/p95/p99 latency over REST and gRPC across a concurrency sweep,
+           after a warm-up, with every non-2xx counted (a real TorchServe on free loopback ports)
+  limit    in-process batched forward of the same model on the same inputs, and the in-process
+           handler (parse + preprocess + inference + postprocess), at batch 1 and the model's batchSize
+  start    archive build time, TorchServe start to every model READY, frontend and worker RSS
+Writes bench/results/<timestamp>.json, .md and .png (throughput and p99 vs concurrency).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .common import ROOT, run_cli
+
+MODELS = ("cnn", "lstm", "transformer")
+RESULTS = ROOT / "bench" / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def test_inputs(model: str, n: int) -> list:
+    """Real inputs from the held-out test split, as a client sends them."""
+    from PIL import Image
+
+    from models.text import tokenize
+    from .data import load_dataset
+
+    ds = load_dataset(model)
+    x, _ = ds.take("test")
+    if model == "cnn":
+        out = []
+        for img in x[:n]:
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+    if model == "lstm":
+        return list(x[:n])
+    return [s for s in x if len(tokenize(s)) <= 20][:n]
+
+
+class RawRest:
+    """A lean REST load generator: one keep-alive connection per thread, no JSON decoding.
+
+    The load generator shares the machine's cores with the server, so its own cost per request
+    is kept low (and reported: see cpu_ms_per_request)."""
+
+    def __init__(self, settings):
+        import threading
+
+        self.s, self.local = settings, threading.local()
+
+    def predict(self, model: str, data):
+        import http.client
+
+        from .client import _as_bytes, _error_for
+
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = http.client.HTTPConnection(self.s.host, self.s.ports["inference"], timeout=self.s.timeout)
+        body, ctype = _as_bytes(data)
+        headers = {"Content-Type": ctype}
+        token = self.s.token("inference")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request("POST", f"/predictions/{model}", body=body, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read()
+        if resp.status >= 400:
+            raise _error_for(resp.status, payload.decode(errors="replace")[:200])
+        return payload
+
+
+def run_level(client, model: str, inputs: list, concurrency: int, requests: int) -> dict:
+    from .client import ClientError
+
+    latencies, errors = [], {}
+
+    def one(i):
+        t = time.perf_counter()
+        try:
+            client.predict(model, inputs[i % len(inputs)])
+            latencies.append(time.perf_counter() - t)
+        except (ClientError, OSError) as e:
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - t0
+    ms = [1000 * v for v in latencies]
+    return {"concurrency": concurrency, "requests": requests, "ok": len(ms), "errors": errors,
+            "throughput_rps": len(ms) / wall, "p50_ms": percentile(ms, 50) if ms else None,
+            "p95_ms": percentile(ms, 95) if ms else None, "p99_ms": percentile(ms, 99) if ms else None}
+
+
+def queue_counters(metrics_text: str) -> tuple[float, float]:
+    """Summed ts_queue_latency_microseconds and ts_inference_requests_total."""
+    q = r = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("ts_queue_latency_microseconds{"):
+            q += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("ts_inference_requests_total{"):
+            r += float(line.rsplit(" ", 1)[1])
+    return q, r
+
+
+def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: list[int], repeats: int) -> dict:
+    """Items/s and ms per batch of the raw batched forward and of the whole handler path."""
+    import torch
+
+    from .inprocess import load_handler, run_batch
+
+    handler, ctx = load_handler(model, checkpoint)
+    out = {}
+    for bs in batch_sizes:
+        reqs = [{"body": inputs[i % len(inputs)]} for i in range(bs)]
+        parsed = [item for r in reqs for item in handler.parse(r["body"])[0]]
+        with torch.inference_mode():
+            batch = handler.preprocess(parsed)
+            handler.inference(batch, parsed)  # warm-up
+            t = time.perf_counter()
+            for _ in range(repeats):
+                handler.inference(batch, parsed)
+            forward = (time.perf_counter() - t) / repeats
+        run_batch(handler, ctx, reqs)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            run_batch(handler, ctx, reqs)
+        full = (time.perf_counter() - t) / repeats
+        out[str(bs)] = {"forward_ms": 1000 * forward, "forward_items_per_s": bs / forward,
+                        "handler_ms": 1000 * full, "handler_items_per_s": bs / full}
+    return out
+
+
+def model_batch_size(model: str) -> int:
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "handlers" / "config" / f"{model}.yaml").read_text())["batchSize"])
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time so far of the frontend, its workers together, and this process (the client)."""
+    import os
+
+    import psutil
+
+    def total(p):
+        t = p.cpu_times()
+        return t.user + t.system
+
+    front = psutil.Process(pid)
+    return {"frontend": total(front), "workers": sum(total(c) for c in front.children(recursive=True)),
+            "client": total(psutil.Process(os.getpid()))}
+
+
+def rss_mib(pid: int) -> dict:
+    import psutil
+
+    proc = psutil.Process(pid)
+    workers = [p.memory_info().rss / 2**20 for p in proc.children(recursive=True)]
+    return {"frontend_mib": proc.memory_info().rss / 2**20, "workers_mib": workers}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="about a minute: fewer levels and requests (default: off)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default: 1 4 16 64; quick: 1 8)")
+    p.add_argument("--requests", type=int, default=None, help="requests per level (default: 300; quick: 40)")
+    p.add_argument("--transports", nargs="+", default=["rest", "grpc"], help="(default: rest grpc)")
+    p.add_argument("--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="archives (default: model-store)")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
+                   help="checkpoints for the archive timing and the in-process limit (default: checkpoints)")
+    p.add_argument("--output", type=Path, default=RESULTS, help="results folder (default: bench/results)")
+    args = p.parse_args(argv)
+    levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
+    n_requests = args.requests or (40 if args.quick else 300)
+    repeats = 5 if args.quick else 20
+    warmup = 20 if args.quick else 100
+
+    import torch
+
+    from . import archive, serve
+    from .client import Client, Settings
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
+              "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+                          "torch": str(torch.__version__), "cuda": torch.cuda.is_available()},
+              "levels": levels, "requests_per_level": n_requests, "slo_ms": args.slo_ms, "models": {}}
+    inputs = {m: test_inputs(m, 64) for m in args.models}
+
+    # Archive build time, into a scratch store (the real one is what we serve).
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in args.models:
+            t = time.perf_counter()
+            e = archive.build(m, args.checkpoints / m / "checkpoint.pt", "bench", Path(tmp),
+                              ROOT / "handlers" / "config" / f"{m}.yaml")
+            result["models"][m] = {"archive_s": time.perf_counter() - t, "mar_mib": e["size"] / 2**20,
+                                   "checkpoint_mib": e["checkpoint_size"] / 2**20}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        import socket
+
+        socks = [socket.socket() for _ in serve.PORTS]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        ports = {k: s.getsockname()[1] for k, s in zip(serve.PORTS, socks)}
+        for s in socks:
+            s.close()
+        cfg = serve.ServerConfig(run_dir=Path(tmp), model_store=args.model_store, ports=ports, models=args.models)
+        t = time.perf_counter()
+        serve.start(cfg)
+        result["cold_start_s"] = time.perf_counter() - t
+        try:
+            result["rss_idle"] = rss_mib(serve.running_pid(cfg))
+            settings = Settings(host=cfg.host, ports=dict(cfg.ports), key_file=cfg.key_file, timeout=60)
+            for m in args.models:
+                served = {}
+                for transport in args.transports:
+                    with Client(transport, settings) as c:
+                        load = RawRest(settings) if transport == "rest" else c
+                        run_level(load, m, inputs[m], 4, warmup)  # warm-up: JIT, caches, allocator
+                        rows = []
+                        for level in levels:
+                            q0, r0 = queue_counters(c.metrics())
+                            cpu0 = cpu_seconds(serve.running_pid(cfg))
+                            row = run_level(load, m, inputs[m], level, n_requests)
+                            cpu1 = cpu_seconds(serve.running_pid(cfg))
+                            q1, r1 = queue_counters(c.metrics())
+                            row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
+                            row["cpu_ms_per_request"] = {k: 1000 * (cpu1[k] - cpu0[k]) / max(row["ok"], 1) for k in cpu0}
+                            rows.append(row)
+                            print(f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
+                                  f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}", flush=True)
+                        served[transport] = rows
+                result["models"][m]["served"] = served
+            result["rss_loaded"] = rss_mib(serve.running_pid(cfg))
+        finally:
+            serve.stop(cfg)
+
+    for m in args.models:
+        bs = model_batch_size(m)
+        r = result["models"][m]
+        r["batch_size"] = bs
+        r["limit"] = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs[m], [1, bs], repeats)
+        best = max(row["throughput_rps"] for rows in r["served"].values() for row in rows)
+        r["served_over_limit"] = best / r["limit"][str(bs)]["handler_items_per_s"]
+        rest1 = r["served"].get("rest", next(iter(r["served"].values())))[0]
+        r["overhead_c1_p50_ms"] = rest1["p50_ms"] - r["limit"]["1"]["handler_ms"]
+        fits = [row for rows in r["served"].values() for row in rows if row["p99_ms"] is not None and row["p99_ms"] <= args.slo_ms]
+        if fits:
+            cap = max(fits, key=lambda row: row["throughput_rps"])
+            r["capacity"] = {"rps_per_pod": cap["throughput_rps"], "concurrency": cap["concurrency"],
+                             "queue_ms_per_request": cap["queue_ms_per_request"]}
+        else:
+            r["capacity"] = None
+    write(result, args.output)
+    return 0
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / result["started"].replace(":", "").replace("-", "")
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Benchmark {result['started']} ({'quick' if result['quick'] else 'full'}), "
+             f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}, CUDA {result['machine']['cuda']}", "",
+             f"Cold start to every model READY: {result['cold_start_s']:.1f} s; frontend RSS "
+             f"{result['rss_loaded']['frontend_mib']:.0f} MiB; workers {', '.join(f'{w:.0f}' for w in result['rss_loaded']['workers_mib'])} MiB", "",
+             "| model | transport | concurrency | req/s | p50 ms | p95 ms | p99 ms | queue ms/req | CPU ms/req: frontend / workers / client | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, r in result["models"].items():
+        for transport, rows in r["served"].items():
+            for row in rows:
+                cpu = row["cpu_ms_per_request"]
+                lines.append(f"| {m} | {transport} | {row['concurrency']} | {row['throughput_rps']:.1f} | {row['p50_ms']:.1f} | "
+                             f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['queue_ms_per_request']:.1f} | "
+                             f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f} | {sum(row['errors'].values())} |")
+    lines += ["", "| model | batch | forward items/s | handler items/s | served/limit | overhead @c=1 (p50) | archive | .mar | capacity @p99≤SLO |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m, r in result["models"].items():
+        bs = str(r["batch_size"])
+        cap = r["capacity"]
+        cap_s = f"{cap['rps_per_pod']:.0f} req/s, queue {cap['queue_ms_per_request']:.1f} ms" if cap else "none"
+        lines.append(f"| {m} | {bs} | {r['limit'][bs]['forward_items_per_s']:.0f} | {r['limit'][bs]['handler_items_per_s']:.0f} | "
+                     f"{r['served_over_limit']:.2f} | {r['overhead_c1_p50_ms']:.1f} ms | {r['archive_s']:.1f} s | {r['mar_mib']:.1f} MiB | {cap_s} |")
+    targets = hpa_targets(result)
+    if targets:
+        sets = " ".join(f"--set autoscaling.targetRequestsPerSecond.{m}={t}" for m, t in targets.items())
+        lines += ["", f"HPA: 70% of each model's per-pod capacity at p99 ≤ {result['slo_ms']:.0f} ms. "
+                  f"Carry it into the chart with `helm upgrade ... {sets}` (or edit k8s/chart/values.yaml, then "
+                  "`make manifests`)."]
+    missing = [m for m, r in result["models"].items() if not r["capacity"]]
+    if missing:
+        lines += ["", f"No concurrency level kept p99 ≤ {result['slo_ms']:.0f} ms for {', '.join(missing)} on this machine: "
+                  "its target has to come from a faster node (or a looser --slo-ms)."]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(result, Path(f"{stem}.png"))
+    print("\n".join(lines))
+    print(f"\nwrote {stem}.json, .md, .png")
+
+
+def hpa_targets(result: dict, headroom: float = 0.7) -> dict[str, int]:
+    """Per model, the requests/s one pod should carry: headroom x capacity at the p99 objective."""
+    return {m: max(1, int(headroom * r["capacity"]["rps_per_pod"])) for m, r in result["models"].items() if r["capacity"]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for m, r in result["models"].items():
+        for transport, rows in r["served"].items():
+            xs = [row["concurrency"] for row in rows]
+            style = "-o" if transport == "rest" else "--s"
+            a.plot(xs, [row["throughput_rps"] for row in rows], style, label=f"{m} {transport}")
+            b.plot(xs, [row["p99_ms"] for row in rows], style, label=f"{m} {transport}")
+    for ax, title in ((a, "throughput (req/s)"), (b, "p99 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    b.set_yscale("log")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("bench", main))

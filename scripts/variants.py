@@ -1,0 +1,93 @@
+"""Parity and speed of each optimised variant against the eager model, on the test split.
+
+  python -m scripts.variants                      # every model, variant int8 (make variants)
+  python -m scripts.variants --models lstm
+
+For each model: test metrics (accuracy, or loss/BLEU for the translator) of the eager model and of
+the variant, the largest absolute difference of their outputs on a test batch, and the speed ratio
+of one batched forward at the model's batchSize. Writes bench/results/variants-<timestamp>.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import ROOT, run_cli
+
+MODELS = ("cnn", "lstm", "transformer")
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> dict:
+    from handlers.base import optimize
+    from models import build_model
+
+    from .bench import model_batch_size
+    from .data import load_dataset
+    from .train import TASKS, evaluate, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    args = argparse.Namespace(**ckpt["train_args"])
+    ds = load_dataset(model_name, args.data, seed=args.seed, limit=args.limit)
+    task = TASKS[model_name](ds, args, ckpt)
+    eager = build_model(model_name, ckpt["config"]).eval()
+    eager.load_state_dict(ckpt["state_dict"])
+    fast = optimize(copy.deepcopy(eager), variant, torch.device("cpu")).eval()
+
+    with torch.inference_mode():
+        m_eager, m_fast = evaluate(eager, task, "test", torch.device("cpu")), evaluate(fast, task, "test", torch.device("cpu"))
+        bs = model_batch_size(model_name)
+        batch = next(task.batches("test", bs, None))
+        if model_name == "transformer":
+            src = batch[0]
+            diff = (eager(src, batch[1][:, :-1]) - fast(src, batch[1][:, :-1])).abs().max().item()
+            t_eager = timed(lambda: eager.greedy_decode(src), repeats)
+            t_fast = timed(lambda: fast.greedy_decode(src), repeats)
+        else:
+            x = batch[0]
+            diff = (torch.softmax(eager(x), -1) - torch.softmax(fast(x), -1)).abs().max().item()
+            t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
+    return {"variant": variant, "batch_size": bs, "test_eager": m_eager, "test_variant": m_fast,
+            "max_abs_diff": diff, "eager_ms": 1000 * t_eager, "variant_ms": 1000 * t_fast,
+            "speedup": t_eager / t_fast}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
+    p.add_argument("--variant", choices=["int8"], default="int8", help="optimisation to compare (default: %(default)s)")
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="(default: checkpoints)")
+    p.add_argument("--repeats", type=int, default=20, help="timed forwards per model (default: %(default)s)")
+    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="(default: bench/results)")
+    args = p.parse_args(argv)
+    results = {m: compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats) for m in args.models}
+    lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup |",
+             "|---|---|---|---|---|---|"]
+    for m, r in results.items():
+        key = "bleu" if m == "transformer" else "accuracy"
+        lines.append(f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
+                     f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× |")
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = args.output / f"variants-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {stem}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli("variants", main))

@@ -1,0 +1,43 @@
+"""The benchmark and the variant comparison, run for real on tiny archives (figures go to files)."""
+import json
+
+import pytest
+
+from scripts import bench, variants
+
+pytestmark = pytest.mark.slow
+
+
+def test_percentile_and_queue_counters():
+    assert bench.percentile([5, 1, 3, 2, 4], 50) == 3 and bench.percentile([5, 1, 3, 2, 4], 99) == 5
+    text = ('# HELP ts_queue_latency_microseconds x\nts_queue_latency_microseconds{model_name="a",} 1500.0\n'
+            'ts_queue_latency_microseconds{model_name="b",} 500.0\nts_inference_requests_total{model_name="a",} 4.0\n')
+    assert bench.queue_counters(text) == (2000.0, 4.0)
+
+
+def test_a_tiny_bench_run_writes_its_figures(archive_store, tmp_path):
+    ckpts, store = archive_store
+    out = tmp_path / "results"
+    assert bench.main(["--models", "lstm", "--concurrency", "1", "3", "--requests", "12", "--transports", "rest", "grpc",
+                       "--model-store", str(store), "--checkpoints", str(ckpts), "--output", str(out), "--quick"]) == 0
+    [js] = out.glob("*.json")
+    result = json.loads(js.read_text())
+    lstm = result["models"]["lstm"]
+    for transport in ("rest", "grpc"):
+        rows = lstm["served"][transport]
+        assert [r["concurrency"] for r in rows] == [1, 3]
+        assert all(r["ok"] == 12 and r["errors"] == {} and r["p50_ms"] <= r["p99_ms"] for r in rows)
+    assert lstm["limit"]["16"]["handler_items_per_s"] > 0 and lstm["served_over_limit"] > 0
+    assert result["cold_start_s"] > 0 and result["rss_loaded"]["frontend_mib"] > 50
+    md = next(out.glob("*.md")).read_text()
+    assert "| lstm | grpc | 3 |" in md and next(out.glob("*.png")).stat().st_size > 10_000
+
+
+def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
+    ckpts = tiny_checkpoints["lstm"].parent.parent
+    assert variants.main(["--models", "lstm", "--checkpoints", str(ckpts), "--repeats", "2", "--output", str(tmp_path)]) == 0
+    [js] = tmp_path.glob("variants-*.json")
+    r = json.loads(js.read_text())["lstm"]
+    assert r["variant"] == "int8" and r["speedup"] > 0
+    assert abs(r["test_eager"]["accuracy"] - r["test_variant"]["accuracy"]) < 0.1  # int8 keeps the answers close
+    assert 0 < r["max_abs_diff"] < 0.2
