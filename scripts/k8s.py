@@ -115,6 +115,7 @@ VARIANTS = {  # value sets every check also covers, beside the defaults
     "url-source-keda": ["--set", "models.source.type=url", "--set", "models.source.url=https://models.example.com/v1",
                         "--set", "autoscaling.keda.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
                         "--set", "ingress.enabled=true", "--set", "metrics.dashboard.enabled=true"],
+    "queue-latency": ["--set", "autoscaling.metric=queueLatency"],
     "pvc-source-token-auth": ["--set", "models.source.type=pvc", "--set", "models.source.pvc.claimName=models",
                               "--set", "torchserve.tokenAuth=true", "--set", "autoscaling.enabled=false"],
 }

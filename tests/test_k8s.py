@@ -44,6 +44,7 @@ def test_every_offline_check_passes():
     (["gpu.count=-1"], "gpu.count"),
     (["autoscaling.maxReplica=3"], "maxReplica"),
     (["models.source.type=s3"], "models.source.type"),
+    (["autoscaling.targetRequestsPerSecond.cnn=0"], "targetRequestsPerSecond"),
 ])
 def test_schema_refuses_bad_values(values, message):
     cmd = [k8s_tool.tool("helm"), "lint", "--strict", str(k8s_tool.CHART), *[a for v in values for a in ("--set", v)]]
@@ -75,7 +76,10 @@ def test_rendered_defaults_are_safe_and_honest():
     assert "grpc_management_address=127.0.0.1" in conf and "metrics_mode=prometheus" in conf
     [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
-    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "torchserve_queue_latency_ms"
+    metrics = {m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]: m["pods"] for m in hpa["spec"]["metrics"]}
+    assert set(metrics) == {"cnn", "lstm", "transformer"}  # one rate per model; the busiest decides
+    assert all(m["metric"]["name"] == "torchserve_requests_per_second" and m["target"]["type"] == "AverageValue"
+               for m in metrics.values())
     assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     [pdb] = by_kind(docs, "PodDisruptionBudget")
@@ -96,7 +100,12 @@ def test_cpu_only_and_keda_variants():
     assert "nvidia.com/gpu" not in json.dumps(spec["containers"]) and "nodeSelector" not in spec
     assert by_kind(cpu, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     keda = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "autoscaling.keda.enabled=true")
-    assert by_kind(keda, "ScaledObject") and not by_kind(keda, "HorizontalPodAutoscaler")
+    [so] = by_kind(keda, "ScaledObject")
+    assert not by_kind(keda, "HorizontalPodAutoscaler") and len(so["spec"]["triggers"]) == 3
+    assert 'model_name="transformer"' in so["spec"]["triggers"][2]["metadata"]["query"]
+    queue = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "autoscaling.metric=queueLatency")
+    [hpa] = by_kind(queue, "HorizontalPodAutoscaler")
+    assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == ["torchserve_queue_latency_ms"]
     assert "replicas" not in by_kind(keda, "Deployment")[0]["spec"]
 
 
