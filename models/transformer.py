@@ -83,6 +83,7 @@ class Translator(nn.Module):
             y,
             memory,
             tgt_mask=causal,
+            tgt_is_causal=True,  # it is, by construction; saying so skips a data-dependent check (exportable)
             tgt_key_padding_mask=tgt == self.config.pad_id,
             memory_key_padding_mask=src_mask,
         )

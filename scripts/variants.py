@@ -5,7 +5,8 @@
 
 For each model: test metrics (accuracy, or loss/BLEU for the translator) of the eager model and of
 the variant, the largest absolute difference of their outputs on a test batch, and the speed ratio
-of one batched forward at the model's batchSize. Writes bench/results/variants-<timestamp>.json/.md.
+of one batched forward at the model's batchSize; and whether torch.export captures the forward (so
+other servers can run it), with its parity and speed. Writes bench/results/variants-<timestamp>.json/.md.
 """
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def try_export(model, example: tuple, repeats: int) -> dict:
+    """torch.export the model's forward: parity and speed of the exported program, or why not."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, example).module()
+    except Exception as e:  # export raises many types (Unsupported, GuardOnDataDependentSymNode, TypeError...)
+        return {"exportable": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    with torch.inference_mode():
+        diff = (model(*example) - program(*example)).abs().max().item()
+        t_eager, t_exported = timed(lambda: model(*example), repeats), timed(lambda: program(*example), repeats)
+    return {"exportable": True, "max_abs_diff": diff, "speedup": t_eager / t_exported}
+
+
 def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> dict:
     from handlers.base import optimize
     from models import build_model
@@ -51,6 +68,8 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
         m_eager, m_fast = evaluate(eager, task, "test", torch.device("cpu")), evaluate(fast, task, "test", torch.device("cpu"))
         bs = model_batch_size(model_name)
         batch = next(task.batches("test", bs, None))
+        example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
+        exported = try_export(eager, example, repeats)
         if model_name == "transformer":
             src = batch[0]
             diff = (eager(src, batch[1][:, :-1]) - fast(src, batch[1][:, :-1])).abs().max().item()
@@ -62,7 +81,7 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
             t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
     return {"variant": variant, "batch_size": bs, "test_eager": m_eager, "test_variant": m_fast,
             "max_abs_diff": diff, "eager_ms": 1000 * t_eager, "variant_ms": 1000 * t_fast,
-            "speedup": t_eager / t_fast}
+            "speedup": t_eager / t_fast, "export": exported}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,12 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="(default: bench/results)")
     args = p.parse_args(argv)
     results = {m: compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats) for m in args.models}
-    lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup | torch.export of forward |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         key = "bleu" if m == "transformer" else "accuracy"
         lines.append(f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
-                     f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× |")
+                     f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× | "
+                     + (f"yes, max diff {r['export']['max_abs_diff']:.1e}, {r['export']['speedup']:.2f}× eager |" if r["export"]["exportable"]
+                        else f"no: {r['export']['reason'][:90]} |"))
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"variants-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

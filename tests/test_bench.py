@@ -41,3 +41,5 @@ def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
     assert r["variant"] == "int8" and r["speedup"] > 0
     assert abs(r["test_eager"]["accuracy"] - r["test_variant"]["accuracy"]) < 0.1  # int8 keeps the answers close
     assert 0 < r["max_abs_diff"] < 0.2
+    export = r["export"]
+    assert (export["exportable"] and export["max_abs_diff"] < 1e-4) or (not export["exportable"] and export["reason"])
