@@ -216,3 +216,18 @@ def test_answers_are_utf8_json(handlers):
     raw = handler.handle([{"body": "God is love."}], ctx)[0]
     assert "\\u00" not in raw.decode("utf-8")
     assert ctx.get_response_content_type(0) == "application/json; charset=utf-8"
+
+
+def test_int8_handlers_answer_like_eager(tiny_checkpoints):
+    for model, body in (("lstm", "a warm and funny film"), ("transformer", "God is love.")):
+        eager, ctx = load_handler(model, tiny_checkpoints[model])
+        fast, ctx8 = load_handler(model, tiny_checkpoints[model], {"optimize": "int8"})
+        (a,), (sa,), _ = run_batch(eager, ctx, [{"body": body}])
+        (b,), (sb,), _ = run_batch(fast, ctx8, [{"body": body}])
+        assert sa[0] == sb[0] == 200
+        if model == "lstm":
+            assert a["label"] == b["label"] and abs(a["probabilities"]["fresh"] - b["probabilities"]["fresh"]) < 0.05
+        else:
+            assert isinstance(b["translation"], str)
+    with pytest.raises(ValueError, match="optimize must be none or int8"):
+        load_handler("lstm", tiny_checkpoints["lstm"], {"optimize": "fp4"})
