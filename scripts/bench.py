@@ -221,14 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "checkpoint_mib": e["checkpoint_size"] / 2**20}
 
     with tempfile.TemporaryDirectory() as tmp:
-        import socket
-
-        socks = [socket.socket() for _ in serve.PORTS]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = {k: s.getsockname()[1] for k, s in zip(serve.PORTS, socks)}
-        for s in socks:
-            s.close()
+        ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS))))
         cfg = serve.ServerConfig(run_dir=Path(tmp), model_store=args.model_store, ports=ports, models=args.models)
         t = time.perf_counter()
         serve.start(cfg)

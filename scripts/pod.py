@@ -102,6 +102,8 @@ def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: flo
 
 
 def _sha256_path(path: Path) -> str:
+    # scripts/common.py has the same helper; this file stays standard-library-only and standalone
+    # because the image runs it without the rest of the repository.
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

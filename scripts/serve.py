@@ -131,6 +131,18 @@ def running_pid(cfg: ServerConfig) -> int | None:
     return pid
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that are free on ``host`` right now (for test and bench servers)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def check_ports_free(cfg: ServerConfig) -> None:
     for name, port in cfg.ports.items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 
 import psutil
@@ -12,6 +11,7 @@ import torch
 from scripts import serve, train
 from scripts.client import Settings
 from scripts.inprocess import load_handler, make_context, run_batch  # noqa: F401 (re-exported for tests)
+from scripts.serve import free_ports  # noqa: F401 (re-exported for tests)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -62,16 +62,6 @@ def archive_store(tiny_checkpoints, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- a real TorchServe
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
 
 def server_config(run_dir, store, auth=True, models=None) -> serve.ServerConfig:
     return serve.ServerConfig(run_dir=run_dir, model_store=store, ports=dict(zip(serve.PORTS, free_ports(5))),
