@@ -15,11 +15,9 @@ Writes bench/results/<timestamp>.json, .md and .png (throughput and p99 vs concu
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time

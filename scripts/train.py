@@ -362,13 +362,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset: the --quick preset first, then the model's full-run defaults.
+
+    A flag given on the command line always wins, --quick or not."""
+    parser = get_args_parser()
+    if args.quick:
+        for key, value in QUICK[args.model].items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.quick:
-        for key, value in QUICK[args.model].items():
-            if key == "epochs" or getattr(args, key) in (None, get_args_parser().get_default(key)):
-                setattr(args, key, value)
     if args.output_dir is None:
         args.output_dir = ROOT / "checkpoints" / args.model
     for name in ("epochs", "batch_size", "lr", "limit", "max_tokens", "bleu_samples"):

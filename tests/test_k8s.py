@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from kubernetes import client as k8s
 
-from scripts import deploy, k8s as k8s_tool, pod
+from scripts import deploy, k8s as k8s_tool
 from scripts.client import Client
 from scripts.common import ROOT, CLIError
 from tests.conftest import settings

@@ -66,6 +66,16 @@ def test_resume_continues_from_last_and_refuses_another_model(tmp_path):
         train.main(["--model", "lstm", "--resume", str(out / "last.pt"), "--output-dir", str(tmp_path / "x")])
 
 
+def test_quick_fills_only_what_the_command_line_left_unset():
+    quick = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "lstm", "--quick"]))
+    assert (quick.epochs, quick.limit, quick.batch_size) == (2, 4000, 64)
+    mine = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "lstm", "--quick", "--epochs", "5",
+                                                                      "--limit", "300", "--bleu-samples", "7"]))
+    assert (mine.epochs, mine.limit, mine.bleu_samples) == (5, 300, 7)
+    full = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "transformer"]))
+    assert (full.epochs, full.limit, full.lr, full.bleu_samples) == (12, None, 7e-4, 500)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--model", "lstm", "--data", "/nonexistent/reviews.csv"], "train: error: /nonexistent/reviews.csv: file not found"),
