@@ -255,8 +255,11 @@ class CheckpointHandler(BaseHandler):
             context.set_response_content_type(i, "application/json; charset=utf-8")
         for i in range(len(data)):
             context.set_response_header(i, "X-Batch-Size", str(len(data)))
-        logger.info("batch_size=%d items=%d failed=%d ms=%.1f", len(data), len(items),
-                    len(data) - len(groups), 1000 * (time.perf_counter() - t0))
+        # Every worker stdout line is also parsed and logged by the frontend, so a clean batch is
+        # logged at DEBUG; one with refused requests shows at INFO.
+        failed = len(data) - len(groups)
+        logger.log(logging.INFO if failed else logging.DEBUG, "batch_size=%d items=%d failed=%d ms=%.1f",
+                   len(data), len(items), failed, 1000 * (time.perf_counter() - t0))
         return results
 
     @staticmethod

@@ -31,6 +31,7 @@ import yaml
 from .common import ROOT, CLIError, run_cli
 
 BASE_CONFIG = ROOT / "handlers" / "config" / "config.properties"
+LOG_CONFIG = ROOT / "handlers" / "config" / "log4j2.xml"
 PORTS = {  # name -> (default, config key, flag)
     "inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070, "grpc_management": 7071,
 }
@@ -211,7 +212,8 @@ def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]
     cfg.key_file.unlink(missing_ok=True)
     config = write_config(cfg, mars)
     cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--foreground",
-           "--model-store", str(cfg.model_store.resolve()), "--ts-config", str(config)]
+           "--model-store", str(cfg.model_store.resolve()), "--ts-config", str(config),
+           "--log-config", str(LOG_CONFIG)]
     if not cfg.auth:
         cmd.append("--disable-token-auth")
     out = open(cfg.log_dir / "torchserve.out", "ab")

@@ -90,6 +90,28 @@ def test_concurrent_requests_are_batched(server):
     assert max(size for _, size in results) > 1, "no request shared a batch"
 
 
+def test_the_frontend_uses_our_log_config_one_line_per_request(server):
+    """handlers/config/log4j2.xml: a broken file leaves TorchServe silently without logs, and
+    TorchServe's own config writes each request line three times."""
+    def lines(name):
+        path = server.log_dir / name
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+    before = sum("/predictions/lstm" in l for l in lines("access_log.log"))
+    with Client("rest", settings(server)) as c:
+        for i in range(5):
+            c.predict("lstm", f"log line {i}")
+    deadline = time.monotonic() + 5
+    while sum("/predictions/lstm" in l for l in lines("access_log.log")) < before + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sum("/predictions/lstm" in l for l in lines("access_log.log")) == before + 5
+    ts_log = lines("ts_log.log")
+    assert any("Initialize Inference server" in l for l in ts_log), ts_log[:5]
+    assert not [l for l in ts_log if "[DEBUG]" in l or "Sending response for jobId" in l or "ACCESS_LOG" in l]
+    assert not [l for l in lines("torchserve.out") if "ACCESS_LOG" in l or "[INFO ]" in l or "StatusLogger" in l]
+    assert any("W-" in l and "lstm" in l for l in lines("model_log.log")), "worker output not logged"
+
+
 # ----------------------------------------------------------------------------- auth
 
 def test_token_auth_is_on_rest_and_grpc(server):
