@@ -64,7 +64,7 @@ train-all: install ## train all three models with their full defaults
 train-quick: install ## seconds-long training of every model in MODELS (checkpoints/<model>/)
 	@for m in $(MODELS); do $(PY) -m scripts.train --model $$m --quick --no-progress $(ARGS) || exit 1; done
 
-archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0, VARIANT=int8), quick-training missing checkpoints
+archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0, VARIANT=int8|aoti), quick-training missing checkpoints
 	@$(PY) -m scripts.archive verify --model-store $(STORE) $(addprefix --model ,$(MODELS))
 
 $(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
@@ -74,9 +74,9 @@ $(STORE)/%.mar: $(CHECKPOINT_DIR)/%/checkpoint.pt handlers/config/%.yaml $(CODE)
 	$(PY) -m scripts.archive build --model $* --version $(VERSION) --checkpoint $< --export-path $(STORE) \
 	  $(if $(VARIANT),--optimize $(VARIANT))
 
-# Rewritten only when VERSION changes, so a new version rebuilds the archives and nothing else does.
+# Rewritten only when VERSION or VARIANT changes, so either rebuilds the archives and nothing else does.
 $(STORE)/.version: FORCE
-	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION)" ] || echo "$(VERSION)" > $@
+	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION) $(VARIANT)" ] || echo "$(VERSION) $(VARIANT)" > $@
 
 verify-archives: install ## recompute every archive's sha256 and size against model-store/manifest.json
 	$(PY) -m scripts.archive verify --model-store $(STORE)
@@ -125,8 +125,8 @@ undeploy: install ## delete what `make deploy` applied (keeps the namespace)
 bench: archive protos ## served vs in-process throughput and latency, cold start, RSS -> bench/results (BENCH=quick: ~1 min)
 	$(PY) -m scripts.bench $(if $(filter quick,$(BENCH)),--quick) --models $(MODELS) $(ARGS)
 
-variants: install ## accuracy/BLEU delta and speed of the int8 variant against eager, on the test split
-	$(PY) -m scripts.variants --models $(MODELS) $(ARGS)
+variants: install ## accuracy/BLEU delta and speed of a variant (VARIANT=int8, or aoti) against eager, on the test split
+	$(PY) -m scripts.variants --models $(MODELS) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
 
 demo: install protos ## the main job end to end: data -> quick training -> archive -> serve -> REST+gRPC predictions -> stop
 	$(PY) -m scripts.data

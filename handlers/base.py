@@ -25,6 +25,7 @@ from models import build_model
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1  # the format scripts/train.py writes
+AOTI_PACKAGE = "model.pt2"  # the compiled forward in an aoti archive (scripts/archive.py compile_aoti)
 # While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
 # describe-model shows queued requests but not the batch a worker is processing, and the
 # preStop drain (scripts/pod.py) must wait for both.
@@ -177,7 +178,7 @@ class CheckpointHandler(BaseHandler):
         self.model = build_model(self.model_name, ckpt["config"])
         self.model.load_state_dict(ckpt["state_dict"])
         self.model.to(self.device).eval()
-        self.model = optimize(self.model, cfg.get("optimize", "none"), self.device)
+        self.model = optimize(self.model, cfg.get("optimize", "none"), self.device, model_dir)
         self.setup(ckpt)
         self.initialized = True
         logger.info("%s: loaded %s on %s in %.2fs (options %s)", type(self).__name__, serialized,
@@ -269,11 +270,13 @@ class CheckpointHandler(BaseHandler):
         return _json(error_body(exc))
 
 
-def optimize(model: torch.nn.Module, how: str, device: torch.device) -> torch.nn.Module:
+def optimize(model: torch.nn.Module, how: str, device: torch.device, model_dir: str | None = None) -> torch.nn.Module:
     """The archive's optimisation variant (model-config.yaml `handler.optimize`).
 
     int8: dynamic int8 quantisation of Linear and LSTM weights (activations quantised on the fly),
-    CPU only; scripts/variants.py measures its accuracy/BLEU delta and speed ratio against eager.
+    CPU only. aoti: the forward compiled ahead of time by AOTInductor into the archive's
+    model.pt2 (make archive VARIANT=aoti), for the CPU it was built on. scripts/variants.py
+    measures each one's accuracy/BLEU delta and speed ratio against eager.
     """
     if how == "none":
         return model
@@ -290,7 +293,25 @@ def optimize(model: torch.nn.Module, how: str, device: torch.device) -> torch.nn
         with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated
             warnings.simplefilter("ignore", UserWarning)
             return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
-    raise ValueError(f"optimize must be none or int8, got {how!r}")
+    if how == "aoti":
+        if device.type != "cpu":
+            raise ValueError("optimize: aoti archives hold code compiled for a CPU; on CUDA use cuda_dtype: bfloat16 or float16")
+        path = os.path.join(model_dir or ".", AOTI_PACKAGE)
+        if not os.path.isfile(path):
+            raise ValueError(f"optimize: aoti needs {AOTI_PACKAGE} in the archive; build it with make archive VARIANT=aoti")
+        return CompiledForward(torch._inductor.aoti_load_package(path))
+    raise ValueError(f"optimize must be none, int8 or aoti, got {how!r}")
+
+
+class CompiledForward(torch.nn.Module):
+    """An AOTInductor-compiled forward in the place of the eager model (forward only)."""
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(x)
 
 
 def _json(answer: Any) -> bytes:

@@ -8,6 +8,11 @@
 `handlers` packages and handlers/config/<model>.yaml, then normalises the zip so the same inputs
 give byte-identical archives: entries sorted, fixed timestamps and permissions, and MANIFEST.json's
 createdOn taken from SOURCE_DATE_EPOCH or else from the checkpoint's own creation time.
+
+`--optimize aoti` (make archive VARIANT=aoti, cnn only) also compiles the forward with AOTInductor
+into the archive's model.pt2: native code for the CPU it was built on (a C++ compiler is needed,
+about 40 s), so build it on the kind of host that serves it. The same host and toolchain give the
+same bytes.
 """
 from __future__ import annotations
 
@@ -86,6 +91,29 @@ def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
     return out
 
 
+def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
+    """AOTInductor-compile the model's forward, batch size dynamic, into ``dest`` (a .pt2 package)."""
+    import warnings
+
+    import torch
+
+    from models import build_model
+
+    if model_name != "cnn":
+        raise CLIError(f"optimize aoti: only the cnn's forward answers requests; {model_name} "
+                       + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step"))
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        raise CLIError("optimize aoti: AOTInductor needs a C++ compiler (apt-get install g++)")
+    model = build_model(model_name, ckpt["config"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    size = ckpt["preprocess"]["image_size"]
+    example = (torch.zeros(4, 1, size, size),)
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+        return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(dest)))
+
+
 def build(model: str, checkpoint: Path, version: str, export: Path, config: Path, optimize: str | None = None) -> dict:
     from .train import load_checkpoint
 
@@ -106,6 +134,10 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         extra = stage_packages(stage)
         if optimize:
             config = variant_config(config, optimize, Path(tmp))
+        if (optimize or _config_optimize(config)) == "aoti":
+            from handlers.base import AOTI_PACKAGE
+
+            compile_aoti(model, ckpt, stage / AOTI_PACKAGE)
         cmd = [archiver, "--model-name", model, "--version", version,
                "--serialized-file", str(checkpoint), "--handler", str(stage / "handlers" / HANDLERS[model]),
                "--extra-files", str(extra), "--config-file", str(config),
@@ -204,7 +236,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--version", default="1.0", help="model version in the archive (default: %(default)s)")
     b.add_argument("--export-path", type=Path, default=ROOT / "model-store", help="output folder (default: model-store)")
     b.add_argument("--config", type=Path, default=None, help="model-config.yaml (default: handlers/config/<model>.yaml)")
-    b.add_argument("--optimize", choices=["none", "int8"], default=None,
+    b.add_argument("--optimize", choices=["none", "int8", "aoti"], default=None,
                    help="optimisation variant written into the archive's config (default: the config's own, none)")
     v = sub.add_parser("verify", help="recompute sha256 and sizes against manifest.json")
     v.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="folder with the archives (default: model-store)")

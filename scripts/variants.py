@@ -2,6 +2,7 @@
 
   python -m scripts.variants                      # every model, variant int8 (make variants)
   python -m scripts.variants --models lstm
+  python -m scripts.variants --variant aoti       # AOTInductor-compiled forward (cnn; make variants VARIANT=aoti)
 
 For each model: test metrics (accuracy, or loss/BLEU for the translator) of the eager model and of
 the variant, the largest absolute difference of their outputs on a test batch, and the speed ratio
@@ -14,12 +15,13 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from .common import ROOT, run_cli
+from .common import ROOT, CLIError, run_cli
 
 MODELS = ("cnn", "lstm", "transformer")
 
@@ -49,9 +51,10 @@ def try_export(model, example: tuple, repeats: int) -> dict:
 
 
 def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> dict:
-    from handlers.base import optimize
+    from handlers.base import AOTI_PACKAGE, optimize
     from models import build_model
 
+    from .archive import compile_aoti
     from .bench import model_batch_size
     from .data import load_dataset
     from .train import TASKS, evaluate, load_checkpoint
@@ -62,24 +65,29 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     task = TASKS[model_name](ds, args, ckpt)
     eager = build_model(model_name, ckpt["config"]).eval()
     eager.load_state_dict(ckpt["state_dict"])
-    fast = optimize(copy.deepcopy(eager), variant, torch.device("cpu")).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        if variant == "aoti":  # what make archive VARIANT=aoti puts in the archive
+            compile_aoti(model_name, ckpt, Path(tmp) / AOTI_PACKAGE)
+        build_s = time.perf_counter() - t
+        fast = optimize(copy.deepcopy(eager), variant, torch.device("cpu"), tmp).eval()
 
-    with torch.inference_mode():
-        m_eager, m_fast = evaluate(eager, task, "test", torch.device("cpu")), evaluate(fast, task, "test", torch.device("cpu"))
-        bs = model_batch_size(model_name)
-        batch = next(task.batches("test", bs, None))
-        example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
-        exported = try_export(eager, example, repeats)
-        if model_name == "transformer":
-            src = batch[0]
-            diff = (eager(src, batch[1][:, :-1]) - fast(src, batch[1][:, :-1])).abs().max().item()
-            t_eager = timed(lambda: eager.greedy_decode(src), repeats)
-            t_fast = timed(lambda: fast.greedy_decode(src), repeats)
-        else:
-            x = batch[0]
-            diff = (torch.softmax(eager(x), -1) - torch.softmax(fast(x), -1)).abs().max().item()
-            t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
-    return {"variant": variant, "batch_size": bs, "test_eager": m_eager, "test_variant": m_fast,
+        with torch.inference_mode():
+            m_eager, m_fast = evaluate(eager, task, "test", torch.device("cpu")), evaluate(fast, task, "test", torch.device("cpu"))
+            bs = model_batch_size(model_name)
+            batch = next(task.batches("test", bs, None))
+            example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
+            exported = try_export(eager, example, repeats)
+            if model_name == "transformer":
+                src = batch[0]
+                diff = (eager(src, batch[1][:, :-1]) - fast(src, batch[1][:, :-1])).abs().max().item()
+                t_eager = timed(lambda: eager.greedy_decode(src), repeats)
+                t_fast = timed(lambda: fast.greedy_decode(src), repeats)
+            else:
+                x = batch[0]
+                diff = (torch.softmax(eager(x), -1) - torch.softmax(fast(x), -1)).abs().max().item()
+                t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
+    return {"variant": variant, "batch_size": bs, "build_s": build_s, "test_eager": m_eager, "test_variant": m_fast,
             "max_abs_diff": diff, "eager_ms": 1000 * t_eager, "variant_ms": 1000 * t_fast,
             "speedup": t_eager / t_fast, "export": exported}
 
@@ -87,15 +95,23 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
-    p.add_argument("--variant", choices=["int8"], default="int8", help="optimisation to compare (default: %(default)s)")
+    p.add_argument("--variant", choices=["int8", "aoti"], default="int8", help="optimisation to compare (default: %(default)s)")
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="(default: checkpoints)")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="(default: bench/results)")
     args = p.parse_args(argv)
-    results = {m: compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats) for m in args.models}
+    results = {}
+    for m in args.models:
+        try:
+            results[m] = compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats)
+        except CLIError as e:  # a variant that does not apply to this model (aoti: the cnn only)
+            results[m] = {"variant": args.variant, "not_applicable": str(e)}
     lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup | torch.export of forward |",
              "|---|---|---|---|---|---|---|"]
     for m, r in results.items():
+        if "not_applicable" in r:
+            lines.append(f"| {m} | {r['variant']} | not applicable: {r['not_applicable']} | | | | |")
+            continue
         key = "bleu" if m == "transformer" else "accuracy"
         lines.append(f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
                      f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× | "

@@ -1,12 +1,15 @@
 """Shared fixtures. Tests run on 2 loaded cores: one torch thread keeps them fast and repeatable."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 
+import numpy as np
 import psutil
 import pytest
 import torch
+from PIL import Image
 
 from scripts import serve, train
 from scripts.client import Settings
@@ -18,6 +21,13 @@ from scripts.serve import free_ports  # noqa: F401 (re-exported for tests)
 def _one_thread():
     torch.set_num_threads(1)
     yield
+
+
+def png(pixels: np.ndarray, mode: str = "L") -> bytes:
+    """An image as PNG bytes, the way a client sends it."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def tiny_train(model: str, out, *extra: str) -> dict:

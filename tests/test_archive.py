@@ -55,6 +55,45 @@ def test_a_new_version_rebuilds(store, tmp_path):
     assert entry["size"] > entry["checkpoint_size"] * 0.5 and entry["metrics"]["accuracy"] >= 0
 
 
+def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store, tmp_path):
+    """make archive VARIANT=aoti: the forward compiled by AOTInductor (a real C++ build, ~40 s)."""
+    from scripts.data import load_dataset
+    from tests.conftest import load_handler, png, run_batch
+
+    ckpts, src = store
+    out = tmp_path / "store"
+    shutil.copytree(src, out)
+    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn", "VARIANT=aoti")
+    assert proc.returncode == 0 and "--optimize aoti" in proc.stdout, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["archives"]["cnn"]["optimize"] == "aoti"
+    with zipfile.ZipFile(out / "cnn.mar") as z:
+        z.extractall(tmp_path / "cnn")
+    x, _ = load_dataset("cnn").take("test")
+    bodies = [{"body": png(x[i])} for i in range(5)]
+    eager, ctx = load_handler("cnn", ckpts / "cnn" / "checkpoint.pt")
+    fast, ctx_fast = load_handler("cnn", tmp_path / "cnn" / "checkpoint.pt", {"optimize": "aoti"})
+    assert type(fast.model).__name__ == "CompiledForward"
+    a, sa, _ = run_batch(eager, ctx, bodies)
+    b, sb, _ = run_batch(fast, ctx_fast, bodies)
+    assert [s for s, _ in sa] == [s for s, _ in sb] == [200] * 5
+    for ea, fa in zip(a, b):
+        assert list(ea) == list(fa) and max(abs(ea[k] - fa[k]) for k in ea) < 1e-4, (ea, fa)
+    # Back to no variant: rebuilt as the eager archive, byte for byte.
+    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn").returncode == 0
+    assert sha256_file(out / "cnn.mar") == sha256_file(src / "cnn.mar")
+
+
+def test_aoti_is_refused_where_it_cannot_work(store, tmp_path):
+    from scripts.common import CLIError
+    from tests.conftest import load_handler
+
+    ckpts, _ = store
+    with pytest.raises(CLIError, match="only the cnn's forward answers requests; lstm does not export"):
+        archive.build("lstm", ckpts / "lstm" / "checkpoint.pt", "1.0", tmp_path / "s", archive.ROOT / "handlers" / "config" / "lstm.yaml", "aoti")
+    with pytest.raises(ValueError, match="aoti needs model.pt2 in the archive"):
+        load_handler("cnn", ckpts / "cnn" / "checkpoint.pt", {"optimize": "aoti"})
+
+
 def test_verify_refuses_a_flipped_byte_and_a_truncated_archive(store, tmp_path):
     _, src = store
     shutil.copytree(src, tmp_path / "s")

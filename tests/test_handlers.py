@@ -12,16 +12,10 @@ from models import build_model
 from models.image import normalize
 from models.text import Vocab, pad_batch
 from scripts.data import load_dataset
-from tests.conftest import load_handler, run_batch
+from tests.conftest import load_handler, png, run_batch
 
 pytestmark = pytest.mark.slow
 TOL = dict(rtol=0, atol=1e-5)  # probabilities are rounded to 6 decimals in the answers
-
-
-def png(pixels: np.ndarray, mode: str = "L") -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def direct_model(path):
@@ -229,5 +223,5 @@ def test_int8_handlers_answer_like_eager(tiny_checkpoints):
             assert a["label"] == b["label"] and abs(a["probabilities"]["fresh"] - b["probabilities"]["fresh"]) < 0.05
         else:
             assert isinstance(b["translation"], str)
-    with pytest.raises(ValueError, match="optimize must be none or int8"):
+    with pytest.raises(ValueError, match="optimize must be none, int8 or aoti"):
         load_handler("lstm", tiny_checkpoints["lstm"], {"optimize": "fp4"})

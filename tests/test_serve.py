@@ -9,7 +9,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,7 +16,7 @@ from scripts import serve
 from scripts.client import BadInput, Client, ModelNotFound, Overloaded, RestTransport, ServerError, Timeout, Unauthorized
 from scripts.common import ROOT, CLIError
 from scripts.data import load_dataset
-from tests.conftest import free_ports, load_handler, run_batch, server_config, settings
+from tests.conftest import free_ports, load_handler, png, run_batch, server_config, settings
 
 pytestmark = pytest.mark.slow
 
@@ -26,12 +25,6 @@ pytestmark = pytest.mark.slow
 def client(request, server):
     with Client(request.param, settings(server)) as c:
         yield c
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
