@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="about a minute: fewer levels and requests (default: off)")
     p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default: 1 4 16 64; quick: 1 8)")
-    p.add_argument("--requests", type=int, default=None, help="requests per level (default: 300; quick: 40)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per level (default: 300 and at least 20 per client, so ramp-up and ramp-down "
+                        "are a small part of each level; quick: 40 and at least 10 per client)")
     p.add_argument("--transports", nargs="+", default=["rest", "grpc"], help="(default: rest grpc)")
     p.add_argument("--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)")
     p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="archives (default: model-store)")
@@ -193,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
-    n_requests = args.requests or (40 if args.quick else 300)
+    def n_requests(level: int) -> int:
+        if args.requests:
+            return args.requests
+        return max(40, 10 * level) if args.quick else max(300, 20 * level)
+
     repeats = 5 if args.quick else 20
     warmup = 20 if args.quick else 100
 
@@ -206,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
               "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
                           "torch": str(torch.__version__), "cuda": torch.cuda.is_available()},
-              "levels": levels, "requests_per_level": n_requests, "slo_ms": args.slo_ms, "models": {}}
+              "levels": levels, "requests_per_level": {level: n_requests(level) for level in levels}, "slo_ms": args.slo_ms, "models": {}}
     inputs = {m: test_inputs(m, 64) for m in args.models}
 
     # Archive build time, into a scratch store (the real one is what we serve).
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         for level in levels:
                             q0, r0 = queue_counters(c.metrics())
                             cpu0 = cpu_seconds(serve.running_pid(cfg))
-                            row = run_level(load, m, inputs[m], level, n_requests)
+                            row = run_level(load, m, inputs[m], level, n_requests(level))
                             cpu1 = cpu_seconds(serve.running_pid(cfg))
                             q1, r1 = queue_counters(c.metrics())
                             row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
