@@ -125,7 +125,7 @@ undeploy: install ## delete what `make deploy` applied (keeps the namespace)
 bench: archive protos ## served vs in-process throughput and latency, cold start, RSS -> bench/results (BENCH=quick: ~1 min)
 	$(PY) -m scripts.bench $(if $(filter quick,$(BENCH)),--quick) --models $(MODELS) $(ARGS)
 
-variants: install ## accuracy/BLEU delta and speed of a variant (VARIANT=int8, or aoti) against eager, on the test split
+variants: install ## accuracy/BLEU delta and speed of a variant (VARIANT=int8, aoti, bfloat16, float16) against eager, on the test split
 	$(PY) -m scripts.variants --models $(MODELS) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)
 
 demo: install protos ## the main job end to end: data -> quick training -> archive -> serve -> REST+gRPC predictions -> stop

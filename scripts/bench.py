@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
+
     def n_requests(level: int) -> int:
         if args.requests:
             return args.requests

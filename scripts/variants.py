@@ -3,6 +3,7 @@
   python -m scripts.variants                      # every model, variant int8 (make variants)
   python -m scripts.variants --models lstm
   python -m scripts.variants --variant aoti       # AOTInductor-compiled forward (cnn; make variants VARIANT=aoti)
+  python -m scripts.variants --variant bfloat16   # autocast as the handlers' cuda_dtype does (CUDA hosts)
 
 For each model: test metrics (accuracy, or loss/BLEU for the translator) of the eager model and of
 the variant, the largest absolute difference of their outputs on a test batch, and the speed ratio
@@ -24,13 +25,33 @@ import torch
 from .common import ROOT, CLIError, run_cli
 
 MODELS = ("cnn", "lstm", "transformer")
+CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # handler option cuda_dtype
+
+
+class Autocast(torch.nn.Module):
+    """The model under autocast to ``dtype``, as the handlers run it with cuda_dtype on CUDA."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, device_type: str = "cuda"):
+        super().__init__()
+        self.model, self.dtype, self.device_type = model, dtype, device_type
+
+    def forward(self, *args):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(*args).float()
+
+    def greedy_decode(self, *args, **kwargs):
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model.greedy_decode(*args, **kwargs)
 
 
 def timed(fn, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
+    sync()
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
+    sync()
     return (time.perf_counter() - t) / repeats
 
 
@@ -57,25 +78,35 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     from .archive import compile_aoti
     from .bench import model_batch_size
     from .data import load_dataset
-    from .train import TASKS, evaluate, load_checkpoint
+    from .train import TASKS, load_checkpoint
 
+    device = torch.device("cpu")
+    if variant in CUDA_DTYPES:
+        if not torch.cuda.is_available():
+            raise CLIError(f"{variant}: the handlers autocast only on CUDA, and this host has no GPU")
+        device = torch.device("cuda")
     ckpt = load_checkpoint(checkpoint)
     args = argparse.Namespace(**ckpt["train_args"])
     ds = load_dataset(model_name, args.data, seed=args.seed, limit=args.limit)
     task = TASKS[model_name](ds, args, ckpt)
     eager = build_model(model_name, ckpt["config"]).eval()
     eager.load_state_dict(ckpt["state_dict"])
+    eager.to(device)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         if variant == "aoti":  # what make archive VARIANT=aoti puts in the archive
             compile_aoti(model_name, ckpt, Path(tmp) / AOTI_PACKAGE)
         build_s = time.perf_counter() - t
-        fast = optimize(copy.deepcopy(eager), variant, torch.device("cpu"), tmp).eval()
+        if variant in CUDA_DTYPES:
+            fast = Autocast(eager, CUDA_DTYPES[variant])
+        else:
+            fast = optimize(copy.deepcopy(eager), variant, device, tmp).eval()
 
         with torch.inference_mode():
-            m_eager, m_fast = evaluate(eager, task, "test", torch.device("cpu")), evaluate(fast, task, "test", torch.device("cpu"))
+            # task.evaluate, not train.evaluate: that one autocasts on CUDA, and eager must stay float32
+            m_eager, m_fast = task.evaluate(eager, "test", device), task.evaluate(fast, "test", device)
             bs = model_batch_size(model_name)
-            batch = next(task.batches("test", bs, None))
+            batch = [t.to(device) for t in next(task.batches("test", bs, None))]
             example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
             exported = try_export(eager, example, repeats)
             if model_name == "transformer":
@@ -95,7 +126,8 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
-    p.add_argument("--variant", choices=["int8", "aoti"], default="int8", help="optimisation to compare (default: %(default)s)")
+    p.add_argument("--variant", choices=["int8", "aoti", *CUDA_DTYPES], default="int8",
+                   help="optimisation to compare; bfloat16/float16 need CUDA (default: %(default)s)")
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="(default: checkpoints)")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="(default: bench/results)")
@@ -104,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in args.models:
         try:
             results[m] = compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats)
-        except CLIError as e:  # a variant that does not apply to this model (aoti: the cnn only)
+        except CLIError as e:  # a variant that does not apply here (aoti: the cnn only; autocast: CUDA only)
             results[m] = {"variant": args.variant, "not_applicable": str(e)}
     lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup | torch.export of forward |",
              "|---|---|---|---|---|---|---|"]

@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
 
-from scripts import bench, variants
+from models import build_model
+from scripts import bench, train, variants
 
 pytestmark = pytest.mark.slow
 
@@ -43,3 +45,23 @@ def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
     assert 0 < r["max_abs_diff"] < 0.2
     export = r["export"]
     assert (export["exportable"] and export["max_abs_diff"] < 1e-4) or (not export["exportable"] and export["reason"])
+
+
+def test_autocast_variants_are_refused_without_cuda_and_the_wrapper_keeps_the_answers(tiny_checkpoints, tmp_path):
+    ckpts = tiny_checkpoints["cnn"].parent.parent
+    assert variants.main(["--models", "cnn", "--variant", "bfloat16", "--checkpoints", str(ckpts), "--output", str(tmp_path)]) == 0
+    [js] = tmp_path.glob("variants-*.json")
+    r = json.loads(js.read_text())["cnn"]
+    if torch.cuda.is_available():
+        assert r["speedup"] > 0 and abs(r["test_eager"]["accuracy"] - r["test_variant"]["accuracy"]) < 0.05
+    else:
+        assert "no GPU" in r["not_applicable"]
+    # The wrapper itself, on CPU (autocast works there too): float32 out, the same predictions.
+    ckpt = train.load_checkpoint(tiny_checkpoints["cnn"])
+    model = build_model("cnn", ckpt["config"]).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        eager, bf16 = model(x), variants.Autocast(model, torch.bfloat16, "cpu")(x)
+    assert bf16.dtype == torch.float32 and (eager.argmax(-1) == bf16.argmax(-1)).float().mean() >= 0.75
+    assert (eager - bf16).abs().max() < 0.5
