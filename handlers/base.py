@@ -136,6 +136,11 @@ class CheckpointHandler(BaseHandler):
 
     model_name: str = ""  # the checkpoint's model_name this handler serves
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
+    common_defaults: dict[str, Any] = {  # options every handler takes
+        "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
+        "optimize": "none",  # none, int8 (CPU: dynamic quantisation of Linear/LSTM weights) or aoti
+        "threads": 0,  # torch intra-op threads per worker; 0 leaves torch's default (one per core)
+    }
 
     def initialize(self, context) -> None:
         try:
@@ -150,12 +155,18 @@ class CheckpointHandler(BaseHandler):
         self.context = context
         props = context.system_properties
         model_dir = props.get("model_dir") or "."
-        cfg = dict(self.defaults)
+        defaults = {**self.common_defaults, **self.defaults}
+        cfg = dict(defaults)
         cfg.update((context.model_yaml_config or {}).get("handler") or {})
-        unknown = set(cfg) - set(self.defaults)
+        unknown = set(cfg) - set(defaults)
         if unknown:
             raise ValueError(f"unknown handler options in model-config.yaml: {sorted(unknown)}")
         self.options = cfg
+        threads = cfg["threads"]
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+            raise ValueError(f"handler option threads must be an integer >= 0, got {threads!r}")
+        if threads:
+            torch.set_num_threads(threads)
 
         gpu_id = props.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():

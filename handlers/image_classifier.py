@@ -25,8 +25,6 @@ class ImageClassifierHandler(CheckpointHandler):
         "max_bytes": 10 * 1024 * 1024,  # encoded image size limit
         "max_pixels": 4096 * 4096,  # decoded size limit: refuses decompression bombs before decoding
         "invert_light": True,  # invert dark-on-light images to MNIST's light-on-dark
-        "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
-        "optimize": "none",  # none, or int8 (CPU: dynamic quantisation of Linear/LSTM weights)
     }
 
     def setup(self, ckpt: dict) -> None:

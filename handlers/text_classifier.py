@@ -18,8 +18,6 @@ class TextClassifierHandler(CheckpointHandler):
     defaults = {
         "max_chars": 5000,  # longer text gets 413; the model reads at most the checkpoint's max_tokens
         "max_texts": 64,  # texts in one request's list
-        "cuda_dtype": "float32",
-        "optimize": "none",  # none, or int8 (CPU: dynamic quantisation of Linear/LSTM weights)
     }
 
     def setup(self, ckpt: dict) -> None:

@@ -18,8 +18,6 @@ class TranslatorHandler(CheckpointHandler):
         "max_chars": 1000,  # longer text gets 413
         "max_texts": 16,  # texts in one request's list
         "max_length": None,  # default output tokens; None = the model's limit
-        "cuda_dtype": "float32",
-        "optimize": "none",  # none, or int8 (CPU: dynamic quantisation of Linear/LSTM weights)
     }
 
     def setup(self, ckpt: dict) -> None:

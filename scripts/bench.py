@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -126,9 +127,22 @@ def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: li
     """Items/s and ms per batch of the raw batched forward and of the whole handler path."""
     import torch
 
-    from .inprocess import load_handler, run_batch
+    from .inprocess import load_handler
 
-    handler, ctx = load_handler(model, checkpoint)
+    # The limit gets every core, however the served workers split them (handler option threads).
+    threads = torch.get_num_threads()
+    handler, ctx = load_handler(model, checkpoint, {"threads": os.cpu_count() or 1})
+    try:
+        return _limit(handler, ctx, inputs, batch_sizes, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> dict:
+    import torch
+
+    from .inprocess import run_batch
+
     out = {}
     for bs in batch_sizes:
         reqs = [{"body": inputs[i % len(inputs)]} for i in range(bs)]
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
-              "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "torch": str(torch.__version__), "cuda": torch.cuda.is_available()},
               "levels": levels, "requests_per_level": {level: n_requests(level) for level in levels}, "slo_ms": args.slo_ms, "models": {}}
     inputs = {m: test_inputs(m, 64) for m in args.models}

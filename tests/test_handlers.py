@@ -225,3 +225,17 @@ def test_int8_handlers_answer_like_eager(tiny_checkpoints):
             assert isinstance(b["translation"], str)
     with pytest.raises(ValueError, match="optimize must be none, int8 or aoti"):
         load_handler("lstm", tiny_checkpoints["lstm"], {"optimize": "fp4"})
+
+
+def test_the_threads_option_sets_torch_threads_and_refuses_bad_values(tiny_checkpoints):
+    before = torch.get_num_threads()
+    try:
+        load_handler("lstm", tiny_checkpoints["lstm"], {"threads": 3})
+        assert torch.get_num_threads() == 3
+        load_handler("lstm", tiny_checkpoints["lstm"], {"threads": 0})  # 0 leaves the count alone
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    for bad in (-1, "2", True, 1.5):
+        with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+            load_handler("lstm", tiny_checkpoints["lstm"], {"threads": bad})
