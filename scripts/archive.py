@@ -91,6 +91,15 @@ def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
     return out
 
 
+def check_aoti(model_name: str) -> None:
+    """Refuse the aoti variant where it can't be built, before any work is done."""
+    if model_name != "cnn":
+        raise CLIError(f"optimize aoti: only the cnn's forward answers requests; {model_name} "
+                       + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step"))
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        raise CLIError("optimize aoti: AOTInductor needs a C++ compiler (apt-get install g++)")
+
+
 def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
     """AOTInductor-compile the model's forward, batch size dynamic, into ``dest`` (a .pt2 package)."""
     import warnings
@@ -99,11 +108,7 @@ def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
 
     from models import build_model
 
-    if model_name != "cnn":
-        raise CLIError(f"optimize aoti: only the cnn's forward answers requests; {model_name} "
-                       + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step"))
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        raise CLIError("optimize aoti: AOTInductor needs a C++ compiler (apt-get install g++)")
+    check_aoti(model_name)
     model = build_model(model_name, ckpt["config"]).eval()
     model.load_state_dict(ckpt["state_dict"])
     size = ckpt["preprocess"]["image_size"]
@@ -127,6 +132,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which("torch-model-archiver")
     if archiver is None:
         raise CLIError("torch-model-archiver not found; run `make install`")
+    variant = optimize or _config_optimize(config)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
         stage, out = Path(tmp) / "stage", Path(tmp) / "out"
@@ -134,7 +140,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         extra = stage_packages(stage)
         if optimize:
             config = variant_config(config, optimize, Path(tmp))
-        if (optimize or _config_optimize(config)) == "aoti":
+        if variant == "aoti":
             from handlers.base import AOTI_PACKAGE
 
             compile_aoti(model, ckpt, stage / AOTI_PACKAGE)
@@ -157,7 +163,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         "checkpoint_sha256": sha256_file(checkpoint),
         "checkpoint_size": checkpoint.stat().st_size,
         "handler": HANDLERS[model],
-        "optimize": optimize or _config_optimize(config),
+        "optimize": variant,
         "metrics": ckpt["metrics"]["test"],
         "data_fingerprint": ckpt["data"]["fingerprint"],
         "versions": {"torch": ckpt["versions"]["torch"],

@@ -75,11 +75,13 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     from handlers.base import AOTI_PACKAGE, optimize
     from models import build_model
 
-    from .archive import compile_aoti
+    from .archive import check_aoti, compile_aoti
     from .bench import model_batch_size
     from .data import load_dataset
     from .train import TASKS, load_checkpoint
 
+    if variant == "aoti":
+        check_aoti(model_name)
     device = torch.device("cpu")
     if variant in CUDA_DTYPES:
         if not torch.cuda.is_available():
