@@ -30,7 +30,10 @@ import yaml
 
 from .common import ROOT, CLIError, run_cli
 
-BASE_CONFIG = ROOT / "handlers" / "config" / "config.properties"
+# TorchServe's settings, shared with the chart (its ConfigMap renders the same file), so what
+# `make serve` and `make bench` run is what the pods run. This tool overrides addresses, the model
+# store, the models and auth only.
+BASE_CONFIG = ROOT / "k8s" / "chart" / "files" / "config.properties"
 LOG_CONFIG = ROOT / "handlers" / "config" / "log4j2.xml"
 PORTS = {  # name -> (default, config key, flag)
     "inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070, "grpc_management": 7071,
