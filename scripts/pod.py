@@ -1,5 +1,6 @@
 """What runs inside a TorchServe pod besides the server: fetch+verify, readiness, drain.
 
+  python pod.py serve -- --model-store /model-store --ts-config config.properties   # the container's main process
   python pod.py fetch --source https://bucket.example/models/v1 --dest /model-store [--models cnn lstm]
   python pod.py fetch --source /mnt/pvc/model-store --dest /model-store
   python pod.py ready                     # exit 0 only when every model has a READY worker
@@ -17,9 +18,12 @@ serves an archive it could not verify.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -157,11 +161,32 @@ def ready(url: str = MANAGEMENT, expected: list[str] | None = None, timeout: flo
         return [f"management API at {url} not answering ({getattr(e, 'reason', e)})"]
 
 
+def busy_workers(busy_dir: str | None = BUSY_DIR) -> int:
+    """Workers running a batch: busy files whose worker process is still alive.
+
+    A worker killed mid-batch never removes its file; such a file names a dead PID and is removed
+    here, so it cannot hold every later drain for its whole timeout."""
+    if not busy_dir:
+        return 0
+    alive = 0
+    for path in Path(busy_dir).glob("torchserve-busy-*"):
+        try:
+            os.kill(int(path.name.rsplit("-", 1)[1]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            continue
+        except PermissionError:
+            pass  # alive, owned by another user
+        alive += 1
+    return alive
+
+
 def in_flight(states: dict[str, list[dict]]) -> int:
     """Queued requests (describe-model) plus workers busy with a batch (their busy files)."""
     queued = sum(v.get("jobQueueStatus", {}).get("pendingRequests", 0) for vs in states.values() for v in vs)
-    busy = len(list(Path(BUSY_DIR).glob("torchserve-busy-*"))) if BUSY_DIR else 0
-    return queued + busy
+    return queued + busy_workers()
 
 
 def drain(url: str = MANAGEMENT, timeout: float = 60.0, settle: float = 5.0, poll: float = 0.5) -> tuple[bool, int]:
@@ -173,6 +198,10 @@ def drain(url: str = MANAGEMENT, timeout: float = 60.0, settle: float = 5.0, pol
     while time.monotonic() < deadline:
         try:
             pending = in_flight(model_states(url))
+        except urllib.error.HTTPError as e:
+            # The server answers but refuses us (an expired or rejected key): requests may be
+            # running, so this proves nothing; keep waiting on the busy files alone.
+            pending = max(busy_workers(), 1) if e.code >= 400 else 0
         except (urllib.error.URLError, OSError, ValueError):
             return True, 0  # the server is already gone: nothing left in flight
         quiet = quiet + 1 if pending == 0 else 0
@@ -180,6 +209,76 @@ def drain(url: str = MANAGEMENT, timeout: float = 60.0, settle: float = 5.0, pol
             return True, 0
         time.sleep(poll)
     return False, pending
+
+
+# ----------------------------------------------------------------------------- the server process
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def clear_stale_state(busy_dir: str | None = BUSY_DIR) -> list[str]:
+    """Remove what a previous container of this pod left in the pod-lifetime volumes.
+
+    preStop also runs when a probe kills the container, so its drain marker would keep the next
+    container unready for good; a worker killed mid-batch leaves its busy file."""
+    removed = []
+    for path in [DRAIN_MARKER, *(Path(busy_dir).glob("torchserve-busy-*") if busy_dir else [])]:
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
+def serve(torchserve_args: list[str], pid_file: Path | None = None) -> int:
+    """Start TorchServe and stay its parent until the JVM exits; returns the exit code.
+
+    `torchserve --foreground` only waits on the JVM and dies at the first SIGTERM, which lets a
+    container end (and its JVM be killed) before the JVM's shutdown has run. Here the launcher
+    starts the JVM in the background; this process becomes the JVM's subreaper, passes SIGTERM and
+    SIGINT on to it, and exits only once the JVM has shut down."""
+    for path in clear_stale_state():
+        print(f"serve: removed {path} left by the previous container", flush=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise PodError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    pid_file = pid_file or Path(os.environ.get("TEMP", "/tmp")) / ".model_server.pid"
+    pid_file.unlink(missing_ok=True)
+    launcher = subprocess.run(["torchserve", "--start", *torchserve_args])
+    try:
+        jvm = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        raise PodError(f"torchserve did not start (launcher exit {launcher.returncode}, no {pid_file})") from None
+    print(f"serve: TorchServe frontend running as pid {jvm}", flush=True)
+    stopping: list[float] = []
+
+    def forward(signum, _frame):
+        if not stopping:
+            stopping.append(time.monotonic())
+            print(f"serve: {signal.Signals(signum).name}: asking TorchServe to shut down", flush=True)
+        try:
+            os.kill(jvm, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            pid, status = os.wait()  # the JVM and any orphaned worker are our children now
+        except ChildProcessError:
+            raise PodError(f"lost track of the TorchServe frontend (pid {jvm})") from None
+        if pid != jvm:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            took = time.monotonic() - stopping[0]
+            # The JVM answers SIGTERM by running its shutdown hooks and exiting 143.
+            clean = code in (0, 143)
+            print(f"serve: TorchServe {'shut down cleanly' if clean else f'exited with {code}'} "
+                  f"{took:.1f}s after the signal", flush=True)
+            return 0 if clean else 1
+        print(f"serve: TorchServe exited on its own with {code}", file=sys.stderr, flush=True)
+        return code or 1
 
 
 def smoke(url: str, model: str, text: str, timeout: float = 30.0) -> dict:
@@ -201,6 +300,8 @@ def smoke(url: str, model: str, text: str, timeout: float = 30.0) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pod", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("serve", help="run TorchServe as the container's main process, with a clean SIGTERM shutdown")
+    v.add_argument("torchserve_args", nargs=argparse.REMAINDER, help="arguments for `torchserve --start`, after --")
     f = sub.add_parser("fetch", help="copy/download the archives listed in a manifest, verified")
     f.add_argument("--source", default=os.environ.get("MODEL_SOURCE"), help="URL or folder with manifest.json (default: $MODEL_SOURCE)")
     f.add_argument("--dest", type=Path, default=Path(os.environ.get("MODEL_STORE", "/home/model-server/model-store")),
@@ -220,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--text", required=True, help="text to send")
     args = p.parse_args(argv)
     try:
+        if args.command == "serve":
+            rest = args.torchserve_args
+            return serve(rest[1:] if rest[:1] == ["--"] else rest)
         if args.command == "fetch":
             if not args.source:
                 raise PodError("no --source and no MODEL_SOURCE: nothing to fetch from")
