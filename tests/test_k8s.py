@@ -109,6 +109,79 @@ def test_cpu_only_and_keda_variants():
     assert "replicas" not in by_kind(keda, "Deployment")[0]["spec"]
 
 
+def config_lines(conf: str) -> dict[str, str]:
+    return dict(l.split("=", 1) for l in conf.splitlines() if "=" in l and not l.lstrip().startswith("#"))
+
+
+def test_load_models_names_each_archive_file():
+    """TorchServe reads a bare load_models entry as a file name: nothing loaded in the pod."""
+    [cm] = by_kind(k8s_tool.template(), "ConfigMap")
+    loads = config_lines(cm["data"]["config.properties"])["load_models"].split(",")
+    assert loads == ["cnn=cnn.mar", "lstm=lstm.mar", "transformer=transformer.mar"]
+
+
+def test_the_pods_and_make_serve_start_from_one_settings_file(tmp_path):
+    """Everything but the per-place overrides is the same in the ConfigMap and in `make serve`'s config."""
+    from scripts import serve
+
+    base = config_lines(serve.BASE_CONFIG.read_text())
+    [cm] = by_kind(k8s_tool.template(), "ConfigMap")
+    pod = config_lines(cm["data"]["config.properties"])
+    cfg = serve.ServerConfig(run_dir=tmp_path, model_store=tmp_path)
+    local = config_lines(serve.write_config(cfg, {"cnn": tmp_path / "cnn.mar"}).read_text())
+    pod_set = {"inference_address", "management_address", "metrics_address", "grpc_inference_address",
+               "grpc_inference_port", "grpc_management_address", "grpc_management_port", "model_store", "load_models",
+               "disable_token_authorization", "job_queue_size", "vmargs"}
+    for key, value in base.items():
+        if key not in pod_set:
+            assert pod[key] == value == local[key], key
+    for key in ("number_of_netty_threads", "default_response_timeout", "max_request_size"):
+        assert key in base  # the settings the chart used to miss
+    # The JVM flags are the file's, with the chart's heap.
+    assert pod["vmargs"] == base["vmargs"].replace("-Xmx512m", "-Xmx1g") and "-Xmx512m" in local["vmargs"]
+
+
+def test_the_container_runs_under_an_init_that_forwards_sigterm():
+    [dep] = by_kind(k8s_tool.template(), "Deployment")
+    [ts] = dep["spec"]["template"]["spec"]["containers"]
+    assert ts["command"][:6] == ["dumb-init", "--", "python3", "/opt/torchserve-k8s/pod.py", "serve", "--"]
+    assert "--foreground" not in ts["command"]
+    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["dumb-init", "--"]' in dockerfile and "ARG BASE_IMAGE=" in dockerfile
+
+
+def test_the_helm_test_pod_is_no_endpoint_no_pdb_member_and_has_its_own_policy():
+    docs = k8s_tool.template(tests=True)
+    [dep] = by_kind(docs, "Deployment")
+    selector = dep["spec"]["selector"]["matchLabels"]
+    [test_pod] = by_kind(docs, "Pod")
+    labels = test_pod["metadata"]["labels"]
+    for obj in [*by_kind(docs, "Service"), *by_kind(docs, "PodDisruptionBudget")]:
+        sel = obj["spec"]["selector"]
+        sel = sel.get("matchLabels", sel)
+        assert not all(labels.get(k) == v for k, v in sel.items()), obj["metadata"]["name"]
+    policies = {p["metadata"]["name"]: p["spec"]["podSelector"]["matchLabels"] for p in by_kind(docs, "NetworkPolicy")}
+    matching = [n for n, sel in policies.items() if all(labels.get(k) == v for k, v in sel.items())]
+    assert matching == [f"{dep['metadata']['name']}-test-predict"]
+    # It reaches the Service through the variables Kubernetes injects: no cluster DNS needed.
+    assert "_SERVICE_HOST)" in " ".join(test_pod["spec"]["containers"][0]["command"])
+
+
+def test_notes_send_the_digit_with_a_content_type():
+    notes = (k8s_tool.CHART / "templates" / "NOTES.txt").read_text()
+    [cnn] = [l for l in notes.splitlines() if "/predictions/cnn" in l]
+    assert "Content-Type: image/png" in cnn or " -T " in cnn
+
+
+@pytest.mark.parametrize("version,hpa,pdb", [("1.20.2", "autoscaling/v2beta2", "policy/v1beta1"),
+                                             ("1.22.0", "autoscaling/v2beta2", "policy/v1"),
+                                             ("1.33.0", "autoscaling/v2", "policy/v1")])
+def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
+    docs = k8s_tool.template(version)
+    assert by_kind(docs, "HorizontalPodAutoscaler")[0]["apiVersion"] == hpa
+    assert by_kind(docs, "PodDisruptionBudget")[0]["apiVersion"] == pdb
+
+
 def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_path, monkeypatch):
     out = subprocess.run([k8s_tool.tool("kubectl"), "kustomize", str(k8s_tool.MANIFESTS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -203,6 +276,78 @@ def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
     assert ready().returncode == 0
 
 
+def test_a_dead_workers_busy_file_is_not_in_flight(tmp_path):
+    from scripts import pod
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"torchserve-busy-{os.getpid()}").write_text("3")
+    (tmp_path / f"torchserve-busy-{dead.pid}").write_text("8")  # killed mid-batch: never removed
+    assert pod.busy_workers(str(tmp_path)) == 1
+    assert not (tmp_path / f"torchserve-busy-{dead.pid}").exists()
+
+
+class Refusing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(400, "InvalidKeyException")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_drain_does_not_read_a_refused_key_as_nothing_in_flight(tmp_path, monkeypatch):
+    from scripts import pod
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(pod, "DRAIN_MARKER", tmp_path / "draining")
+    monkeypatch.setattr(pod, "BUSY_DIR", None)
+    try:
+        ok, pending = pod.drain(f"http://127.0.0.1:{httpd.server_port}", timeout=1.5, settle=0, poll=0.2)
+    finally:
+        httpd.shutdown()
+    assert not ok and pending >= 1
+
+
+def test_serve_clears_the_last_containers_state_and_stops_cleanly_on_sigterm(archive_store, tmp_path):
+    """`pod.py serve` as the container runs it: a clean JVM shutdown on SIGTERM, then exit 0."""
+    import psutil
+
+    from scripts import serve
+    from tests.conftest import server_config
+
+    _, store = archive_store
+    cfg = server_config(tmp_path / "run", store, auth=False, models=["lstm"])
+    (cfg.run_dir / "tmp").mkdir(parents=True)
+    config = serve.write_config(cfg, serve.model_archives(cfg))
+    marker, busy = tmp_path / "draining", cfg.run_dir / "tmp" / "torchserve-busy-999999"
+    marker.touch()  # what preStop left when a probe killed the previous container
+    busy.write_text("1")
+    env = {**cfg.env(), "TS_DRAIN_MARKER": str(marker), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    proc = subprocess.Popen([*POD, "serve", "--", "--ncs", "--model-store", str(store), "--ts-config", str(config),
+                             "--log-config", str(serve.LOG_CONFIG)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = cfg.url("management")
+        deadline = time.monotonic() + 120
+        while subprocess.run([*POD, "ready", "--url", url], env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, "TorchServe never became ready"
+            time.sleep(1)
+        jvm = int((cfg.run_dir / "tmp" / ".model_server.pid").read_text())
+        t0 = time.monotonic()
+        proc.send_signal(15)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert f"removed {marker} left by the previous container" in out and not marker.exists() and not busy.exists()
+    assert "TorchServe shut down cleanly" in out, out
+    assert time.monotonic() - t0 < 30
+    assert not psutil.pid_exists(jvm) or psutil.Process(jvm).status() == psutil.STATUS_ZOMBIE
+
+
 def test_smoke_subcommand_against_a_real_torchserve_without_auth(archive_store, tmp_path):
     from scripts import serve
     from tests.conftest import server_config
@@ -277,14 +422,24 @@ def test_rollout_done_needs_every_replica_updated_and_ready():
 
 
 def test_http_over_a_socket_pair_like_the_port_forward():
+    """The port-forward stream never reports the far end closing: the answer must end at its length."""
     a, b = socket.socketpair()
+    got = []
+
     def answer():
-        request = b.recv(65536)
-        assert request.startswith(b"POST /predictions/lstm HTTP/1.1") and request.endswith(b"fine")
+        request = b""
+        while not request.endswith(b"fine"):
+            request += b.recv(65536)
+        got.append(request)
         b.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
-        b.close()
-    threading.Thread(target=answer).start()
+        # b stays open, like the port-forward.
+
+    threading.Thread(target=answer, daemon=True).start()
+    t0 = time.monotonic()
     assert deploy.http_over_socket(a, "POST", "/predictions/lstm", b"fine", "text/plain", 5) == (200, b'{"a":1}')
+    assert time.monotonic() - t0 < 4, "read until the timeout instead of the answer's end"
+    assert got[0].startswith(b"POST /predictions/lstm HTTP/1.1")
+    b.close()
 
 
 def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
@@ -293,13 +448,3 @@ def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "scripts.deploy", "apply"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.startswith("deploy: error: no cluster") and "Traceback" not in proc.stderr
-
-
-@pytest.mark.skipif(not os.environ.get("KUBECONFIG"), reason="no KUBECONFIG: no API server to deploy to on this machine")
-def test_deploy_for_real_against_the_kubeconfig_cluster():
-    try:
-        deploy.connect()
-    except CLIError as e:
-        pytest.skip(f"KUBECONFIG names no reachable cluster: {e}")
-    assert deploy.main(["apply", "--namespace", "torchserve-models-test", "--timeout", "1200"]) == 0
-    assert deploy.main(["delete", "--namespace", "torchserve-models-test"]) == 0
