@@ -32,11 +32,28 @@ AOTI_PACKAGE = "model.pt2"  # the compiled forward in an aoti archive (scripts/a
 BUSY_DIR = os.environ.get("TS_BUSY_DIR")
 
 
+MAX_MESSAGE = 300  # characters of an error message; a message may quote what the client sent
+
+
+def safe_message(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as short printable ASCII.
+
+    The message becomes the response's reason phrase, which TorchServe 0.12 frames by its length
+    in characters but sends as UTF-8 bytes: one non-ASCII character misframes the stream and the
+    frontend drops the worker with its whole batch. Unbounded, a message quoting a 200 kB JSON key
+    made a status line clients reset on."""
+    ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
+    printable = "".join(c if " " <= c <= "~" else "?" for c in ascii_text)
+    return printable if len(printable) <= limit else printable[:limit - 3] + "..."
+
+
 class InvalidInput(ValueError):
-    """A request that can't be processed; ``code`` is the HTTP status it gets (4xx)."""
+    """A request that can't be processed; ``code`` is the HTTP status it gets (4xx).
+
+    Its message is always short printable ASCII (``safe_message``), whatever it quotes."""
 
     def __init__(self, message: str, code: int = 400):
-        super().__init__(message)
+        super().__init__(safe_message(message))
         self.code = code
 
 
@@ -64,7 +81,7 @@ def request_payload(request: dict) -> Any:
         return values[0]
     if not values:
         raise InvalidInput("empty request: send the input as the request body or a 'data' field")
-    raise InvalidInput(f"ambiguous request: send one field named 'data', got {sorted(request)}")
+    raise InvalidInput(f"ambiguous request: send one field named 'data', got {_keys(request)}")
 
 
 def decode_text(payload: Any) -> str:
@@ -85,6 +102,8 @@ def maybe_json(payload: Any) -> Any:
             return json.loads(payload)
         except (ValueError, UnicodeDecodeError):
             raise InvalidInput("body starts with '{' but is not valid JSON") from None
+        except RecursionError:
+            raise InvalidInput("JSON body is nested too deeply") from None
     return payload
 
 
@@ -113,7 +132,7 @@ def text_field(payload: Any, max_texts: int, extra_keys: frozenset = frozenset()
         unknown = set(payload) - {"text"} - extra_keys
         if "text" not in payload or unknown:
             allowed = ", ".join(repr(k) for k in sorted({"text"} | extra_keys))
-            raise InvalidInput(f"JSON body must be an object with the keys {allowed}; got {sorted(payload)}")
+            raise InvalidInput(f"JSON body must be an object with the keys {allowed}; got {_keys(payload)}")
         value = payload["text"]
         if isinstance(value, list):
             if not value:
@@ -129,6 +148,12 @@ def text_field(payload: Any, max_texts: int, extra_keys: frozenset = frozenset()
     if isinstance(payload, list):
         raise InvalidInput('send a JSON object {"text": [...]}, not a bare list')
     return [decode_text(payload)], False
+
+
+def _keys(obj: dict, most: int = 5, width: int = 40) -> str:
+    """A few of the keys a client sent, each cut short, for an error message."""
+    keys = [k if len(k) <= width else k[:width] + "..." for k in sorted(obj)[:most]]
+    return f"{keys}" + (f" and {len(obj) - most} more" if len(obj) > most else "")
 
 
 class CheckpointHandler(BaseHandler):
@@ -255,6 +280,10 @@ class CheckpointHandler(BaseHandler):
                 parsed, many = self.parse(maybe_json(request_payload(request or {})))
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
+                continue
+            except Exception as e:  # a parser bug must still fail this request alone
+                logger.exception("request %d: unexpected error while parsing", i)
+                results[i] = self._fail(context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500))
                 continue
             groups.append((i, len(parsed), many))
             items.extend(parsed)

@@ -131,6 +131,8 @@ BAD = {
         ({"body": b"{not json"}, 400, "not valid JSON"),
         ({"body": [1, 2, 3]}, 400, "expected an image"),
         ({"body": _bomb_png()}, 413, "5000x5000 pixels"),
+        ({"body": {"data": "aGVsbG8=", "topk": "\u00fc"}}, 400, "'topk' must be a positive integer, got '\\xfc'"),
+        ({"body": b'{"data":' * 100_000 + b'1' + b'}' * 100_000}, 400, "nested too deeply"),
     ],
     "lstm": [
         ({"body": b""}, 400, "empty text"),
@@ -143,6 +145,10 @@ BAD = {
         ({"body": {"text": ["ok", 3]}}, 400, "string or a list of strings"),
         ({"body": {"text": ["ok"] * 65}}, 413, "65 entries"),
         ({"body": ["a bare list"]}, 400, "not a bare list"),
+        ({"body": {"text": "x", "\u00e9": 1}}, 400, "got ['text', '\\xe9']"),
+        ({"body": {"text": "x", "k" * 200_000: 1}}, 400, "kkkkkkkk..."),
+        ({"body": {"text": "x", **{f"key{i}": i for i in range(1000)}}}, 400, "and 996 more"),
+        ({"body": b'{"text":' * 100_000 + b'"x"' + b'}' * 100_000}, 400, "nested too deeply"),
     ],
     "transformer": [
         ({"body": b""}, 400, "empty text"),
@@ -153,6 +159,7 @@ BAD = {
         ({"body": {"text": "hello", "max_length": "5"}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": 10_000}}, 400, "'max_length' must be at most"),
         ({"body": {"text": "hello", "temperature": 1}}, 400, "keys 'max_length', 'text'"),
+        ({"body": {"text": "hello", "max_length": "\u00e9"}}, 400, "'max_length' must be a positive integer"),
     ],
 }
 GOOD = {"cnn": None, "lstm": {"body": "a warm, funny film"}, "transformer": {"body": "God is love."}}
@@ -170,8 +177,45 @@ def test_every_bad_input_gets_its_own_4xx_and_its_neighbours_are_answered(model,
         status, phrase = statuses[1]
         assert status == code, (bad, statuses[1])
         assert message in phrase, (bad, phrase)
+        # TorchServe frames the phrase by its length in characters and sends UTF-8: it must be
+        # short printable ASCII, or the frontend drops the worker with the whole batch.
+        assert all(" " <= c <= "~" for c in phrase) and len(phrase) <= 300, (bad, phrase[:80])
         assert answers[1] == {"code": code, "type": "PayloadTooLarge" if code == 413 else "InvalidInput",
                               "message": phrase}
+
+
+def test_an_image_decoder_failing_in_any_way_fails_only_its_request(handlers, digits, monkeypatch):
+    """A fuzzer found images on which Pillow raises NotImplementedError; any decoder error is a 400."""
+    from handlers import image_classifier
+
+    handler, ctx = handlers["cnn"]
+    good = png(digits[0][0])
+    real_open = image_classifier.Image.open
+
+    def open_(fp, *a, **kw):
+        if fp.getvalue().endswith(b"POISON"):
+            raise NotImplementedError("unsupported tile layout")
+        return real_open(fp, *a, **kw)
+
+    monkeypatch.setattr(image_classifier.Image, "open", open_)
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": good}, {"body": good + b"POISON"}, {"body": good}])
+    assert [s for s, _ in statuses] == [200, 400, 200]
+    assert "not a readable image (NotImplementedError)" in statuses[1][1]
+
+
+def test_an_unexpected_parse_error_fails_only_its_request(handlers, monkeypatch):
+    handler, ctx = handlers["lstm"]
+    real_parse = handler.parse
+
+    def parse(payload):
+        if payload == "boom":
+            raise KeyError("a parser bug")
+        return real_parse(payload)
+
+    monkeypatch.setattr(handler, "parse", parse)
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": "fine film"}, {"body": "boom"}, {"body": "fine film"}])
+    assert [s for s, _ in statuses] == [200, 500, 200]
+    assert answers[0] == answers[2] and answers[1]["message"] == "could not read the request (KeyError)"
 
 
 def test_a_batch_of_only_bad_requests_returns_errors_without_running_the_model(handlers):
