@@ -91,11 +91,20 @@ def model_archives(cfg: ServerConfig) -> dict[str, Path]:
 
 
 def startup_timeout(mar: Path) -> int:
-    """The model's own startupTimeout from the model-config.yaml inside its archive."""
-    with zipfile.ZipFile(mar) as z:
-        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-        conf = manifest["model"].get("configFile")
-        values = yaml.safe_load(z.read(conf)) if conf else {}
+    """The model's own startupTimeout from the model-config.yaml inside its archive.
+
+    The whole archive is checked first (every entry's CRC): a truncated or corrupted archive is
+    refused here in one line, before a frontend starts and waits its start-up timeout on it."""
+    try:
+        with zipfile.ZipFile(mar) as z:
+            bad = z.testzip()
+            if bad:
+                raise CLIError(f"{mar}: corrupted archive (CRC mismatch in {bad}); rebuild it with `make archive`")
+            manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+            conf = manifest["model"].get("configFile")
+            values = yaml.safe_load(z.read(conf)) if conf else {}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, TypeError, OSError, yaml.YAMLError) as e:
+        raise CLIError(f"{mar}: not a readable model archive ({type(e).__name__}: {e}); rebuild it with `make archive`") from None
     return int((values or {}).get("startupTimeout", 120))
 
 
@@ -191,14 +200,44 @@ def log_excerpt(cfg: ServerConfig, model: str, lines: int = 25) -> str:
     return "\n".join(picked[-lines:])
 
 
+def load_failure(cfg: ServerConfig, model: str, lines: int = 25) -> str:
+    """Why a model did not load: the frontend's errors about it (an archive it could not unpack,
+    say) and its workers' log lines; either may be where the cause is."""
+    out = []
+    ts_log = cfg.log_dir / "ts_log.log"
+    if ts_log.is_file():
+        errors = [l for l in ts_log.read_text(errors="replace").splitlines()
+                  if ("ERROR" in l or "Exception" in l or "WARN" in l) and model in l]
+        if errors:
+            out.append(f"frontend ({ts_log}):\n" + "\n".join(errors[-10:]))
+    out.append(f"workers ({cfg.log_dir / 'model_log.log'}):\n{log_excerpt(cfg, model, lines)}")
+    return "\n".join(out)
+
+
 def server_processes(pid: int) -> list:
+    """The frontend and every process of its session: workers too, even orphaned ones (`start`
+    gives the server a session of its own)."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
+        family = {parent, *parent.children(recursive=True), *session_processes(os.getsid(pid))}
+    except (psutil.NoSuchProcess, ProcessLookupError):
         return []
+    return sorted(family, key=lambda p: p.pid)
+
+
+def session_processes(sid: int) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and os.getsid(p.pid) == sid:
+                found.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
 
 
 def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]:
@@ -209,6 +248,7 @@ def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]
     if shutil.which("java") is None:
         raise CLIError("java not found: TorchServe's frontend needs Java 17 or newer")
     mars = model_archives(cfg)
+    timeouts = {m: startup_timeout(p) for m, p in mars.items()}  # also refuses broken archives
     check_ports_free(cfg)
     for sub in ("logs", "tmp"):
         (cfg.run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -224,7 +264,7 @@ def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]
     # so Ctrl-C here does not kill it, and `stop` ends it by pid.
     proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=cfg.env(), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadlines = {m: time.monotonic() + (wait or startup_timeout(p) + 30) for m, p in mars.items()}
+    deadlines = {m: time.monotonic() + (wait or timeouts[m] + 30) for m in mars}
     state: dict[str, list[dict]] = {}
     pending = set(mars)
     try:
@@ -241,8 +281,7 @@ def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]
                     state[m] = info
                     pending.discard(m)
                 elif time.monotonic() > deadlines[m]:
-                    raise CLIError(f"model {m} has no READY worker after its start-up timeout; "
-                                   f"worker log ({cfg.log_dir / 'model_log.log'}):\n{log_excerpt(cfg, m)}")
+                    raise CLIError(f"model {m} has no READY worker after its start-up timeout:\n{load_failure(cfg, m)}")
             time.sleep(0.25)
     except BaseException:
         stop(cfg)
@@ -256,11 +295,18 @@ def stop(cfg: ServerConfig, timeout: float = 30.0) -> bool:
     if pid is None:
         return False
     procs = server_processes(pid)
+    try:
+        sid = os.getsid(pid)
+    except ProcessLookupError:
+        sid = None
     subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=cfg.run_dir, env=cfg.env(),
                    capture_output=True, timeout=timeout)
     import psutil
 
     _, alive = psutil.wait_procs(procs, timeout=timeout)
+    # Workers started after the first look (a scale-up under way) are in the session too.
+    if sid is not None and sid != os.getsid(0):
+        alive = list({*alive, *session_processes(sid)})
     for p in alive:  # a frontend that ignored --stop: TERM, then KILL
         try:
             p.send_signal(signal.SIGTERM)

@@ -132,11 +132,18 @@ def _bomb() -> bytes:
 WIRE_BAD = {
     "cnn": [(b"\x00\x01garbage", 400, "not valid base64"), (b"\x89PNG\r\n\x1a\ntruncated", 400, "not a readable image"),
             ({"image": "x"}, 400, "JSON body must be"), ({"data": "aGk=", "topk": 99}, 400, "'topk' must be at most"),
-            (_bomb(), 413, "5000x5000 pixels")],
+            (_bomb(), 413, "5000x5000 pixels"),
+            # Killer classes a hostile client found: a non-ASCII reason phrase dropped the worker and
+            # its batch; deep nesting failed the batch with 503.
+            ({"data": "aGk=", "topk": "\u00fc"}, 400, "got '\\xfc'"),
+            (b'{"data":' * 100_000 + b"1" + b"}" * 100_000, 400, "nested too deeply")],
     "lstm": [(b"\xff\xfe\xfa", 400, "not valid UTF-8"), ("   ", 400, "empty text"), ("x" * 5001, 413, "5001 characters"),
-             ({"txt": "hi"}, 400, "keys 'text'"), ({"text": 5}, 400, "string or a list")],
+             ({"txt": "hi"}, 400, "keys 'text'"), ({"text": 5}, 400, "string or a list"),
+             ({"text": "x", "\u00e9": 1}, 400, "'\\xe9'"), ({"text": "x", "k" * 200_000: 1}, 400, "kkk..."),
+             (b'{"text":' * 100_000 + b'"x"' + b"}" * 100_000, 400, "nested too deeply")],
     "transformer": [(b"\xc3\x28", 400, "not valid UTF-8"), ("word " * 40, 413, "40 tokens"),
-                    ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer")],
+                    ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer"),
+                    ({"text": "hi", "max_length": "\u00e9"}, 400, "'max_length' must be a positive integer")],
 }
 WIRE_GOOD = {"lstm": "a warm film", "transformer": "God is love."}
 
@@ -220,6 +227,20 @@ def test_start_refuses_a_port_in_use_and_a_second_server(server, archive_store, 
         serve.start(busy)
     with pytest.raises(CLIError, match="already running"):
         serve.start(server)
+
+
+def test_a_broken_archive_is_refused_in_one_line_before_anything_starts(archive_store, tmp_path):
+    _, store = archive_store
+    for name, damage in [("truncated", lambda b: b[: len(b) // 2]), ("flipped", lambda b: b[:3000] + bytes([b[3000] ^ 0x40]) + b[3001:])]:
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "lstm.mar").write_bytes(damage((store / "lstm.mar").read_bytes()))
+        cfg = server_config(tmp_path / f"run-{name}", bad)
+        with pytest.raises(CLIError, match=r"lstm.mar: (not a readable model archive|corrupted archive)") as err:
+            serve.start(cfg)
+        assert "rebuild it with `make archive`" in str(err.value) and "\n" not in str(err.value)
+        assert serve.running_pid(cfg) is None
+        serve.check_ports_free(cfg)  # nothing was left listening
 
 
 def test_a_model_that_cannot_load_fails_start_with_its_worker_log(tiny_checkpoints, tmp_path):
