@@ -20,13 +20,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
+import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -43,18 +46,43 @@ class PodError(Exception):
 
 # ----------------------------------------------------------------------------- fetch
 
+MANIFEST_MAX_BYTES = 1 << 20
+ARCHIVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # a plain file name: no folder, no ..
+
+
 def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
+    return "://" in source
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the source's origin: the bearer token never leaves it, and
+    https is never downgraded to http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if _origin(newurl) != _origin(req.full_url):
+            raise PodError(f"{req.full_url}: redirected to another origin ({_origin(newurl)[0]}://"
+                           f"{_origin(newurl)[1]}); refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
 
 
 def _open(source: str, name: str, timeout: float):
     if _is_url(source):
+        if not source.lower().startswith("https://"):
+            raise PodError(f"{source}: only https:// sources are allowed (archives and tokens travel over it)")
         req = urllib.request.Request(f"{source.rstrip('/')}/{name}")
         token = os.environ.get("MODEL_SOURCE_BEARER_TOKEN")  # for private buckets behind a gateway
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
-            return urllib.request.urlopen(req, timeout=timeout)
+            return _OPENER.open(req, timeout=timeout)
         except urllib.error.HTTPError as e:
             raise PodError(f"{source}/{name}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, OSError) as e:
@@ -66,18 +94,64 @@ def _open(source: str, name: str, timeout: float):
         raise PodError(f"{path}: {e.strerror}") from None
 
 
-def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: float = 60.0) -> list[str]:
-    """Copy every listed archive from ``source`` to ``dest``, verified; returns the names."""
-    with _open(source, MANIFEST, timeout) as f:
-        raw = f.read()
+def _read_capped(src, limit: int, deadline: float, what: str, sink=None) -> tuple[int, bytes]:
+    """Read ``src`` to the end, at most ``limit`` bytes, before ``deadline`` (monotonic).
+
+    One read returns what has arrived (read1), so a server dripping bytes slowly cannot hold the
+    download past its deadline for more than one connection timeout."""
+    size, head = 0, b""
+    read = getattr(src, "read1", src.read)
+    while True:
+        try:
+            chunk = read(1 << 16)
+        except (OSError, http.client.HTTPException) as e:
+            raise PodError(f"{what}: download broke off after {size} bytes ({type(e).__name__}: {e})") from None
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise PodError(f"{what}: more than the {limit} bytes the manifest allows; refused")
+        if time.monotonic() > deadline:
+            raise PodError(f"{what}: download not finished within its deadline ({size} bytes so far)")
+        if sink is None:
+            head += chunk
+        else:
+            sink(chunk)
+    return size, head
+
+
+def _entries(raw: bytes, where: str) -> dict[str, dict]:
+    """The manifest's archives, each checked: a plain .mar file name, a size and a sha256."""
     try:
         archives = json.loads(raw)["archives"]
-    except (ValueError, KeyError):
-        raise PodError(f"{source}/{MANIFEST}: not a manifest written by `make archive`") from None
+        if not isinstance(archives, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise PodError(f"{where}: not a manifest written by `make archive`") from None
+    for name, entry in archives.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+              and ARCHIVE_NAME.fullmatch(entry["file"]) and entry["file"].endswith(".mar")
+              and isinstance(entry.get("size"), int) and not isinstance(entry.get("size"), bool) and entry["size"] > 0
+              and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+        if not ok:
+            raise PodError(f"{where}: entry {str(name)[:60]!r} needs a plain file name ending in .mar, "
+                           "a positive size and a sha256")
+    return archives
+
+
+def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: float = 60.0,
+          deadline_s: float = 900.0) -> list[str]:
+    """Copy every listed archive from ``source`` to ``dest``, verified; returns the names.
+
+    ``timeout`` bounds each connection and read; ``deadline_s`` each whole download."""
+    where = f"{source}/{MANIFEST}"
+    with _open(source, MANIFEST, timeout) as f:
+        _, raw = _read_capped(f, MANIFEST_MAX_BYTES, time.monotonic() + deadline_s, where)
+    archives = _entries(raw, where)
     names = models or sorted(archives)
     missing = [m for m in names if m not in archives]
     if missing:
-        raise PodError(f"{source}/{MANIFEST}: no entry for {missing}")
+        raise PodError(f"{where}: no entry for {missing}")
     dest.mkdir(parents=True, exist_ok=True)
     done = []
     for name in names:
@@ -87,12 +161,16 @@ def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: flo
             done.append(name)  # baked into the image or fetched by an earlier attempt
             continue
         tmp = dest / f".{entry['file']}.part"
-        digest, size = hashlib.sha256(), 0
-        with _open(source, entry["file"], timeout) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
+        digest = hashlib.sha256()
+        try:
+            with _open(source, entry["file"], timeout) as src, open(tmp, "wb") as out:
+                def sink(chunk: bytes) -> None:
+                    digest.update(chunk)
+                    out.write(chunk)
+                size, _ = _read_capped(src, entry["size"], time.monotonic() + deadline_s, entry["file"], sink)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         if size != entry["size"]:
             tmp.unlink()
             raise PodError(f"{entry['file']}: got {size} bytes, manifest says {entry['size']} (truncated download?)")
@@ -307,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--dest", type=Path, default=Path(os.environ.get("MODEL_STORE", "/home/model-server/model-store")),
                    help="model store to fill (default: $MODEL_STORE or /home/model-server/model-store)")
     f.add_argument("--models", nargs="*", default=None, help="only these models (default: every listed archive)")
-    f.add_argument("--timeout", type=float, default=60.0, help="seconds per connection (default: %(default)s)")
+    f.add_argument("--timeout", type=float, default=60.0, help="seconds per connection and read (default: %(default)s)")
+    f.add_argument("--deadline", type=float, default=900.0, help="seconds for each whole download (default: %(default)s)")
     r = sub.add_parser("ready", help="exit 0 when every model has a READY worker")
     r.add_argument("--url", default=MANAGEMENT, help="management API (default: $TS_MANAGEMENT_URL or %(default)s)")
     r.add_argument("--models", nargs="*", default=None, help="models that must be registered (default: whatever is)")
@@ -327,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fetch":
             if not args.source:
                 raise PodError("no --source and no MODEL_SOURCE: nothing to fetch from")
-            names = fetch(args.source, args.dest, args.models, args.timeout)
+            names = fetch(args.source, args.dest, args.models, args.timeout, args.deadline)
             print(f"fetch: verified {', '.join(names)} into {args.dest}")
         elif args.command == "ready":
             problems = ready(args.url, args.models)

@@ -206,9 +206,9 @@ def source(archive_store, tmp_path):
     return src
 
 
-def fetch(src, dest, *extra):
+def fetch(src, dest, *extra, env=None):
     return subprocess.run([*POD, "fetch", "--source", str(src), "--dest", str(dest), *extra],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_fetch_accepts_good_archives_from_a_folder(source, tmp_path):
@@ -231,19 +231,117 @@ def test_fetch_refuses_a_flipped_byte_and_a_truncated_archive(source, tmp_path):
     assert fetch(source, tmp_path / "c", "--models", "resnet").returncode == 1
 
 
-def test_fetch_over_http_and_a_failed_download(source, tmp_path):
-    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(*a, directory=str(source), **kw)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+@pytest.mark.parametrize("entry", [
+    {"file": "./../evil.mar"}, {"file": "../evil.mar"}, {"file": "/tmp/evil.mar"}, {"file": "sub/dir.mar"},
+    {"file": "lstm.zip"}, {"size": "big"}, {"size": None}, {"sha256": "abc"}, "not an object",
+])
+def test_fetch_refuses_a_malformed_manifest_entry_in_one_line(source, tmp_path, entry):
+    manifest = json.loads((source / "manifest.json").read_text())
+    good = manifest["archives"]["lstm"]
+    manifest["archives"]["lstm"] = {**good, **entry} if isinstance(entry, dict) else entry
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    proc = fetch(source, tmp_path / "dest", "--models", "lstm")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "entry 'lstm' needs a plain file name ending in .mar" in proc.stderr
+    assert not (tmp_path / "evil.mar").exists() and not list(tmp_path.rglob("evil.mar"))
+
+
+class Source(http.server.SimpleHTTPRequestHandler):
+    """An archive source with misbehaving paths: /ok, /redirect (to another origin), /drip, /big."""
+
+    other_origin = ""
+    seen_auth: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        Source.seen_auth.append((self.server.server_port, self.headers.get("Authorization")))
+        kind, _, name = self.path.lstrip("/").partition("/")
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"{Source.other_origin}/ok/{name}")
+            self.end_headers()
+            return
+        if kind in ("drip", "big") and name.endswith(".mar"):
+            self.send_response(200)
+            self.end_headers()
+            try:
+                if kind == "drip":  # one byte at a time, each well within the read timeout
+                    for _ in range(40):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.25)
+                else:  # far more than the manifest's size
+                    for _ in range(64):
+                        self.wfile.write(b"\0" * (1 << 20))
+            except OSError:  # the fetch hung up, as it should
+                pass
+            return
+        self.path = "/" + name
+        super().do_GET()
+
+
+@pytest.fixture
+def https_source(source, tmp_path):
+    """The source folder over https on loopback (a self-signed certificate the fetch is told to trust),
+    plus a plain-http server that plays another origin."""
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    handler = lambda *a, **kw: Source(*a, directory=str(source), **kw)
+    tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    Source.other_origin = f"http://127.0.0.1:{plain.server_port}"
+    Source.seen_auth = []
+    for srv in (tls, plain):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    env = {**os.environ, "SSL_CERT_FILE": str(cert), "MODEL_SOURCE_BEARER_TOKEN": "s3cret"}
     try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        assert fetch(url, tmp_path / "ok").returncode == 0
-        (source / "transformer.mar").unlink()
-        proc = fetch(url, tmp_path / "bad", "--models", "transformer")
-        assert proc.returncode == 1 and "HTTP 404" in proc.stderr
+        yield f"https://127.0.0.1:{tls.server_port}", plain.server_port, env
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        for srv in (tls, plain):
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_fetch_over_https_and_a_failed_download(https_source, source, tmp_path):
+    url, _, env = https_source
+    proc = fetch(f"{url}/ok", tmp_path / "ok", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (source / "transformer.mar").unlink()
+    proc = fetch(f"{url}/ok", tmp_path / "bad", "--models", "transformer", env=env)
+    assert proc.returncode == 1 and "HTTP 404" in proc.stderr
+
+
+def test_fetch_refuses_plain_http_and_redirects_to_another_origin(https_source, tmp_path):
+    url, plain_port, env = https_source
+    proc = fetch(f"http://127.0.0.1:{plain_port}/ok", tmp_path / "a", env=env)
+    assert proc.returncode == 1 and "only https:// sources are allowed" in proc.stderr
+    proc = fetch(f"{url}/redirect", tmp_path / "b", env=env)
+    assert proc.returncode == 1 and "redirected to another origin (http://127.0.0.1); refused" in proc.stderr
+    assert not [auth for port, auth in Source.seen_auth if port == plain_port], "the token left the source's origin"
+
+
+def test_fetch_caps_the_size_and_bounds_each_download(https_source, source, tmp_path):
+    url, _, env = https_source
+    for kind in ("big", "drip"):
+        (source / kind).mkdir()
+        shutil.copy(source / "manifest.json", source / kind / "manifest.json")
+    t0 = time.monotonic()
+    proc = fetch(f"{url}/big", tmp_path / "a", "--models", "cnn", env=env)
+    assert proc.returncode == 1 and "more than the" in proc.stderr and "bytes the manifest allows" in proc.stderr
+    assert not list((tmp_path / "a").iterdir())
+    proc = fetch(f"{url}/drip", tmp_path / "b", "--models", "cnn", "--timeout", "2", "--deadline", "3", env=env)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1 and "not finished within its deadline" in proc.stderr, proc.stderr
+    assert took < 15 and "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- pod.py ready and drain
