@@ -65,7 +65,7 @@ class Timeout(ClientError):
 
 
 class ServerError(ClientError):
-    """The server failed the request (5xx), e.g. a worker died mid-request (507)."""
+    """The server failed the request (5xx), e.g. a worker died mid-request (REST 500 "Worker died.")."""
 
 
 def _error_for(status: int, message: str) -> ClientError:
@@ -235,7 +235,7 @@ class GrpcTransport:
             return Overloaded(msg, 503)
         if code == C.INVALID_ARGUMENT:
             return BadInput(msg, 400)
-        return ServerError(msg, 507 if "Worker died" in detail else 500)
+        return ServerError(msg, 500)
 
     def health(self) -> dict:
         from google.protobuf import empty_pb2

@@ -108,7 +108,8 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
             # task.evaluate, not train.evaluate: that one autocasts on CUDA, and eager must stay float32
             m_eager, m_fast = task.evaluate(eager, "test", device), task.evaluate(fast, "test", device)
             bs = model_batch_size(model_name)
-            batch = [t.to(device) for t in next(task.batches("test", bs, None))]
+            # The tensors of one test batch (the translator's batches also carry their row indices).
+            batch = [t.to(device) for t in next(task.batches("test", bs, None)) if isinstance(t, torch.Tensor)]
             example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
             exported = try_export(eager, example, repeats)
             if model_name == "transformer":

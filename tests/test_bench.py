@@ -37,12 +37,16 @@ def test_a_tiny_bench_run_writes_its_figures(archive_store, tmp_path):
 
 def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
     ckpts = tiny_checkpoints["lstm"].parent.parent
-    assert variants.main(["--models", "lstm", "--checkpoints", str(ckpts), "--repeats", "2", "--output", str(tmp_path)]) == 0
+    assert variants.main(["--models", "lstm", "transformer", "--checkpoints", str(ckpts), "--repeats", "2",
+                          "--output", str(tmp_path)]) == 0
     [js] = tmp_path.glob("variants-*.json")
-    r = json.loads(js.read_text())["lstm"]
+    results = json.loads(js.read_text())
+    r = results["lstm"]
     assert r["variant"] == "int8" and r["speedup"] > 0
     assert abs(r["test_eager"]["accuracy"] - r["test_variant"]["accuracy"]) < 0.1  # int8 keeps the answers close
     assert 0 < r["max_abs_diff"] < 0.2
+    t = results["transformer"]  # its test batches carry row indices beside the tensors
+    assert t["variant"] == "int8" and t["speedup"] > 0 and "bleu" in t["test_variant"]
     export = r["export"]
     assert (export["exportable"] and export["max_abs_diff"] < 1e-4) or (not export["exportable"] and export["reason"])
 

@@ -207,7 +207,7 @@ def test_a_killed_worker_comes_back_and_no_request_hangs(server):
         while time.monotonic() < deadline:
             try:
                 outcomes.append(c.predict("lstm", "after the crash")["label"])
-            except (ServerError, Overloaded, Timeout) as e:  # documented: 507 Worker died, or 503
+            except (ServerError, Overloaded, Timeout) as e:  # documented: 500 Worker died, or 503
                 outcomes.append(type(e).__name__)
             now = worker_pids(server, "lstm")
             if len(now) == len(before) and victim not in now:
