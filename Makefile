@@ -34,7 +34,7 @@ VARIANT ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image deploy undeploy bench variants demo test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench variants demo test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -113,8 +113,11 @@ manifests: k8s-tools ## render k8s/chart into k8s/manifests (plain YAML for kube
 check-k8s: k8s-tools ## helm lint, render for Kubernetes 1.28-1.33, kubernetes-validate, checkov, manifests in sync
 	$(PY) -m scripts.k8s check
 
-image: archive ## build the serving image IMAGE=... with docker (needs a Docker engine; none on CPU dev boxes)
-	docker build -f k8s/Dockerfile -t $(IMAGE) .
+image: archive ## build the serving image IMAGE=... with Docker, or buildah without an engine (ARGS="--offline --base B --output T.tar")
+	bash k8s/build-image.sh --image $(IMAGE) $(ARGS)
+
+e2e-k8s: install protos k8s-tools ## the chart on a real single-node Kubernetes built here (root; skips where it can't run)
+	PY=$(PY) bash k8s/cluster/e2e.sh $(PYTEST_ARGS)
 
 deploy: install ## apply k8s/manifests to the KUBECONFIG cluster, wait for Ready, smoke-predict (ARGS=--namespace ...)
 	$(PY) -m scripts.deploy apply $(ARGS)
@@ -133,8 +136,9 @@ demo: install protos ## the main job end to end: data -> quick training -> archi
 	@$(MAKE) --no-print-directory archive
 	$(PY) -m scripts.demo $(ARGS)
 
-test: install protos k8s-tools ## run the test suite (what CI runs)
+test: install protos k8s-tools ## run the test suite, then the real-cluster e2e (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory e2e-k8s
 
 clean: ## remove checkpoints, archives and run state (keeps .venv)
 	rm -rf checkpoints model-store run .pytest_cache scripts/grpc_gen

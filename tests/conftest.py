@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 
@@ -15,6 +16,10 @@ from scripts import serve, train
 from scripts.client import Settings
 from scripts.inprocess import load_handler, make_context, run_batch  # noqa: F401 (re-exported for tests)
 from scripts.serve import free_ports  # noqa: F401 (re-exported for tests)
+
+
+# tests/e2e needs the real cluster that `make e2e-k8s` starts (k8s/cluster/e2e.sh sets this).
+collect_ignore = [] if os.environ.get("E2E_CLUSTER_SCRIPT") else ["e2e"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# A real single-node Kubernetes (v1.20.2 control plane, kubelet, containerd, runc, bridge CNI,
+# kube-proxy) inside a network namespace of its own, for the chart's end-to-end test.
+#
+#   k8s/cluster/cluster.sh preflight        # exit 0 if this machine can run it, else say why (exit 3)
+#   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
+#   k8s/cluster/cluster.sh import TAR...    # load docker-archive image tars into containerd
+#   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
+#   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
+#
+# Environment: K8S_BIN (the binaries from build-kubernetes.sh), PAUSE_TAR (from base-image.sh),
+# KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e).
+#
+# Isolation: every process runs with `nsenter --net` in the namespace NETNS, which has a dummy
+# uplink and no route out, so nothing outside this machine is reachable. They share the host's
+# mounts, so `down` unmounts what the kubelet and containerd mounted, removes their cgroups and the
+# folders they created, and restores the host-global sysctls the kubelet sets.
+set -euo pipefail
+
+NETNS=${NETNS:-tsk8s-e2e}
+STATE=${STATE:-/var/lib/torchserve-e2e}
+RUN=/run/torchserve-e2e
+NODE_IP=10.200.0.2          # the node's address inside the namespace (no host or outside peer has it)
+NODE_NAME=e2e-node
+POD_CIDR=10.244.0.0/24
+SERVICE_CIDR=10.96.0.0/16
+API_SERVICE_IP=10.96.0.1
+K8S_BIN=${K8S_BIN:-}
+PAUSE_TAR=${PAUSE_TAR:-}
+PAUSE_IMAGE=localhost/pause:3.2
+KUBECTL=${KUBECTL:-kubectl}
+SOCK=$RUN/containerd/containerd.sock
+# Host-global sysctls the kubelet writes (../shared/docs/K8S.md): saved by `up`, restored by `down`.
+SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
+COMPONENTS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+
+log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
+kc() { in_ns "$KUBECTL" --kubeconfig "$STATE/admin.kubeconfig" --request-timeout=20s "$@"; }
+
+# Wait up to $1 seconds for the command in the remaining arguments to succeed.
+wait_for() {
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then log "$what: not reached within ${limit}s"; return 1; fi
+    sleep 1
+  done
+  log "$what (${SECONDS}s since start)"
+}
+
+preflight() {
+  local why=()
+  [ "$(id -u)" = 0 ] || why+=("not root")
+  [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
+  grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
+  for tool in ip nsenter iptables conntrack containerd runc etcd openssl; do
+    command -v "$tool" >/dev/null || why+=("no $tool")
+  done
+  [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
+  if [ "$(id -u)" = 0 ] && command -v ip >/dev/null; then
+    local probe="tsk8s-probe-$$"
+    if ip netns add "$probe" 2>/dev/null; then ip netns delete "$probe"; else why+=("cannot create network namespaces"); fi
+  fi
+  if ((${#why[@]})); then
+    printf 'cluster: this machine cannot run a local Kubernetes: %s\n' "$(IFS=';'; echo "${why[*]}")"
+    return 3
+  fi
+}
+
+pki() {
+  local d=$STATE/pki
+  mkdir -p "$d"
+  [ -f "$d/admin.crt" ] && return
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=torchserve-e2e-ca -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl genrsa -out "$d/apiserver.key" 2048 2>/dev/null
+  cat > "$d/apiserver.ext" <<EOF
+subjectAltName=IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+extendedKeyUsage=serverAuth
+EOF
+  openssl req -new -key "$d/apiserver.key" -subj /CN=kube-apiserver -out "$d/apiserver.csr" 2>/dev/null
+  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$d/apiserver.ext" -out "$d/apiserver.crt" 2>/dev/null
+  # One client identity in system:masters for every component: the cluster lives for one test run
+  # inside its own network namespace, so per-component identities would buy nothing here.
+  openssl genrsa -out "$d/admin.key" 2048 2>/dev/null
+  openssl req -new -key "$d/admin.key" -subj "/O=system:masters/CN=e2e-admin" -out "$d/admin.csr" 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' > "$d/client.ext"
+  openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$d/client.ext" -out "$d/admin.crt" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+  cat > "$STATE/admin.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: e2e
+  cluster: {server: "https://$NODE_IP:6443", certificate-authority: "$d/ca.crt"}
+users:
+- name: admin
+  user: {client-certificate: "$d/admin.crt", client-key: "$d/admin.key"}
+contexts:
+- name: e2e
+  context: {cluster: e2e, user: admin}
+current-context: e2e
+EOF
+}
+
+configs() {
+  mkdir -p "$STATE/cni" "$STATE/logs" "$RUN"
+  cat > "$STATE/cni/10-bridge.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "e2e", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": "$STATE/cni-ipam"}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+  cat > "$STATE/containerd.toml" <<EOF
+version = 2
+root = "$STATE/containerd"
+state = "$RUN/containerd"
+[grpc]
+  address = "$SOCK"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  # This VM withholds CAP_SYS_RESOURCE: without this, runc cannot give the pause container its
+  # oom_score_adj of -998 and every sandbox fails (../shared/docs/K8S.md).
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$STATE/cni"
+EOF
+  cat > "$STATE/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: "$STATE/pki/ca.crt"}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+failSwapOn: false
+address: $NODE_IP
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+# A test node: never evict for disk, whatever the host's disk holds.
+evictionHard: {memory.available: "100Mi"}
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+EOF
+  cat > "$STATE/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: iptables
+clientConnection: {kubeconfig: "$STATE/admin.kubeconfig"}
+hostnameOverride: $NODE_NAME
+bindAddress: $NODE_IP
+clusterCIDR: $POD_CIDR
+# Without br_netfilter, replies between two pods on one bridge skip the NAT table: masquerading
+# every Service connection sends the replies back through it.
+iptables: {masqueradeAll: true}
+# Leave the host-global conntrack limits alone.
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+EOF
+}
+
+# start NAME CMD...: run CMD in the namespace, logging to $STATE/logs/NAME.log, PID in $RUN/NAME.pid.
+start() {
+  local name=$1; shift
+  setsid nsenter --net="/run/netns/$NETNS" -- "$@" >"$STATE/logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "$RUN/$name.pid"
+}
+
+node_ready() {
+  kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
+}
+
+running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+up() {
+  [ -x "$K8S_BIN/kube-apiserver" ] || die "K8S_BIN=$K8S_BIN has no kube-apiserver (run build-kubernetes.sh)"
+  [ -f "$PAUSE_TAR" ] || die "PAUSE_TAR=$PAUSE_TAR not found (run base-image.sh)"
+  ! ip netns list | grep -qw "$NETNS" || die "network namespace $NETNS exists: run \`$0 down\` first"
+  mkdir -p "$STATE" "$RUN"
+  # What `down` must put back: sysctls, and whether the kubelet's hard-coded /var/log/pods existed.
+  : > "$STATE/host.saved"
+  for s in "${SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s")" >> "$STATE/host.saved"; done
+  [ -e /var/log/pods ] || echo "created=/var/log/pods" >> "$STATE/host.saved"
+  [ -e /var/log/containers ] || echo "created=/var/log/containers" >> "$STATE/host.saved"
+
+  ip netns add "$NETNS"
+  ip -n "$NETNS" link set lo up
+  # The node's uplink is one end of a veth pair whose other end stays in the namespace too: kubelet
+  # and kube-proxy want an address and a default route; the route leads nowhere.
+  ip -n "$NETNS" link add uplink0 type veth peer name uplink1
+  ip -n "$NETNS" addr add "$NODE_IP/24" dev uplink0
+  ip -n "$NETNS" link set uplink0 up
+  ip -n "$NETNS" link set uplink1 up
+  ip -n "$NETNS" route add default via "${NODE_IP%.*}.1" dev uplink0 onlink
+  in_ns sysctl -qw net.ipv4.ip_forward=1
+  pki
+  configs
+
+  start etcd etcd --name e2e --data-dir "$STATE/etcd" --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e2e=http://127.0.0.1:2380
+  start containerd containerd --config "$STATE/containerd.toml"
+  start kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
+    --advertise-address="$NODE_IP" --bind-address="$NODE_IP" --secure-port=6443 \
+    --service-cluster-ip-range="$SERVICE_CIDR" --client-ca-file="$STATE/pki/ca.crt" \
+    --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
+    --kubelet-client-certificate="$STATE/pki/admin.crt" --kubelet-client-key="$STATE/pki/admin.key" \
+    --service-account-key-file="$STATE/pki/sa.pub" --service-account-signing-key-file="$STATE/pki/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --authorization-mode=Node,RBAC --allow-privileged=false --insecure-port=0 --profiling=false \
+    --kubelet-preferred-address-types=InternalIP
+  wait_for 60 "containerd answers" test -S "$SOCK" || return 1
+  ctr --address "$SOCK" -n k8s.io images import "$PAUSE_TAR" >/dev/null
+  wait_for 90 "API server ready" kc get --raw /readyz || return 1
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$STATE/admin.kubeconfig" \
+    --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
+    --leader-elect=false --use-service-account-credentials=false --bind-address=127.0.0.1 --port=0
+  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$STATE/admin.kubeconfig" --leader-elect=false \
+    --bind-address=127.0.0.1 --port=0
+  start kubelet "$K8S_BIN/kubelet" --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/admin.kubeconfig" \
+    --container-runtime=remote --container-runtime-endpoint="unix://$SOCK" --root-dir="$STATE/kubelet" \
+    --node-ip="$NODE_IP" --hostname-override="$NODE_NAME" --pod-infra-container-image="$PAUSE_IMAGE" \
+    --runtime-request-timeout=5m
+  start kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
+  wait_for 120 "node Ready" node_ready || return 1
+  wait_for 60 "default service account" kc get serviceaccount default -n default || return 1
+  for c in "${COMPONENTS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+}
+
+import_images() {
+  local tar
+  for tar in "$@"; do
+    log "importing $(basename "$tar") ($(du -h "$tar" | cut -f1))"
+    ctr --address "$SOCK" -n k8s.io images import --no-unpack=false "$tar" >/dev/null
+  done
+}
+
+logs() {
+  local c
+  for c in "${COMPONENTS[@]}"; do
+    [ -f "$STATE/logs/$c.log" ] || continue
+    echo "----- $c (last ${LOG_LINES:-25} lines; full log $STATE/logs/$c.log)"
+    grep -v -e 'Failed to set rlimit on max file handles' -e 'perf_event' "$STATE/logs/$c.log" | tail -n "${LOG_LINES:-25}"
+  done
+}
+
+# Stop one component: TERM, up to $2 seconds, then KILL.
+stop() {
+  local name=$1 grace=${2:-10} pid
+  [ -f "$RUN/$name.pid" ] || return 0
+  pid=$(cat "$RUN/$name.pid")
+  # setsid made the nsenter'd process a group leader: signal its whole group.
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq $((grace * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$RUN/$name.pid"
+}
+
+down() {
+  stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
+  if running containerd; then
+    # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
+    local ids
+    ids=$(ctr --address "$SOCK" -n k8s.io tasks list -q 2>/dev/null || true)
+    for id in $ids; do ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "$id" >/dev/null 2>&1 || true; done
+    sleep 1
+    for id in $ids; do ctr --address "$SOCK" -n k8s.io tasks delete -f "$id" >/dev/null 2>&1 || true; done
+  fi
+  # The shims outlive containerd by design; they live in its state folder's namespace.
+  pkill -KILL -f "containerd-shim-runc-v2 -namespace k8s.io .*-address $SOCK" 2>/dev/null || true
+  stop containerd; stop kube-apiserver 15; stop etcd
+  # Mounts under our folders (volumes, rootfs overlays, sandbox shm), deepest first.
+  awk -v s="$STATE" -v r="$RUN" '$2 ~ "^(" s "|" r ")/" {print $2}' /proc/self/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  # The cgroups the kubelet and runc made under each v1 hierarchy (empty now), deepest first.
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    [ -d "${h}kubepods" ] || continue
+    find "${h}kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+  done
+  ip netns list 2>/dev/null | grep -qw "$NETNS" && ip netns delete "$NETNS"
+  if [ -f "$STATE/host.saved" ]; then
+    while IFS='=' read -r key value; do
+      case $key in
+        created) rm -rf "$value" ;;
+        *) sysctl -qw "$key=$value" ;;
+      esac
+    done < "$STATE/host.saved"
+  fi
+  rm -rf "$RUN" "$STATE"
+  log "down: stopped every component and restored the host"
+}
+
+case ${1:-} in
+  preflight) preflight ;;
+  up) up ;;
+  import) shift; import_images "$@" ;;
+  logs) logs ;;
+  down) down ;;
+  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac

@@ -1,0 +1,186 @@
+"""Helpers for the real-cluster e2e: kubectl and helm calls with bounded waits, the evidence a
+failing step prints, and a steady bounded client load that counts every outcome."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StepFailed(AssertionError):
+    pass
+
+
+@dataclass
+class Cluster:
+    kubectl_bin: str
+    helm_bin: str
+    kubeconfig: str
+    image: str
+    namespace: str = "e2e"
+
+    @classmethod
+    def from_env(cls) -> "Cluster":
+        return cls(kubectl_bin=os.environ.get("KUBECTL", "kubectl"), helm_bin=os.environ.get("HELM", "helm"),
+                   kubeconfig=os.environ.get("KUBECONFIG", ""), image=os.environ.get("E2E_IMAGE", ""))
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": self.kubeconfig}
+
+    def run(self, cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
+        if check and proc.returncode != 0:
+            raise StepFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def kubectl(self, *args: str, timeout: float = 60, check: bool = True, namespaced: bool = True) -> str:
+        ns = ["-n", self.namespace] if namespaced else []
+        return self.run([self.kubectl_bin, *ns, "--request-timeout=30s", *args], timeout=timeout, check=check).stdout
+
+    def json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json"))
+
+    def helm(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        return self.run([self.helm_bin, "-n", self.namespace, *args], timeout=timeout, check=check)
+
+    # ------------------------------------------------------------------------- pods
+
+    def pods(self, selector: str) -> list[dict]:
+        return self.json("get", "pods", "-l", selector)["items"]
+
+    @staticmethod
+    def is_ready(pod: dict) -> bool:
+        return pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp") and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+
+    def ready_pods(self, selector: str) -> list[dict]:
+        return [p for p in self.pods(selector) if self.is_ready(p)]
+
+    def wait(self, what: str, check: Callable[[], object], timeout: float, poll: float = 2.0):
+        """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{what}: not within {timeout:.0f}s")
+            time.sleep(poll)
+
+    def container_pid(self, pod: dict, pattern: str) -> int:
+        """The host PID of the process in ``pod`` whose command line contains ``pattern``.
+
+        The e2e shares the host's PID namespace (it only entered the cluster's network
+        namespace), so the pod's processes are visible in /proc; the pod UID in their cgroup
+        path tells them apart from other pods'."""
+        uid = pod["metadata"]["uid"]
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cgroup = (proc / "cgroup").read_text()
+            except OSError:
+                continue
+            if pattern in cmdline and uid in cgroup.replace("_", "-"):
+                return int(proc.name)
+        raise StepFailed(f"no process matching {pattern!r} in pod {pod['metadata']['name']}")
+
+    # ------------------------------------------------------------------------- evidence
+
+    def evidence(self) -> str:
+        parts = []
+        for title, cmd in [
+            ("pods", ["get", "pods", "-A", "-o", "wide"]),
+            ("events", ["get", "events", "-A", "--sort-by=.lastTimestamp"]),
+            ("deployments, services, endpoints", ["get", "deploy,svc,endpoints,hpa,pdb", "-A"]),
+        ]:
+            proc = self.run([self.kubectl_bin, "--request-timeout=20s", *cmd], timeout=40, check=False)
+            parts.append(f"--- kubectl {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+        pods = self.run([self.kubectl_bin, "--request-timeout=20s", "get", "pods", "-A", "-o", "json"], timeout=40, check=False)
+        try:
+            items = json.loads(pods.stdout)["items"]
+        except ValueError:
+            items = []
+        for pod in items:
+            ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+            containers = [c["name"] for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]]
+            for c in containers:
+                for previous in ([], ["--previous"]):
+                    proc = self.run([self.kubectl_bin, "--request-timeout=20s", "logs", "-n", ns, name, "-c", c,
+                                     "--tail=40", *previous], timeout=40, check=False)
+                    if proc.stdout.strip():
+                        parts.append(f"--- logs {ns}/{name} [{c}]{' (previous container)' if previous else ''}\n{proc.stdout}")
+        return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- steady client load
+
+@dataclass
+class Load:
+    """``clients`` threads sending good requests in a loop until stopped, each on a new connection.
+
+    Bounded: it stops after ``max_seconds`` or ``max_requests`` whatever happens. Every outcome is
+    counted: HTTP statuses by code, and connection errors or timeouts by exception type."""
+
+    url: str
+    requests_: list[tuple[str, bytes, str]]  # (model, body, content type)
+    clients: int = 2
+    max_seconds: float = 600
+    max_requests: int = 100_000
+    timeout: float = 30
+    outcomes: collections.Counter = field(default_factory=collections.Counter)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(self.clients)]
+
+    @property
+    def sent(self) -> int:
+        return sum(self.outcomes.values())
+
+    def _record(self, outcome: str, detail: str | None = None) -> None:
+        with self._lock:
+            self.outcomes[outcome] += 1
+            if detail and len(self.failures) < 20:
+                self.failures.append(detail)
+
+    def _loop(self, i: int) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        n = i
+        while not self._stop.is_set() and time.monotonic() < deadline and self.sent < self.max_requests:
+            model, body, ctype = self.requests_[n % len(self.requests_)]
+            n += 1
+            try:
+                resp = requests.post(f"{self.url}/predictions/{model}", data=body, timeout=self.timeout,
+                                     headers={"Content-Type": ctype, "Connection": "close"})
+                ok = 200 <= resp.status_code < 300
+                self._record(str(resp.status_code), None if ok else f"{model}: {resp.status_code} {resp.text[:160]}")
+            except requests.RequestException as e:
+                self._record(type(e).__name__, f"{model}: {type(e).__name__}: {str(e)[:160]}")
+
+    def __enter__(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+
+    def non_2xx(self) -> int:
+        return sum(n for k, n in self.outcomes.items() if not (k.isdigit() and 200 <= int(k) < 300))

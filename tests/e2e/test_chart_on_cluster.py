@@ -1,0 +1,225 @@
+"""The chart on a real single-node Kubernetes: install, serve, roll, drain, restart, test, deploy, uninstall.
+
+Run by `make e2e-k8s` (k8s/cluster/e2e.sh), which starts the cluster and imports the image; the
+tests run in file order and share one release. Every wait is bounded; a failure prints the step's
+events, pod logs and component logs (tests/e2e/conftest.py).
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.client import Client, Settings
+from scripts.demo import sample_inputs
+from scripts.inprocess import load_handler, run_batch
+from tests.e2e.cluster import ROOT, Cluster, Load
+
+RELEASE = "ts"
+VALUES = Path(__file__).with_name("values.yaml")
+SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+DEPLOYMENT = f"{RELEASE}-torchserve-models"
+MODELS = ["cnn", "lstm", "transformer"]
+READY_BOUND_S = 240  # models.startupSeconds in values.yaml: cold start measured 40-90 s on 2 cores
+DRAIN = {"timeoutSeconds": 20, "settleSeconds": 3}  # values.yaml
+GRACE_S = DRAIN["timeoutSeconds"] + DRAIN["settleSeconds"] + 20  # the chart's terminationGracePeriodSeconds
+
+
+def image_values(cluster: Cluster) -> list[str]:
+    repo, _, tag = cluster.image.rpartition(":")
+    return ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}"]
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster):
+    cluster.kubectl("create", "namespace", cluster.namespace, namespaced=False)
+    t0 = time.monotonic()
+    cluster.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(cluster))
+    pod = cluster.wait("a serving pod Ready (every model with a READY worker)",
+                       lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S)[0]
+    print(f"helm install -> pod Ready in {time.monotonic() - t0:.0f}s (bound {READY_BOUND_S}s)")
+    yield pod
+    # Uninstall is asserted by test_uninstall_leaves_nothing; this is the cleanup if a test failed before it.
+    cluster.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", check=False)
+
+
+def service_settings(cluster: Cluster, name: str = DEPLOYMENT) -> Settings:
+    ip = cluster.json("get", "service", name)["spec"]["clusterIP"]
+    return Settings(host=ip, ports={"inference": 8080, "grpc_inference": 7070, "management": 8081, "metrics": 8082,
+                                    "grpc_management": 7071}, timeout=60, inference_token="", management_token="")
+
+
+def test_every_model_ready_and_objects_accepted(cluster, release):
+    pod = release["metadata"]["name"]
+    # Readiness is the probe's verdict; ask the same tool inside the pod for each model by name.
+    out = cluster.kubectl("exec", pod, "-c", "torchserve", "--", "python3", "/opt/torchserve-k8s/pod.py", "ready",
+                          "--models", *MODELS)
+    assert out.strip() == "ready"
+    # The HPA and PDB were accepted in the API versions the chart picked for this cluster
+    # (1.20: autoscaling/v2beta2 and policy/v1beta1, which have no v2 and v1).
+    manifest = {d["kind"]: d["apiVersion"] for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d}
+    served = set(cluster.kubectl("api-versions", namespaced=False).split())
+    assert {manifest["HorizontalPodAutoscaler"], manifest["PodDisruptionBudget"]} <= served
+    hpa = cluster.json("get", "horizontalpodautoscalers." + ".".join(manifest["HorizontalPodAutoscaler"].split("/")[::-1]),
+                       DEPLOYMENT)
+    pdb = cluster.json("get", "poddisruptionbudgets." + ".".join(manifest["PodDisruptionBudget"].split("/")[::-1]),
+                       DEPLOYMENT)
+    assert hpa["spec"]["minReplicas"] == 1 and {m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]
+                                                for m in hpa["spec"]["metrics"]} == set(MODELS)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    config = cluster.json("get", "configmap", f"{DEPLOYMENT}-config")["data"]["config.properties"]
+    assert "load_models=cnn=cnn.mar,lstm=lstm.mar,transformer=transformer.mar" in config
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return sample_inputs()
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_predictions_through_the_service_equal_the_in_process_handler(cluster, release, inputs, transport):
+    with Client(transport, service_settings(cluster)) as client:
+        for model in MODELS:
+            _, payload = inputs[model]
+            handler, ctx = load_handler(model, ROOT / "checkpoints" / model / "checkpoint.pt")
+            answers, statuses, _ = run_batch(handler, ctx, [{"body": payload}])
+            assert statuses[0][0] == 200
+            assert client.predict(model, payload) == answers[0], f"{transport} {model}"
+
+
+def test_management_api_is_not_reachable_from_outside_the_pod(cluster, release):
+    pod = cluster.ready_pods(SELECTOR)[0]
+    ip = pod["status"]["podIP"]
+    for port in (8081, 7071):  # REST and gRPC management
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((ip, port), timeout=5).close()
+    # ... while inference on the same address answers, and management answers inside the pod.
+    socket.create_connection((ip, 8080), timeout=5).close()
+    service_ports = {p["port"] for p in cluster.json("get", "service", DEPLOYMENT)["spec"]["ports"]}
+    assert service_ports == {8080, 7070}
+
+
+def good_requests(inputs) -> list[tuple[str, bytes, str]]:
+    return [("lstm", json.dumps(inputs["lstm"][1]).encode(), "application/json"),
+            ("cnn", inputs["cnn"][1], "image/png")]
+
+
+def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
+    url = f"http://{service_settings(cluster).host}:8080"
+    before = {p["metadata"]["name"] for p in cluster.ready_pods(SELECTOR)}
+    with Load(url, good_requests(inputs), clients=2, max_seconds=400) as load:
+        time.sleep(5)
+        assert load.sent > 0, "no request went through before the restart"
+        cluster.kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
+        cluster.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "--timeout=300s", timeout=320)
+        # The old pod drains after the new one is Ready: keep the load on until it is gone.
+        cluster.wait("the old pods gone", lambda: not before & {p["metadata"]["name"] for p in cluster.pods(SELECTOR)},
+                     GRACE_S + 30)
+        time.sleep(3)
+    print(f"rollout restart under load: {dict(load.outcomes)}")
+    assert load.sent >= 50, f"too few requests to tell ({load.sent})"
+    assert load.non_2xx() == 0, f"{load.non_2xx()} of {load.sent} requests failed: {load.failures}"
+    after = {p["metadata"]["name"] for p in cluster.ready_pods(SELECTOR)}
+    assert after and not after & before
+
+
+def follow_logs(cluster: Cluster, pod: str) -> tuple[subprocess.Popen, list[str]]:
+    lines: list[str] = []
+    proc = subprocess.Popen([cluster.kubectl_bin, "-n", cluster.namespace, "logs", "-f", pod, "-c", "torchserve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def test_deleting_a_pod_drains_and_shuts_the_jvm_down_cleanly(cluster, release):
+    pod = cluster.ready_pods(SELECTOR)[0]["metadata"]["name"]
+    logs, lines = follow_logs(cluster, pod)
+    time.sleep(2)
+    t0 = time.monotonic()
+    cluster.kubectl("delete", "pod", pod, "--wait=true", "--timeout=120s", timeout=130)
+    took = time.monotonic() - t0
+    logs.wait(30)
+    text = "".join(lines)
+    print(f"kubectl delete pod: {took:.1f}s (drain settle {DRAIN['settleSeconds']}s, grace period {GRACE_S}s)")
+    assert "serve: SIGTERM: asking TorchServe to shut down" in text, text[-2000:]
+    assert re.search(r"serve: TorchServe shut down cleanly [\d.]+s after the signal", text), text[-2000:]
+    # Idle, the drain takes its settle time and two quiet polls; then the JVM stops in a few seconds.
+    assert took < DRAIN["settleSeconds"] + 15, f"deletion took {took:.1f}s"
+    cluster.wait("a replacement pod Ready", lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S)
+
+
+def test_a_container_killed_by_its_liveness_probe_comes_back_ready(cluster, release):
+    pod = cluster.ready_pods(SELECTOR)[0]
+    name = pod["metadata"]["name"]
+    restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+    jvm = cluster.container_pid(pod, "org.pytorch.serve.ModelServer")
+    subprocess.run(["kill", "-STOP", str(jvm)], check=True)  # the frontend stops answering: liveness fails
+
+    def restarted_and_ready():
+        p = cluster.json("get", "pod", name)
+        return p["status"]["containerStatuses"][0]["restartCount"] > restarts and cluster.is_ready(p)
+
+    # 3 failed checks 5 s apart, the grace period (the frozen JVM only dies by SIGKILL), then a cold start.
+    cluster.wait(f"pod {name} restarted by its liveness probe and Ready again", restarted_and_ready,
+                 15 + GRACE_S + READY_BOUND_S, poll=3)
+    log = cluster.kubectl("logs", name, "-c", "torchserve")
+    assert "removed /tmp/torchserve-draining left by the previous container" in log
+
+
+def test_helm_test_passes_and_its_pod_is_never_served(cluster, release):
+    # (No --logs: the hook pod is deleted once it succeeds; a failing one stays, and its logs show
+    # in the evidence.)
+    proc = cluster.helm("test", RELEASE, "--timeout", "180s", timeout=200)
+    assert re.search(r"Phase:\s+Succeeded", proc.stdout), proc.stdout
+    endpoints = cluster.json("get", "endpoints", DEPLOYMENT)
+    ips = {a["ip"] for s in endpoints.get("subsets", []) for a in s.get("addresses", []) + s.get("notReadyAddresses", [])}
+    assert ips == {p["status"]["podIP"] for p in cluster.pods(SELECTOR)}
+    pdb = cluster.json("get", "pdb", DEPLOYMENT)
+    assert pdb["status"]["expectedPods"] == len(cluster.pods(SELECTOR))
+
+
+def test_uninstall_leaves_nothing(cluster, release):
+    cluster.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150)
+    kinds = "all,configmap,secret,serviceaccount,pdb,hpa,networkpolicy,endpoints"
+
+    def nothing_left():
+        left = cluster.kubectl("get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name").split()
+        helm_state = cluster.kubectl("get", "secret", "-l", f"owner=helm,name={RELEASE}", "-o", "name").split()
+        return not left and not helm_state
+
+    cluster.wait("nothing of the release left", nothing_left, 120)
+
+
+def test_deploy_tool_applies_waits_and_smoke_tests(cluster):
+    ns = "e2e-deploy"
+    cmd = [sys.executable, "-m", "scripts.deploy", "--namespace", ns, "--values", str(VALUES), *image_values(cluster),
+           "--timeout", str(READY_BOUND_S)]
+    try:
+        proc = cluster.run([*cmd, "apply"], timeout=READY_BOUND_S + 120)
+        assert re.search(r"rollout done in \d+s: 1 pods Ready", proc.stdout), proc.stdout
+        assert re.search(r'smoke: lstm on \S+ -> \{"label": "(fresh|rotten)"', proc.stdout), proc.stdout
+    finally:
+        cluster.run([*cmd, "delete"], timeout=180, check=False)
+    cluster.wait("the deploy tool's pods gone",
+                 lambda: not cluster.run([cluster.kubectl_bin, "-n", ns, "get", "pods", "-o", "name"]).stdout.strip(), 120)
+
+
+def test_deploy_tool_names_a_missing_image_in_one_line(cluster):
+    ns = "e2e-missing"
+    cmd = [sys.executable, "-m", "scripts.deploy", "--namespace", ns, "--values", str(VALUES),
+           "--set", "image.repository=localhost/no-such-image", "--set", "image.tag=0.0.0", "--timeout", "120"]
+    try:
+        proc = cluster.run([*cmd, "apply"], timeout=200, check=False)
+        assert proc.returncode == 1
+        first = proc.stderr.strip().splitlines()[0]
+        assert "cannot pull image localhost/no-such-image:0.0.0" in first, proc.stderr
+    finally:
+        cluster.run([*cmd, "delete"], timeout=180, check=False)
