@@ -2,6 +2,7 @@
 
   python -m scripts.deploy apply              # server-side apply, wait, smoke-predict, report
   python -m scripts.deploy apply --namespace team-a --timeout 1200
+  python -m scripts.deploy apply --values my-values.yaml --set gpu.count=0   # render the chart for this cluster
   python -m scripts.deploy delete             # remove what `apply` created (keeps the namespace)
 
 `apply` checks the cluster answers and (when the pods ask for GPUs) that some node advertises
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import http.client
 import json
 import sys
 import time
@@ -39,6 +41,11 @@ def load_manifests(folder: Path = MANIFESTS, namespace: str | None = None) -> li
     docs = []
     for name in yaml.safe_load(kust.read_text())["resources"]:
         docs += [d for d in yaml.safe_load_all((folder / name).read_text()) if d]
+    return in_namespace(docs, namespace)
+
+
+def in_namespace(docs: list[dict], namespace: str | None) -> list[dict]:
+    """The objects, moved to ``namespace`` if given, the Namespace first."""
     if namespace:
         docs = [copy.deepcopy(d) for d in docs]
         for d in docs:
@@ -97,36 +104,40 @@ def rollout_done(dep) -> bool:
 
 
 def http_over_socket(sock, method: str, path: str, body: bytes, content_type: str, timeout: float) -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 exchange on a connected socket (the port-forward stream)."""
+    """One HTTP/1.1 exchange on a connected socket (the port-forward stream).
+
+    http.client reads exactly the answer's length (Content-Length or chunks): the port-forward
+    stream does not report the far end closing, so reading until EOF would wait for the timeout."""
     sock.settimeout(timeout)
-    head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    sock.sendall(head + body)
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    header, _, payload = data.partition(b"\r\n\r\n")
+    conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    conn.sock = sock
     try:
-        status = int(header.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        raise CLIError(f"port-forward: no HTTP answer ({data[:80]!r})") from None
-    if b"transfer-encoding: chunked" in header.lower():
-        payload = _dechunk(payload)
-    return status, payload
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out, data = out + rest[:size], rest[size + 2:]
-    return out
+        conn.request(method, path, body=body, headers={"Content-Type": content_type})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise CLIError(f"port-forward: no HTTP answer to {method} {path} ({type(e).__name__}: {e})") from None
 
 
 # ----------------------------------------------------------------------------- cluster calls
+
+def render_chart(values: list[Path], sets: list[str], version: str, api_versions: list[str]) -> list[dict]:
+    """The chart rendered with the user's values for this cluster (its version and APIs)."""
+    from . import k8s
+
+    extra = [a for v in values for a in ("-f", str(v))] + [a for kv in sets for a in ("--set", kv)]
+    return k8s.with_namespace(k8s.template(version, *extra, api_versions=api_versions))
+
+
+def api_versions(api) -> tuple[str, list[str]]:
+    """The cluster's full version (for helm's --kube-version) and every group/version it serves."""
+    from kubernetes import client
+
+    version = client.VersionApi(api).get_code(_request_timeout=10).git_version.lstrip("v").split("+")[0].split("-")[0]
+    groups = ["v1"] + [v.group_version for g in client.ApisApi(api).get_api_versions(_request_timeout=10).groups
+                       for v in g.versions]
+    return version, groups
+
 
 def connect():
     from kubernetes import client, config
@@ -234,14 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["apply", "delete"], help="what to do")
     p.add_argument("--manifests", type=Path, default=MANIFESTS, help="rendered manifests (default: k8s/manifests)")
+    p.add_argument("--values", "-f", type=Path, action="append", default=[],
+                   help="render the chart with this values file for the cluster instead of using --manifests (repeatable)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a value for the chart, as helm's --set (repeatable; implies rendering the chart)")
     p.add_argument("--namespace", default=None, help="deploy into this namespace (default: the manifests', ml-serving)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the rollout (default: %(default)s)")
     p.add_argument("--smoke-model", default="lstm", help="model for the smoke prediction (default: %(default)s)")
     p.add_argument("--smoke-text", default="A gripping, beautifully acted film.", help="its input (default: a review)")
     args = p.parse_args(argv)
-    docs = load_manifests(args.manifests, args.namespace)
     api, version = connect()
     print(f"cluster: Kubernetes {version}")
+    if args.values or args.sets:
+        full_version, apis = api_versions(api)
+        docs = in_namespace(render_chart(args.values, args.sets, full_version, apis), args.namespace)
+    else:
+        docs = load_manifests(args.manifests, args.namespace)
     if args.command == "delete":
         delete(api, docs)
         return 0

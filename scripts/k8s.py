@@ -42,22 +42,32 @@ def run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def template(kube_version: str = KUBE_VERSIONS[-1], *extra: str, tests: bool = False) -> list[dict]:
+def template(kube_version: str = KUBE_VERSIONS[-1], *extra: str, tests: bool = False,
+             api_versions: list[str] | None = None) -> list[dict]:
+    """The chart's objects as ``helm template`` renders them for one Kubernetes version.
+
+    ``api_versions``: the API group/versions a real cluster serves (its discovery), so that the
+    chart's ``.Capabilities`` choices (autoscaling/v2 or v2beta2, policy/v1 or v1beta1) match it."""
     cmd = [tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube_version, *extra]
+    for api in api_versions or []:
+        cmd += ["--api-versions", api]
     if not tests:
         cmd.append("--skip-tests")
     return [d for d in yaml.safe_load_all(run(cmd, f"helm template (Kubernetes {kube_version})")) if d]
 
 
-def render_files(docs: list[dict]) -> dict[str, str]:
-    """One file per object, named <kind>-<name>.yaml, plus a kustomization listing them.
-
-    The namespace comes first, with Pod Security Admission enforcing the restricted profile,
-    which every pod of the chart meets."""
+def with_namespace(docs: list[dict]) -> list[dict]:
+    """The chart's objects preceded by their namespace, with Pod Security Admission enforcing the
+    restricted profile, which every pod of the chart meets."""
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest",
         "pod-security.kubernetes.io/warn": "restricted"}}}
-    docs = [namespace, *docs]
+    return [namespace, *docs]
+
+
+def render_files(docs: list[dict]) -> dict[str, str]:
+    """One file per object, named <kind>-<name>.yaml, plus a kustomization listing them."""
+    docs = with_namespace(docs)
     files = {}
     for doc in docs:
         name = f"{doc['kind'].lower()}-{doc['metadata']['name']}.yaml"
