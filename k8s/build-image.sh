@@ -43,8 +43,9 @@ pip_options=""
 if ((offline)); then
   py=${PYTHON:-.venv/bin/python}
   echo "build-image: filling k8s/wheelhouse with the pinned wheels"
+  # (grep: this machine's pip configuration warns about every extra index folder it lacks.)
   "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d k8s/wheelhouse \
-    -c requirements.txt -r k8s/image-requirements.txt
+    -c requirements.txt -r k8s/image-requirements.txt 2> >(grep -v '^WARNING: Location' >&2)
   pip_options="--no-index"
 fi
 
