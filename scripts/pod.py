@@ -195,28 +195,52 @@ def _sha256_path(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- readiness and drain
 
-def _get(url: str, timeout: float):
-    req = urllib.request.Request(url)
-    token = _management_token()
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+def management_get(base: str, path: str, timeout: float = 2.0, key_file: str | os.PathLike | None = None):
+    """GET ``base + path`` on TorchServe's management API as JSON, with the current key.
+
+    With token auth, keys expire (token_expiration_min) and nothing renews them: on a refused key
+    this asks TorchServe for a new one once (``refresh_key``) and tries again."""
+    key_file = key_file or os.environ.get("TS_KEY_FILE")
+    for attempt in (0, 1):
+        req = urllib.request.Request(f"{base}{path}")
+        token = read_key("management", key_file)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            if e.code != 400 or not token or attempt or not refresh_key(base, "management", key_file, timeout):
+                raise
 
 
-def _management_token() -> str | None:
-    key_file = os.environ.get("TS_KEY_FILE")
+def read_key(api: str, key_file: str | os.PathLike | None = None) -> str | None:
+    """The current key for "inference", "management" or "API" from TorchServe's key file."""
     if key_file and Path(key_file).is_file():
         try:
-            return json.loads(Path(key_file).read_text())["management"]["key"]
-        except (ValueError, KeyError):
+            return json.loads(Path(key_file).read_text())[api]["key"]
+        except (ValueError, KeyError, TypeError):
             return None
     return None
 
 
+def refresh_key(base: str, api: str, key_file: str | os.PathLike | None, timeout: float = 2.0) -> bool:
+    """Have TorchServe issue a new ``api`` key (it rewrites the key file), with the API key, which
+    does not expire. True when it did."""
+    api_key = read_key("API", key_file)
+    if not api_key:
+        return False
+    req = urllib.request.Request(f"{base}/token?type={api}", headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def model_states(url: str = MANAGEMENT, timeout: float = 2.0) -> dict[str, list[dict]]:
-    names = [m["modelName"] for m in _get(f"{url}/models?limit=1000", timeout)["models"]]
-    return {name: _get(f"{url}/models/{name}", timeout) for name in names}
+    names = [m["modelName"] for m in management_get(url, "/models?limit=1000", timeout)["models"]]
+    return {name: management_get(url, f"/models/{name}", timeout) for name in names}
 
 
 def not_ready(states: dict[str, list[dict]], expected: list[str] | None = None) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from . import pod
 from .common import ROOT, CLIError, run_cli
 
 # TorchServe's settings, shared with the chart (its ConfigMap renders the same file), so what
@@ -169,21 +170,12 @@ def check_ports_free(cfg: ServerConfig) -> None:
 
 def read_token(cfg: ServerConfig, api: str) -> str | None:
     """The current key for `inference`, `management` or `API` from the run's key file."""
-    if not cfg.auth:
-        return None
-    try:
-        return json.loads(cfg.key_file.read_text())[api]["key"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return pod.read_key(api, cfg.key_file) if cfg.auth else None
 
 
 def describe(cfg: ServerConfig, model: str, timeout: float = 5.0) -> list[dict]:
-    req = urllib.request.Request(f"{cfg.url('management')}/models/{model}")
-    token = read_token(cfg, "management")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+    """describe-model; an expired management key is renewed (pod.management_get)."""
+    return pod.management_get(cfg.url("management"), f"/models/{model}", timeout, cfg.key_file if cfg.auth else None)
 
 
 def ready_workers(info: list[dict]) -> int:
@@ -371,9 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         if running_pid(cfg) is None:
             raise CLIError(f"no TorchServe running from {cfg.run_dir}; run `make serve`")
-        for m, version, workers in status_rows(cfg):
+        rows = status_rows(cfg)
+        for m, version, workers in rows:
             print(f"{m:12s} {version:8s} {workers}")
-        return 0
+        # A model the server cannot describe, or with no READY worker, is not serving.
+        return 0 if all("READY" in workers for _, _, workers in rows) else 1
     t0 = time.monotonic()
     state = start(cfg, args.timeout)
     loaded = ", ".join(f"{m} v{info[0].get('modelVersion')}" for m, info in state.items())

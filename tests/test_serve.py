@@ -243,6 +243,28 @@ def test_a_broken_archive_is_refused_in_one_line_before_anything_starts(archive_
         serve.check_ports_free(cfg)  # nothing was left listening
 
 
+def test_expired_keys_are_renewed_for_readiness_and_status(archive_store, tmp_path, monkeypatch):
+    """With token auth, keys expire and nothing renewed them: readiness failed for good."""
+    _, store = archive_store
+    base = tmp_path / "config.properties"
+    base.write_text(serve.BASE_CONFIG.read_text() + "token_expiration_min=0.1\n")  # 6 s
+    monkeypatch.setattr(serve, "BASE_CONFIG", base)
+    cfg = server_config(tmp_path / "run", store, models=["lstm"])
+    serve.start(cfg)
+    try:
+        first = serve.read_token(cfg, "management")
+        time.sleep(7)
+        env = {**os.environ, "TS_KEY_FILE": str(cfg.key_file)}
+        ready = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod.py"), "ready", "--url", cfg.url("management")],
+                               env=env, capture_output=True, text=True, timeout=30)
+        assert ready.returncode == 0, ready.stderr
+        assert serve.read_token(cfg, "management") != first
+        time.sleep(7)
+        assert all("READY" in w for _, _, w in serve.status_rows(cfg))
+    finally:
+        serve.stop(cfg)
+
+
 def test_a_model_that_cannot_load_fails_start_with_its_worker_log(tiny_checkpoints, tmp_path):
     from scripts import archive
 
