@@ -34,7 +34,7 @@ VARIANT ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench variants demo test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -127,6 +127,9 @@ undeploy: install ## delete what `make deploy` applied (keeps the namespace)
 
 bench: archive protos ## served vs in-process throughput and latency, cold start, RSS -> bench/results (BENCH=quick: ~1 min)
 	$(PY) -m scripts.bench $(if $(filter quick,$(BENCH)),--quick) --models $(MODELS) $(ARGS)
+
+soak: archive protos ## >=10,000 mixed good and hostile requests (REST+gRPC, 24 clients), one worker killed -> bench/results/soak-*.json
+	$(PY) -m scripts.soak $(ARGS)
 
 variants: install ## accuracy/BLEU delta and speed of a variant (VARIANT=int8, aoti, bfloat16, float16) against eager, on the test split
 	$(PY) -m scripts.variants --models $(MODELS) $(if $(VARIANT),--variant $(VARIANT)) $(ARGS)

@@ -65,7 +65,7 @@ class Timeout(ClientError):
 
 
 class ServerError(ClientError):
-    """The server failed the request (5xx), e.g. a worker died mid-request (REST 500 "Worker died.")."""
+    """The server failed the request (5xx), e.g. a worker died mid-request ("Worker died.")."""
 
 
 def _error_for(status: int, message: str) -> ClientError:
@@ -231,6 +231,8 @@ class GrpcTransport:
             return ModelNotFound(msg, 404)
         if code == C.UNAVAILABLE and ("connect" in detail.lower() or "unreachable" in detail.lower()):
             return ServerError(f"{what}: cannot connect to {self.s.host}; is the server running? ({detail})")
+        if "Worker died" in detail:  # gRPC says INTERNAL or RESOURCE_EXHAUSTED for it: not an overload
+            return ServerError(msg, 500)
         if code == C.RESOURCE_EXHAUSTED or (code == C.UNAVAILABLE and "queue" in detail.lower()):
             return Overloaded(msg, 503)
         if code == C.INVALID_ARGUMENT:

@@ -69,3 +69,35 @@ def test_autocast_variants_are_refused_without_cuda_and_the_wrapper_keeps_the_an
         eager, bf16 = model(x), variants.Autocast(model, torch.bfloat16, "cpu")(x)
     assert bf16.dtype == torch.float32 and (eager.argmax(-1) == bf16.argmax(-1)).float().mean() >= 0.75
     assert (eager - bf16).abs().max() < 0.5
+
+
+def test_soak_mixes_good_and_hostile_requests_and_survives_a_killed_worker(archive_store, tmp_path):
+    """A small `make soak`: every class's outcome is recorded, and it passes only by its own rules."""
+    from scripts import soak
+
+    _, store = archive_store
+    assert soak.main(["--requests", "400", "--clients", "8", "--hostile-share", "0.1", "--model-store", str(store),
+                      "--output", str(tmp_path)]) == 0
+    [js] = tmp_path.glob("soak-*.json")
+    r = json.loads(js.read_text())
+    assert r["requests"] == 400 and r["passed"] and r["hangs"] == 0 and not r["failures"]
+    assert r["worker_restarts"] == {"lstm": [r["killed_worker"]["pid"]]}
+    classes = r["outcomes_by_class"]
+    assert {c.split()[0] for c in classes} >= {"good:cnn", "good:lstm", "good:transformer", "hostile:non_ascii_key"}
+    assert all(set(o) <= {"400", "413", "500", "507"} for c, o in classes.items() if c.startswith("hostile:"))
+
+
+def test_soak_judges_failures_outside_the_kill_window():
+    from scripts.soak import judge
+
+    kill = {"at": 100.0, "pid": 7}
+    before, after = {"lstm": {7, 8}, "cnn": {9}}, {"lstm": {8, 10}, "cnn": {9}}
+    records = [("good:lstm", "rest", "507", 101.0, "Worker died."), ("good:cnn", "grpc", "2xx", 102.0, ""),
+               ("hostile:deep_json", "rest", "400", 103.0, "")]
+    ok = judge(records, before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
+    assert ok["passed"] and ok["killed_worker"]["in_flight_outcomes"] == {"good:lstm rest 507": 1}
+    late = judge([*records, ("good:lstm", "grpc", "500", 130.0, "Worker died.")], before, after, kill, "lstm", 10.0,
+                 {"deep_json": "lstm"})
+    assert not late["passed"] and late["failures"] == {"good:lstm grpc 500": 1}
+    restarted = judge(records, before, {"lstm": {8, 10}, "cnn": {11}}, kill, "lstm", 10.0, {"deep_json": "lstm"})
+    assert not restarted["passed"] and restarted["unexpected_restarts"] == {"cnn": [9]}
