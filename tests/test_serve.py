@@ -265,6 +265,25 @@ def test_expired_keys_are_renewed_for_readiness_and_status(archive_store, tmp_pa
         serve.stop(cfg)
 
 
+def test_stop_ends_workers_still_starting_from_a_scale_up(archive_store, tmp_path):
+    """`stop` printed "stopped" while workers of a scale-up under way were still alive."""
+    import requests
+
+    _, store = archive_store
+    cfg = server_config(tmp_path / "run", store, models=["lstm"])
+    serve.start(cfg)
+    sid = os.getsid(serve.running_pid(cfg))
+    try:
+        token = serve.read_token(cfg, "management")
+        resp = requests.put(f"{cfg.url('management')}/models/lstm?min_worker=6&synchronous=false", timeout=10,
+                            headers={"Authorization": f"Bearer {token}"})
+        assert resp.status_code == 202, resp.text
+        time.sleep(1.5)  # the new workers are being spawned
+    finally:
+        assert serve.stop(cfg)
+    assert not serve.session_processes(sid), "processes of the server outlived stop"
+
+
 def test_a_model_that_cannot_load_fails_start_with_its_worker_log(tiny_checkpoints, tmp_path):
     from scripts import archive
 
