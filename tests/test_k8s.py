@@ -182,6 +182,19 @@ def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
     assert by_kind(docs, "PodDisruptionBudget")[0]["apiVersion"] == pdb
 
 
+def test_autoscaling_follows_the_served_models_and_the_uid_can_be_left_to_the_platform():
+    two = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "models.names={cnn,lstm}")
+    [hpa] = by_kind(two, "HorizontalPodAutoscaler")
+    assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == ["cnn", "lstm"]
+    proc = subprocess.run([k8s_tool.tool("helm"), "template", "x", str(k8s_tool.CHART), "--set", "models.names={cnn,resnet}"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "targetRequestsPerSecond has no entry for model resnet" in proc.stderr
+    openshift = json.dumps(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "podSecurity.runAsUser=null"))
+    assert "runAsUser" not in openshift and "fsGroup" not in openshift and '"runAsNonRoot": true' in openshift
+    [dep] = by_kind(k8s_tool.template(), "Deployment")
+    assert dep["metadata"]["labels"]["app.kubernetes.io/version"] == "0.1.0"  # the image's version
+
+
 def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_path, monkeypatch):
     out = subprocess.run([k8s_tool.tool("kubectl"), "kustomize", str(k8s_tool.MANIFESTS)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -47,11 +47,24 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{/* The in-pod tool (scripts/pod.py) as the image installs it. */}}
+{{- define "tsm.podTool" -}}
+/opt/torchserve-k8s/pod.py
+{{- end -}}
+
+{{/* The user and group the pods run as; omitted when podSecurity.runAsUser is null, so that
+OpenShift's restricted SCC can assign its arbitrary UID (the image writes only to volumes). */}}
+{{- define "tsm.runAs" -}}
+{{- with .Values.podSecurity.runAsUser }}
+runAsUser: {{ . }}
+runAsGroup: {{ . }}
+{{- end }}
+{{- end -}}
+
 {{/* Security context every container shares: non-root, read-only root, no capabilities. */}}
 {{- define "tsm.containerSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
+{{- include "tsm.runAs" . }}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 privileged: false
@@ -59,4 +72,14 @@ capabilities:
   drop: ["ALL"]
 seccompProfile:
   type: RuntimeDefault
+{{- end -}}
+
+{{/* The per-pod request-rate target of one served model; a served model without one is an error. */}}
+{{- define "tsm.rateTarget" -}}
+{{- $root := index . 0 -}}{{- $model := index . 1 -}}
+{{- $t := index $root.Values.autoscaling.targetRequestsPerSecond $model -}}
+{{- if not $t -}}
+{{- fail (printf "autoscaling.targetRequestsPerSecond has no entry for model %s (models.names)" $model) -}}
+{{- end -}}
+{{- $t -}}
 {{- end -}}
