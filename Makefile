@@ -34,7 +34,7 @@ VARIANT ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo lint test-fast test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -139,7 +139,15 @@ demo: install protos ## the main job end to end: data -> quick training -> archi
 	@$(MAKE) --no-print-directory archive
 	$(PY) -m scripts.demo $(ARGS)
 
-test: install protos k8s-tools ## run the test suite, then the real-cluster e2e (what CI runs)
+lint: install ## ruff (lint and format check) and the import layers models <- handlers <- scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test-fast: install protos k8s-tools ## unit tests only: no server, no archiver, no cluster (under 2 minutes)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test: install protos k8s-tools lint ## lint, the whole test suite, then the real-cluster e2e (what CI runs)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory e2e-k8s
 

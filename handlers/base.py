@@ -6,6 +6,7 @@ and raises ``InvalidInput``; that request gets its own 4xx via ``context.set_res
 while the rest of the batch goes through one forward pass together. No exception escapes
 ``handle`` for bad input, so a bad request never fails its neighbours or kills the worker.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,7 +45,7 @@ def safe_message(text: str, limit: int = MAX_MESSAGE) -> str:
     made a status line clients reset on."""
     ascii_text = text.encode("ascii", "backslashreplace").decode("ascii")
     printable = "".join(c if " " <= c <= "~" else "?" for c in ascii_text)
-    return printable if len(printable) <= limit else printable[:limit - 3] + "..."
+    return printable if len(printable) <= limit else printable[: limit - 3] + "..."
 
 
 class InvalidInput(ValueError):
@@ -97,7 +98,12 @@ def decode_text(payload: Any) -> str:
 
 def maybe_json(payload: Any) -> Any:
     """Bytes/str that hold a JSON object (gRPC sends JSON as bytes) -> the object; else unchanged."""
-    if isinstance(payload, (bytes, bytearray)) and payload[:1] == b"{" or isinstance(payload, str) and payload[:1] == "{":
+    if (
+        isinstance(payload, (bytes, bytearray))
+        and payload[:1] == b"{"
+        or isinstance(payload, str)
+        and payload[:1] == "{"
+    ):
         try:
             return json.loads(payload)
         except (ValueError, UnicodeDecodeError):
@@ -209,7 +215,9 @@ class CheckpointHandler(BaseHandler):
         if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
             raise ValueError(f"{serialized}: not a checkpoint of format {CHECKPOINT_FORMAT}")
         if ckpt.get("model_name") != self.model_name:
-            raise ValueError(f"{serialized}: holds model {ckpt.get('model_name')!r}, this handler serves {self.model_name!r}")
+            raise ValueError(
+                f"{serialized}: holds model {ckpt.get('model_name')!r}, this handler serves {self.model_name!r}"
+            )
         self.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
         self.model = build_model(self.model_name, ckpt["config"])
         self.model.load_state_dict(ckpt["state_dict"])
@@ -217,8 +225,14 @@ class CheckpointHandler(BaseHandler):
         self.model = optimize(self.model, cfg.get("optimize", "none"), self.device, model_dir)
         self.setup(ckpt)
         self.initialized = True
-        logger.info("%s: loaded %s on %s in %.2fs (options %s)", type(self).__name__, serialized,
-                    self.device, time.perf_counter() - t0, self.options)
+        logger.info(
+            "%s: loaded %s on %s in %.2fs (options %s)",
+            type(self).__name__,
+            serialized,
+            self.device,
+            time.perf_counter() - t0,
+            self.options,
+        )
 
     # -- what subclasses provide ------------------------------------------------------------
 
@@ -274,23 +288,28 @@ class CheckpointHandler(BaseHandler):
         for i, request in enumerate(data):
             try:
                 if _is_form(context, i):
-                    raise InvalidInput("body was sent as an HTML form (curl -d/--data-binary without a Content-Type): "
-                                       "send raw bytes with Content-Type application/octet-stream, image/*, "
-                                       "text/plain or application/json, or use curl -T", 415)
+                    raise InvalidInput(
+                        "body was sent as an HTML form (curl -d/--data-binary without a Content-Type): "
+                        "send raw bytes with Content-Type application/octet-stream, image/*, "
+                        "text/plain or application/json, or use curl -T",
+                        415,
+                    )
                 parsed, many = self.parse(maybe_json(request_payload(request or {})))
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
                 continue
             except Exception as e:  # a parser bug must still fail this request alone
                 logger.exception("request %d: unexpected error while parsing", i)
-                results[i] = self._fail(context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500))
+                results[i] = self._fail(
+                    context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500)
+                )
                 continue
             groups.append((i, len(parsed), many))
             items.extend(parsed)
         answers = self.predict_items(items) if items else []
         pos = 0
         for i, n, many in groups:
-            out = answers[pos:pos + n]
+            out = answers[pos : pos + n]
             pos += n
             results[i] = _json(out if many else out[0])
             context.set_response_content_type(i, "application/json; charset=utf-8")
@@ -299,8 +318,14 @@ class CheckpointHandler(BaseHandler):
         # Every worker stdout line is also parsed and logged by the frontend, so a clean batch is
         # logged at DEBUG; one with refused requests shows at INFO.
         failed = len(data) - len(groups)
-        logger.log(logging.INFO if failed else logging.DEBUG, "batch_size=%d items=%d failed=%d ms=%.1f",
-                   len(data), len(items), failed, 1000 * (time.perf_counter() - t0))
+        logger.log(
+            logging.INFO if failed else logging.DEBUG,
+            "batch_size=%d items=%d failed=%d ms=%.1f",
+            len(data),
+            len(items),
+            failed,
+            1000 * (time.perf_counter() - t0),
+        )
         return results
 
     @staticmethod
@@ -327,18 +352,25 @@ def optimize(model: torch.nn.Module, how: str, device: torch.device, model_dir: 
         # tensors, which quantised Linears no longer have. The decoder and the vocabulary
         # projection, the translator's largest layers, are still quantised.
         encoders = [n for n, m in model.named_modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
-        spec = {n: torch.ao.quantization.default_dynamic_qconfig for n, m in model.named_modules()
-                # exact types: attention's out_proj is a Linear subclass attention reads directly
-                if type(m) in (torch.nn.Linear, torch.nn.LSTM) and not any(n.startswith(e + ".") for e in encoders)}
+        spec = {
+            n: torch.ao.quantization.default_dynamic_qconfig
+            for n, m in model.named_modules()
+            # exact types: attention's out_proj is a Linear subclass attention reads directly
+            if type(m) in (torch.nn.Linear, torch.nn.LSTM) and not any(n.startswith(e + ".") for e in encoders)
+        }
         with warnings.catch_warnings():  # torch marks its quantised tensor constructors deprecated
             warnings.simplefilter("ignore", UserWarning)
             return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8)
     if how == "aoti":
         if device.type != "cpu":
-            raise ValueError("optimize: aoti archives hold code compiled for a CPU; on CUDA use cuda_dtype: bfloat16 or float16")
+            raise ValueError(
+                "optimize: aoti archives hold code compiled for a CPU; on CUDA use cuda_dtype: bfloat16 or float16"
+            )
         path = os.path.join(model_dir or ".", AOTI_PACKAGE)
         if not os.path.isfile(path):
-            raise ValueError(f"optimize: aoti needs {AOTI_PACKAGE} in the archive; build it with make archive VARIANT=aoti")
+            raise ValueError(
+                f"optimize: aoti needs {AOTI_PACKAGE} in the archive; build it with make archive VARIANT=aoti"
+            )
         return CompiledForward(torch._inductor.aoti_load_package(path))
     raise ValueError(f"optimize must be none, int8 or aoti, got {how!r}")
 

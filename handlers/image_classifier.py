@@ -4,6 +4,7 @@ Accepts per request: PNG/JPEG/... bytes (raw body or multipart field), a base64 
 URL), or JSON {"data": <base64>, "topk": k}. Any size and colour mode is converted to grayscale
 28x28 with the training normalisation. Answers {label: probability} for the top k labels.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,7 +38,7 @@ class ImageClassifierHandler(CheckpointHandler):
         if isinstance(payload, dict):
             unknown = set(payload) - {"data", "topk"}
             if "data" not in payload or unknown:
-                raise InvalidInput("JSON body must be {\"data\": <base64 image>, \"topk\": <int, optional>}")
+                raise InvalidInput('JSON body must be {"data": <base64 image>, "topk": <int, optional>}')
             if "topk" in payload:
                 topk = positive_int(payload["topk"], "topk", len(self.labels))
             payload = payload["data"]
@@ -81,9 +82,9 @@ class ImageClassifierHandler(CheckpointHandler):
 
     def postprocess(self, probs, items=None):
         out = []
-        for row, (_, k) in zip(probs.cpu(), items):
+        for row, (_, k) in zip(probs.cpu(), items, strict=True):
             p, idx = row.topk(k)
-            out.append({self.labels[i]: round(float(v), 6) for v, i in zip(p.tolist(), idx.tolist())})
+            out.append({self.labels[i]: round(float(v), 6) for v, i in zip(p.tolist(), idx.tolist(), strict=True)})
         return out
 
 

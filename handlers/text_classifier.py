@@ -3,6 +3,7 @@
 Accepts per request: raw UTF-8 text, or JSON {"text": "..."} / {"text": ["...", "..."]}.
 Answers {"label": ..., "probabilities": {label: p}} per text (a list when a list was sent).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,7 +44,10 @@ class TextClassifierHandler(CheckpointHandler):
         return torch.softmax(self.model(batch).float(), dim=-1)
 
     def postprocess(self, probs, items=None):
-        return [{"label": self.labels[int(row.argmax())],
-                 "probabilities": {l: round(float(p), 6) for l, p in zip(self.labels, row.tolist())}}
-                for row in probs.cpu()]
-
+        return [
+            {
+                "label": self.labels[int(row.argmax())],
+                "probabilities": {line: round(float(p), 6) for line, p in zip(self.labels, row.tolist(), strict=True)},
+            }
+            for row in probs.cpu()
+        ]

@@ -4,6 +4,7 @@ Accepts per request: raw UTF-8 text, or JSON {"text": str | [str], "max_length":
 Answers {"translation": "..."} per text (a list when a list was sent). The whole batch is
 decoded greedily together, each row stopping at its own <eos> or max_length.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,4 +51,7 @@ class TranslatorHandler(CheckpointHandler):
         return self.model.greedy_decode(batch, max_length=max(n for _, n in items))
 
     def postprocess(self, ids, items=None):
-        return [{"translation": self.tgt_vocab.decode(row[:n])} for row, (_, n) in zip(ids.cpu().tolist(), items)]
+        return [
+            {"translation": self.tgt_vocab.decode(row[:n])}
+            for row, (_, n) in zip(ids.cpu().tolist(), items, strict=True)
+        ]

@@ -2,6 +2,7 @@
 
 Everything in this package is pure: no file or network I/O, no device choice, no argparse.
 """
+
 from __future__ import annotations
 
 import dataclasses

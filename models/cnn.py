@@ -1,4 +1,5 @@
 """Small convolutional classifier for 1x28x28 images (MNIST digits by default)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Image preprocessing shared by training on image folders and the image handler."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Bidirectional LSTM text classifier over a vocabulary built at train time."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,9 +47,7 @@ class LSTMClassifier(nn.Module):
         mask[:, 0] = True  # an all-padding row still pools one step instead of nothing
         lengths = mask.sum(1)
         emb = self.drop(self.embed(ids))  # (B, T, E)
-        packed = nn.utils.rnn.pack_padded_sequence(
-            emb, lengths.cpu(), batch_first=True, enforce_sorted=False
-        )
+        packed = nn.utils.rnn.pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.size(1))
         # out: (B, T, feat); padded steps are zero

@@ -3,6 +3,7 @@
 One implementation on purpose: the handler imports this module from inside the .mar, so a
 token seen at train time maps to the same id at serving time.
 """
+
 from __future__ import annotations
 
 import re
@@ -49,7 +50,7 @@ class Vocab:
             raise ValueError("vocabulary has duplicate tokens")
 
     @classmethod
-    def build(cls, texts: Iterable[str], max_size: int, min_freq: int = 1) -> "Vocab":
+    def build(cls, texts: Iterable[str], max_size: int, min_freq: int = 1) -> Vocab:
         counts = Counter(tok for text in texts for tok in tokenize(text))
         # Sort by (-count, token) so the same corpus always gives the same ids.
         common = sorted((c, t) for t, c in counts.items() if c >= min_freq and t not in SPECIALS)
@@ -82,5 +83,5 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tens
     width = max(1, max(len(s) for s in seqs))
     out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out

@@ -1,4 +1,5 @@
 """Encoder-decoder Transformer translator (English -> Spanish by default)."""
+
 from __future__ import annotations
 
 import math

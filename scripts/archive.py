@@ -14,6 +14,7 @@ into the archive's model.pt2: native code for the CPU it was built on (a C++ com
 about 40 s), so build it on the kind of host that serves it. The same host and toolchain give the
 same bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ def created_on(ckpt: dict) -> str:
         ts = int(ckpt["created_at"])
     else:
         raise CLIError("checkpoint has no created_at; set SOURCE_DATE_EPOCH or retrain")
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%d/%m/%Y %H:%M:%S")
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%d/%m/%Y %H:%M:%S")
 
 
 def normalise_zip(src: Path, dst: Path, created: str) -> None:
@@ -94,8 +95,10 @@ def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
 def check_aoti(model_name: str) -> None:
     """Refuse the aoti variant where it can't be built, before any work is done."""
     if model_name != "cnn":
-        raise CLIError(f"optimize aoti: only the cnn's forward answers requests; {model_name} "
-                       + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step"))
+        raise CLIError(
+            f"optimize aoti: only the cnn's forward answers requests; {model_name} "
+            + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step")
+        )
     if shutil.which("c++") is None and shutil.which("g++") is None:
         raise CLIError("optimize aoti: AOTInductor needs a C++ compiler (apt-get install g++)")
 
@@ -129,7 +132,9 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         raise CLIError(f"{checkpoint}: holds model {ckpt['model_name']!r}, not {model!r}")
     if not config.is_file():
         raise CLIError(f"{config}: model config not found")
-    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which("torch-model-archiver")
+    archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
+        "torch-model-archiver"
+    )
     if archiver is None:
         raise CLIError("torch-model-archiver not found; run `make install`")
     variant = optimize or _config_optimize(config)
@@ -144,10 +149,24 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
             from handlers.base import AOTI_PACKAGE
 
             compile_aoti(model, ckpt, stage / AOTI_PACKAGE)
-        cmd = [archiver, "--model-name", model, "--version", version,
-               "--serialized-file", str(checkpoint), "--handler", str(stage / "handlers" / HANDLERS[model]),
-               "--extra-files", str(extra), "--config-file", str(config),
-               "--export-path", str(out), "--force"]
+        cmd = [
+            archiver,
+            "--model-name",
+            model,
+            "--version",
+            version,
+            "--serialized-file",
+            str(checkpoint),
+            "--handler",
+            str(stage / "handlers" / HANDLERS[model]),
+            "--extra-files",
+            str(extra),
+            "--config-file",
+            str(config),
+            "--export-path",
+            str(out),
+            "--force",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CLIError(f"torch-model-archiver failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
@@ -166,9 +185,11 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         "optimize": variant,
         "metrics": ckpt["metrics"]["test"],
         "data_fingerprint": ckpt["data"]["fingerprint"],
-        "versions": {"torch": ckpt["versions"]["torch"],
-                     "torchserve": importlib.metadata.version("torchserve"),
-                     "torch-model-archiver": importlib.metadata.version("torch-model-archiver")},
+        "versions": {
+            "torch": ckpt["versions"]["torch"],
+            "torchserve": importlib.metadata.version("torchserve"),
+            "torch-model-archiver": importlib.metadata.version("torch-model-archiver"),
+        },
         "git_commit": ckpt.get("git_commit", "unknown"),
         "archived_from_commit": git_commit(),
     }
@@ -233,20 +254,38 @@ def _sha256_bytes(data: bytes) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="archive", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="archive", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build model-store/<model>.mar from a checkpoint")
     b.add_argument("--model", required=True, choices=sorted(HANDLERS), help="which model (required)")
-    b.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to archive (default: checkpoints/<model>/checkpoint.pt)")
+    b.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint to archive (default: checkpoints/<model>/checkpoint.pt)",
+    )
     b.add_argument("--version", default="1.0", help="model version in the archive (default: %(default)s)")
-    b.add_argument("--export-path", type=Path, default=ROOT / "model-store", help="output folder (default: model-store)")
-    b.add_argument("--config", type=Path, default=None, help="model-config.yaml (default: handlers/config/<model>.yaml)")
-    b.add_argument("--optimize", choices=["none", "int8", "aoti"], default=None,
-                   help="optimisation variant written into the archive's config (default: the config's own, none)")
+    b.add_argument(
+        "--export-path", type=Path, default=ROOT / "model-store", help="output folder (default: model-store)"
+    )
+    b.add_argument(
+        "--config", type=Path, default=None, help="model-config.yaml (default: handlers/config/<model>.yaml)"
+    )
+    b.add_argument(
+        "--optimize",
+        choices=["none", "int8", "aoti"],
+        default=None,
+        help="optimisation variant written into the archive's config (default: the config's own, none)",
+    )
     v = sub.add_parser("verify", help="recompute sha256 and sizes against manifest.json")
-    v.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="folder with the archives (default: model-store)")
-    v.add_argument("--model", action="append", default=None, help="only this model; repeatable (default: every listed archive)")
+    v.add_argument(
+        "--model-store", type=Path, default=ROOT / "model-store", help="folder with the archives (default: model-store)"
+    )
+    v.add_argument(
+        "--model", action="append", default=None, help="only this model; repeatable (default: every listed archive)"
+    )
     return p
 
 
@@ -256,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = args.checkpoint or ROOT / "checkpoints" / args.model / "checkpoint.pt"
         config = args.config or ROOT / "handlers" / "config" / f"{args.model}.yaml"
         e = build(args.model, ckpt, args.version, args.export_path, config, args.optimize)
-        print(f"{args.export_path / e['file']}: version {e['version']}, {e['size'] / 1e6:.2f} MB "
-              f"(checkpoint {e['checkpoint_size'] / 1e6:.2f} MB), sha256 {e['sha256'][:16]}…")
+        print(
+            f"{args.export_path / e['file']}: version {e['version']}, {e['size'] / 1e6:.2f} MB "
+            f"(checkpoint {e['checkpoint_size'] / 1e6:.2f} MB), sha256 {e['sha256'][:16]}…"
+        )
         return 0
     problems = verify(args.model_store, args.model)
     for p in problems:

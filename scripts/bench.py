@@ -12,6 +12,7 @@ Measures, for each model, with the archives in model-store/ and inputs from the 
   start    archive build time, TorchServe start to every model READY, frontend and worker RSS
 Writes bench/results/<timestamp>.json, .md and .png (throughput and p99 vs concurrency).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ def test_inputs(model: str, n: int) -> list:
     from PIL import Image
 
     from models.text import tokenize
+
     from .data import load_dataset
 
     ds = load_dataset(model)
@@ -75,7 +77,9 @@ class RawRest:
 
         conn = getattr(self.local, "conn", None)
         if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection(self.s.host, self.s.ports["inference"], timeout=self.s.timeout)
+            conn = self.local.conn = http.client.HTTPConnection(
+                self.s.host, self.s.ports["inference"], timeout=self.s.timeout
+            )
         body, ctype = _as_bytes(data)
         headers = {"Content-Type": ctype}
         token = self.s.token("inference")
@@ -107,9 +111,16 @@ def run_level(client, model: str, inputs: list, concurrency: int, requests: int)
         list(pool.map(one, range(requests)))
     wall = time.perf_counter() - t0
     ms = [1000 * v for v in latencies]
-    return {"concurrency": concurrency, "requests": requests, "ok": len(ms), "errors": errors,
-            "throughput_rps": len(ms) / wall, "p50_ms": percentile(ms, 50) if ms else None,
-            "p95_ms": percentile(ms, 95) if ms else None, "p99_ms": percentile(ms, 99) if ms else None}
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "ok": len(ms),
+        "errors": errors,
+        "throughput_rps": len(ms) / wall,
+        "p50_ms": percentile(ms, 50) if ms else None,
+        "p95_ms": percentile(ms, 95) if ms else None,
+        "p99_ms": percentile(ms, 99) if ms else None,
+    }
 
 
 def queue_counters(metrics_text: str) -> tuple[float, float]:
@@ -159,8 +170,12 @@ def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> 
         for _ in range(repeats):
             run_batch(handler, ctx, reqs)
         full = (time.perf_counter() - t) / repeats
-        out[str(bs)] = {"forward_ms": 1000 * forward, "forward_items_per_s": bs / forward,
-                        "handler_ms": 1000 * full, "handler_items_per_s": bs / full}
+        out[str(bs)] = {
+            "forward_ms": 1000 * forward,
+            "forward_items_per_s": bs / forward,
+            "handler_ms": 1000 * full,
+            "handler_items_per_s": bs / full,
+        }
     return out
 
 
@@ -181,8 +196,11 @@ def cpu_seconds(pid: int) -> dict[str, float]:
         return t.user + t.system
 
     front = psutil.Process(pid)
-    return {"frontend": total(front), "workers": sum(total(c) for c in front.children(recursive=True)),
-            "client": total(psutil.Process(os.getpid()))}
+    return {
+        "frontend": total(front),
+        "workers": sum(total(c) for c in front.children(recursive=True)),
+        "client": total(psutil.Process(os.getpid())),
+    }
 
 
 def rss_mib(pid: int) -> dict:
@@ -198,14 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="about a minute: fewer levels and requests (default: off)")
     p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default: 1 4 16 64; quick: 1 8)")
-    p.add_argument("--requests", type=int, default=None,
-                   help="requests per level (default: 300 and at least 20 per client, so ramp-up and ramp-down "
-                        "are a small part of each level; quick: 40 and at least 10 per client)")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per level (default: 300 and at least 20 per client, so ramp-up and ramp-down "
+        "are a small part of each level; quick: 40 and at least 10 per client)",
+    )
     p.add_argument("--transports", nargs="+", default=["rest", "grpc"], help="(default: rest grpc)")
-    p.add_argument("--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)")
+    p.add_argument(
+        "--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)"
+    )
     p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="archives (default: model-store)")
-    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
-                   help="checkpoints for the archive timing and the in-process limit (default: checkpoints)")
+    p.add_argument(
+        "--checkpoints",
+        type=Path,
+        default=ROOT / "checkpoints",
+        help="checkpoints for the archive timing and the in-process limit (default: checkpoints)",
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     args = p.parse_args(argv)
     levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
@@ -224,23 +252,41 @@ def main(argv: list[str] | None = None) -> int:
     from .client import Client, Settings
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "quick": args.quick,
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "torch": str(torch.__version__), "cuda": torch.cuda.is_available()},
-              "levels": levels, "requests_per_level": {level: n_requests(level) for level in levels}, "slo_ms": args.slo_ms, "models": {}}
+    result = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "quick": args.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": str(torch.__version__),
+            "cuda": torch.cuda.is_available(),
+        },
+        "levels": levels,
+        "requests_per_level": {level: n_requests(level) for level in levels},
+        "slo_ms": args.slo_ms,
+        "models": {},
+    }
     inputs = {m: test_inputs(m, 64) for m in args.models}
 
     # Archive build time, into a scratch store (the real one is what we serve).
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
             t = time.perf_counter()
-            e = archive.build(m, args.checkpoints / m / "checkpoint.pt", "bench", Path(tmp),
-                              ROOT / "handlers" / "config" / f"{m}.yaml")
-            result["models"][m] = {"archive_s": time.perf_counter() - t, "mar_mib": e["size"] / 2**20,
-                                   "checkpoint_mib": e["checkpoint_size"] / 2**20}
+            e = archive.build(
+                m,
+                args.checkpoints / m / "checkpoint.pt",
+                "bench",
+                Path(tmp),
+                ROOT / "handlers" / "config" / f"{m}.yaml",
+            )
+            result["models"][m] = {
+                "archive_s": time.perf_counter() - t,
+                "mar_mib": e["size"] / 2**20,
+                "checkpoint_mib": e["checkpoint_size"] / 2**20,
+            }
 
     with tempfile.TemporaryDirectory() as tmp:
-        ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS))))
+        ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS)), strict=True))
         cfg = serve.ServerConfig(run_dir=Path(tmp), model_store=args.model_store, ports=ports, models=args.models)
         t = time.perf_counter()
         serve.start(cfg)
@@ -262,10 +308,15 @@ def main(argv: list[str] | None = None) -> int:
                             cpu1 = cpu_seconds(serve.running_pid(cfg))
                             q1, r1 = queue_counters(c.metrics())
                             row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
-                            row["cpu_ms_per_request"] = {k: 1000 * (cpu1[k] - cpu0[k]) / max(row["ok"], 1) for k in cpu0}
+                            row["cpu_ms_per_request"] = {
+                                k: 1000 * (cpu1[k] - cpu0[k]) / max(row["ok"], 1) for k in cpu0
+                            }
                             rows.append(row)
-                            print(f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
-                                  f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}", flush=True)
+                            print(
+                                f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
+                                f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}",
+                                flush=True,
+                            )
                         served[transport] = rows
                 result["models"][m]["served"] = served
             result["rss_loaded"] = rss_mib(serve.running_pid(cfg))
@@ -281,11 +332,19 @@ def main(argv: list[str] | None = None) -> int:
         r["served_over_limit"] = best / r["limit"][str(bs)]["handler_items_per_s"]
         rest1 = r["served"].get("rest", next(iter(r["served"].values())))[0]
         r["overhead_c1_p50_ms"] = rest1["p50_ms"] - r["limit"]["1"]["handler_ms"]
-        fits = [row for rows in r["served"].values() for row in rows if row["p99_ms"] is not None and row["p99_ms"] <= args.slo_ms]
+        fits = [
+            row
+            for rows in r["served"].values()
+            for row in rows
+            if row["p99_ms"] is not None and row["p99_ms"] <= args.slo_ms
+        ]
         if fits:
             cap = max(fits, key=lambda row: row["throughput_rps"])
-            r["capacity"] = {"rps_per_pod": cap["throughput_rps"], "concurrency": cap["concurrency"],
-                             "queue_ms_per_request": cap["queue_ms_per_request"]}
+            r["capacity"] = {
+                "rps_per_pod": cap["throughput_rps"],
+                "concurrency": cap["concurrency"],
+                "queue_ms_per_request": cap["queue_ms_per_request"],
+            }
         else:
             r["capacity"] = None
     write(result, args.output)
@@ -296,37 +355,54 @@ def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = out / result["started"].replace(":", "").replace("-", "")
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Benchmark {result['started']} ({'quick' if result['quick'] else 'full'}), "
-             f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}, CUDA {result['machine']['cuda']}", "",
-             f"Cold start to every model READY: {result['cold_start_s']:.1f} s; frontend RSS "
-             f"{result['rss_loaded']['frontend_mib']:.0f} MiB; workers {', '.join(f'{w:.0f}' for w in result['rss_loaded']['workers_mib'])} MiB", "",
-             "| model | transport | concurrency | req/s | p50 ms | p95 ms | p99 ms | queue ms/req | CPU ms/req: frontend / workers / client | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Benchmark {result['started']} ({'quick' if result['quick'] else 'full'}), "
+        f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}, CUDA {result['machine']['cuda']}",
+        "",
+        f"Cold start to every model READY: {result['cold_start_s']:.1f} s; frontend RSS "
+        f"{result['rss_loaded']['frontend_mib']:.0f} MiB; workers {', '.join(f'{w:.0f}' for w in result['rss_loaded']['workers_mib'])} MiB",
+        "",
+        "| model | transport | concurrency | req/s | p50 ms | p95 ms | p99 ms | queue ms/req | CPU ms/req: frontend / workers / client | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in result["models"].items():
         for transport, rows in r["served"].items():
             for row in rows:
                 cpu = row["cpu_ms_per_request"]
-                lines.append(f"| {m} | {transport} | {row['concurrency']} | {row['throughput_rps']:.1f} | {row['p50_ms']:.1f} | "
-                             f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['queue_ms_per_request']:.1f} | "
-                             f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f} | {sum(row['errors'].values())} |")
-    lines += ["", "| model | batch | forward items/s | handler items/s | served/limit | overhead @c=1 (p50) | archive | .mar | capacity @p99≤SLO |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {m} | {transport} | {row['concurrency']} | {row['throughput_rps']:.1f} | {row['p50_ms']:.1f} | "
+                    f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['queue_ms_per_request']:.1f} | "
+                    f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f} | {sum(row['errors'].values())} |"
+                )
+    lines += [
+        "",
+        "| model | batch | forward items/s | handler items/s | served/limit | overhead @c=1 (p50) | archive | .mar | capacity @p99≤SLO |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in result["models"].items():
         bs = str(r["batch_size"])
         cap = r["capacity"]
         cap_s = f"{cap['rps_per_pod']:.0f} req/s, queue {cap['queue_ms_per_request']:.1f} ms" if cap else "none"
-        lines.append(f"| {m} | {bs} | {r['limit'][bs]['forward_items_per_s']:.0f} | {r['limit'][bs]['handler_items_per_s']:.0f} | "
-                     f"{r['served_over_limit']:.2f} | {r['overhead_c1_p50_ms']:.1f} ms | {r['archive_s']:.1f} s | {r['mar_mib']:.1f} MiB | {cap_s} |")
+        lines.append(
+            f"| {m} | {bs} | {r['limit'][bs]['forward_items_per_s']:.0f} | {r['limit'][bs]['handler_items_per_s']:.0f} | "
+            f"{r['served_over_limit']:.2f} | {r['overhead_c1_p50_ms']:.1f} ms | {r['archive_s']:.1f} s | {r['mar_mib']:.1f} MiB | {cap_s} |"
+        )
     targets = hpa_targets(result)
     if targets:
         sets = " ".join(f"--set autoscaling.targetRequestsPerSecond.{m}={t}" for m, t in targets.items())
-        lines += ["", f"HPA: 70% of each model's per-pod capacity at p99 ≤ {result['slo_ms']:.0f} ms. "
-                  f"Carry it into the chart with `helm upgrade ... {sets}` (or edit k8s/chart/values.yaml, then "
-                  "`make manifests`)."]
+        lines += [
+            "",
+            f"HPA: 70% of each model's per-pod capacity at p99 ≤ {result['slo_ms']:.0f} ms. "
+            f"Carry it into the chart with `helm upgrade ... {sets}` (or edit k8s/chart/values.yaml, then "
+            "`make manifests`).",
+        ]
     missing = [m for m, r in result["models"].items() if not r["capacity"]]
     if missing:
-        lines += ["", f"No concurrency level kept p99 ≤ {result['slo_ms']:.0f} ms for {', '.join(missing)} on this machine: "
-                  "its target has to come from a faster node (or a looser --slo-ms)."]
+        lines += [
+            "",
+            f"No concurrency level kept p99 ≤ {result['slo_ms']:.0f} ms for {', '.join(missing)} on this machine: "
+            "its target has to come from a faster node (or a looser --slo-ms).",
+        ]
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(result, Path(f"{stem}.png"))
     print("\n".join(lines))
@@ -335,7 +411,9 @@ def write(result: dict, out: Path) -> None:
 
 def hpa_targets(result: dict, headroom: float = 0.7) -> dict[str, int]:
     """Per model, the requests/s one pod should carry: headroom x capacity at the p99 objective."""
-    return {m: max(1, int(headroom * r["capacity"]["rps_per_pod"])) for m, r in result["models"].items() if r["capacity"]}
+    return {
+        m: max(1, int(headroom * r["capacity"]["rps_per_pod"])) for m, r in result["models"].items() if r["capacity"]
+    }
 
 
 def plot(result: dict, path: Path) -> None:

@@ -11,6 +11,7 @@ read through `diatheke` (package diatheke):
 The output is deterministic (sorted by canonical verse order, gzip mtime 0), so rebuilding on
 the same package versions reproduces the committed file's sha256.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,15 +28,72 @@ import numpy as np
 # The 66 books both modules share, in canonical order, as diatheke names them. The WEB module
 # also carries the deuterocanon, which the Reina-Valera 1909 lacks.
 BOOKS = [
-    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth",
-    "I Samuel", "II Samuel", "I Kings", "II Kings", "I Chronicles", "II Chronicles", "Ezra",
-    "Nehemiah", "Esther", "Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon",
-    "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos",
-    "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah",
-    "Malachi", "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "I Corinthians",
-    "II Corinthians", "Galatians", "Ephesians", "Philippians", "Colossians", "I Thessalonians",
-    "II Thessalonians", "I Timothy", "II Timothy", "Titus", "Philemon", "Hebrews", "James",
-    "I Peter", "II Peter", "I John", "II John", "III John", "Jude", "Revelation of John",
+    "Genesis",
+    "Exodus",
+    "Leviticus",
+    "Numbers",
+    "Deuteronomy",
+    "Joshua",
+    "Judges",
+    "Ruth",
+    "I Samuel",
+    "II Samuel",
+    "I Kings",
+    "II Kings",
+    "I Chronicles",
+    "II Chronicles",
+    "Ezra",
+    "Nehemiah",
+    "Esther",
+    "Job",
+    "Psalms",
+    "Proverbs",
+    "Ecclesiastes",
+    "Song of Solomon",
+    "Isaiah",
+    "Jeremiah",
+    "Lamentations",
+    "Ezekiel",
+    "Daniel",
+    "Hosea",
+    "Joel",
+    "Amos",
+    "Obadiah",
+    "Jonah",
+    "Micah",
+    "Nahum",
+    "Habakkuk",
+    "Zephaniah",
+    "Haggai",
+    "Zechariah",
+    "Malachi",
+    "Matthew",
+    "Mark",
+    "Luke",
+    "John",
+    "Acts",
+    "Romans",
+    "I Corinthians",
+    "II Corinthians",
+    "Galatians",
+    "Ephesians",
+    "Philippians",
+    "Colossians",
+    "I Thessalonians",
+    "II Thessalonians",
+    "I Timothy",
+    "II Timothy",
+    "Titus",
+    "Philemon",
+    "Hebrews",
+    "James",
+    "I Peter",
+    "II Peter",
+    "I John",
+    "II John",
+    "III John",
+    "Jude",
+    "Revelation of John",
 ]
 MODULES = {"en": "engWEB2015eb", "es": "spaRV1909eb"}
 # Chapters whose English and Spanish verse lengths correlate below this are numbered
@@ -43,8 +101,7 @@ MODULES = {"en": "engWEB2015eb", "es": "spaRV1909eb"}
 MIN_LENGTH_CORRELATION = 0.3
 
 _REF_RE = re.compile(
-    r"(?:^|(?<=[\s>]))(" + "|".join(re.escape(b) for b in sorted(BOOKS, key=len, reverse=True))
-    + r") (\d+):(\d+): "
+    r"(?:^|(?<=[\s>]))(" + "|".join(re.escape(b) for b in sorted(BOOKS, key=len, reverse=True)) + r") (\d+):(\d+): "
 )
 # Any verse reference, also of books outside BOOKS (the deuterocanon, "Esther (Greek)").
 _ANY_REF_RE = re.compile(r"\S \d+:\d+: ")
@@ -75,7 +132,7 @@ def parse(osis: str) -> dict[tuple[int, int, int], str]:
         m = _REF_RE.search(line)
         if m:
             key = (BOOKS.index(m.group(1)), int(m.group(2)), int(m.group(3)))
-            verses[key] = [line[m.end():]]
+            verses[key] = [line[m.end() :]]
         elif _ANY_REF_RE.search(line) or line.startswith("("):
             key = None  # a book we do not pair, or diatheke's closing "(module)" line
         elif key is not None:
@@ -103,7 +160,9 @@ def align(en: dict, es: dict) -> list[tuple[tuple[int, int, int], str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="data/en-es-bible.tsv.gz", help="gzipped TSV to write (default: %(default)s)")
+    parser.add_argument(
+        "--output", default="data/en-es-bible.tsv.gz", help="gzipped TSV to write (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     en, es = parse(export(MODULES["en"])), parse(export(MODULES["es"]))
     pairs = align(en, es)

@@ -16,6 +16,7 @@ TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS_GRPC_INFERENCE_PORT,
 TS_GRPC_MANAGEMENT_PORT, TS_TIMEOUT, TS_INFERENCE_TOKEN, TS_MANAGEMENT_TOKEN, TS_KEY_FILE) and
 then to `make serve`'s defaults; tokens are read from the key file of `make serve`'s run directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ GEN_DIR = ROOT / "scripts" / "grpc_gen"
 
 
 # ----------------------------------------------------------------------------- typed errors
+
 
 class ClientError(CLIError):
     """Base of every error the client raises; ``status`` is the HTTP-style code when there is one."""
@@ -93,6 +95,7 @@ def _handler_error(payload: bytes) -> ClientError | None:
 
 # ----------------------------------------------------------------------------- settings
 
+
 def _env_port(name: str) -> int:
     return int(os.environ.get(f"TS_{name.upper()}_PORT", PORTS[name]))
 
@@ -104,7 +107,9 @@ class Settings:
     timeout: float = field(default_factory=lambda: float(os.environ.get("TS_TIMEOUT", "30")))
     inference_token: str | None = field(default_factory=lambda: os.environ.get("TS_INFERENCE_TOKEN"))
     management_token: str | None = field(default_factory=lambda: os.environ.get("TS_MANAGEMENT_TOKEN"))
-    key_file: Path | None = field(default_factory=lambda: Path(os.environ.get("TS_KEY_FILE", ROOT / "run" / "key_file.json")))
+    key_file: Path | None = field(
+        default_factory=lambda: Path(os.environ.get("TS_KEY_FILE", ROOT / "run" / "key_file.json"))
+    )
 
     def token(self, api: str) -> str | None:
         """Explicit token, else the current key from the key file (re-read: keys rotate)."""
@@ -132,6 +137,7 @@ def _as_bytes(data: Any) -> tuple[bytes, str]:
 
 # ----------------------------------------------------------------------------- transports
 
+
 class RestTransport:
     def __init__(self, s: Settings):
         self.s = s
@@ -150,7 +156,9 @@ class RestTransport:
         except requests.Timeout:
             raise Timeout(f"{method} {path}: no answer within {self.s.timeout}s") from None
         except requests.ConnectionError as e:
-            raise ServerError(f"{method} {self._url(api, path)}: cannot connect ({type(e).__name__}); is the server running?") from None
+            raise ServerError(
+                f"{method} {self._url(api, path)}: cannot connect ({type(e).__name__}); is the server running?"
+            ) from None
         if resp.status_code >= 400:
             raise _handler_error(resp.content) or _error_for(resp.status_code, _message(resp))
         return resp
@@ -265,8 +273,13 @@ class GrpcTransport:
         return resp.prediction, {}
 
     def scale(self, model: str, min_workers: int, max_workers: int, version: str | None = None) -> str:
-        req = self.mgmt_pb.ScaleWorkerRequest(model_name=model, model_version=version or "", min_worker=min_workers,
-                                              max_worker=max_workers, synchronous=True)
+        req = self.mgmt_pb.ScaleWorkerRequest(
+            model_name=model,
+            model_version=version or "",
+            min_worker=min_workers,
+            max_worker=max_workers,
+            synchronous=True,
+        )
         return json.loads(self._call(self.mgmt.ScaleWorker, req, "management", f"scale {model}").msg).get("status", "")
 
     def metrics(self) -> str:
@@ -331,18 +344,33 @@ class Client:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--transport", choices=["rest", "grpc"], default=os.environ.get("TS_TRANSPORT", "rest"),
-                   help="protocol (default: $TS_TRANSPORT or rest)")
+    p = argparse.ArgumentParser(
+        prog="client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--transport",
+        choices=["rest", "grpc"],
+        default=os.environ.get("TS_TRANSPORT", "rest"),
+        help="protocol (default: $TS_TRANSPORT or rest)",
+    )
     p.add_argument("--host", default=None, help="server address (default: $TS_HOST or 127.0.0.1)")
     for name, default in PORTS.items():
-        p.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=None,
-                       help=f"(default: $TS_{name.upper()}_PORT or {default})")
+        p.add_argument(
+            f"--{name.replace('_', '-')}-port",
+            type=int,
+            default=None,
+            help=f"(default: $TS_{name.upper()}_PORT or {default})",
+        )
     p.add_argument("--timeout", type=float, default=None, help="seconds per call (default: $TS_TIMEOUT or 30)")
     p.add_argument("--token", default=None, help="inference token (default: $TS_INFERENCE_TOKEN or the key file)")
-    p.add_argument("--management-token", default=None, help="management token (default: $TS_MANAGEMENT_TOKEN or the key file)")
-    p.add_argument("--key-file", type=Path, default=None, help="TorchServe key file (default: $TS_KEY_FILE or run/key_file.json)")
+    p.add_argument(
+        "--management-token", default=None, help="management token (default: $TS_MANAGEMENT_TOKEN or the key file)"
+    )
+    p.add_argument(
+        "--key-file", type=Path, default=None, help="TorchServe key file (default: $TS_KEY_FILE or run/key_file.json)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="GET /ping (or gRPC Ping)")
     sub.add_parser("models", help="list the registered models")
@@ -403,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             out = c.scale(args.model, args.min, args.max)
         else:
             text = c.metrics()
-            print("\n".join(l for l in text.splitlines() if args.grep is None or args.grep in l))
+            print("\n".join(line for line in text.splitlines() if args.grep is None or args.grep in line))
             return 0
     print(json.dumps(out, indent=2, ensure_ascii=False) if not isinstance(out, (bytes, str)) else out)
     return 0

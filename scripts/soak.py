@@ -14,6 +14,7 @@ good requests got 2xx except those that were in flight on the killed worker (500
 gRPC INTERNAL, within the kill window), hostile ones a 4xx (the same exception), none hung (client timeout), and every
 worker PID but the killed one is unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,12 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from . import serve
 from .bench import test_inputs
 from .client import Client, ClientError, Settings, Timeout
-from . import serve
 from .common import ROOT, CLIError, run_cli
 
 MODELS = ("cnn", "lstm", "transformer")
@@ -39,7 +40,10 @@ KILL_WINDOW_S = 15.0  # requests failing this soon after the kill count as in fl
 
 def hostile_classes(digit_png: bytes) -> dict[str, tuple[str, object]]:
     """name -> (model, payload): the requests a hostile tester found harmful."""
-    deep = lambda key, leaf: (f'{{"{key}":' * 100_000 + leaf + "}" * 100_000).encode()
+
+    def deep(key: str, leaf: str) -> bytes:
+        return (f'{{"{key}":' * 100_000 + leaf + "}" * 100_000).encode()
+
     damaged = bytearray(digit_png)
     damaged[len(damaged) // 2] ^= 0xFF
     return {
@@ -75,8 +79,10 @@ def build_plan(n: int, hostile_share: float, seed: int) -> tuple[list[tuple[str,
 
 def worker_pids(cfg: serve.ServerConfig) -> dict[str, set[int]]:
     """Each model's READY workers' PIDs."""
-    return {m: {w["pid"] for v in serve.describe(cfg, m) for w in v["workers"] if w.get("status") == serve.READY}
-            for m in MODELS}
+    return {
+        m: {w["pid"] for v in serve.describe(cfg, m) for w in v["workers"] if w.get("status") == serve.READY}
+        for m in MODELS
+    }
 
 
 def outcome_of(exc: BaseException | None) -> str:
@@ -134,8 +140,16 @@ def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, 
             break
         time.sleep(1)
     hostile_models = {cls.split(":", 1)[1]: model for cls, model, _ in plan if cls.startswith("hostile:")}
-    return judge(records, before, after, kill, kill_model, elapsed, hostile_models,
-                 hung_threads=sum(t.is_alive() for t in threads))
+    return judge(
+        records,
+        before,
+        after,
+        kill,
+        kill_model,
+        elapsed,
+        hostile_models,
+        hung_threads=sum(t.is_alive() for t in threads),
+    )
 
 
 def model_of(cls: str, hostile_models: dict[str, str]) -> str:
@@ -156,47 +170,73 @@ def judge(records, before, after, kill, kill_model, elapsed, hostile_models, hun
             continue
         # TorchServe answers a request lost with its worker 500 or 507 "Worker died." (gRPC INTERNAL).
         died = outcome in ("500", "507")
-        if (died and model_of(cls, hostile_models) == kill_model and kill["at"] is not None
-                and kill["at"] <= at <= kill["at"] + KILL_WINDOW_S):
+        if (
+            died
+            and model_of(cls, hostile_models) == kill_model
+            and kill["at"] is not None
+            and kill["at"] <= at <= kill["at"] + KILL_WINDOW_S
+        ):
             in_flight_on_killed[f"{cls} {transport} {outcome}"] += 1
             continue
         failures[f"{cls} {transport} {outcome}"] += 1
         messages.setdefault(f"{cls} {transport} {outcome}", error)
     changed = {m: sorted(before[m] - after[m]) for m in before if before[m] - after[m]}
-    unexpected_restarts = {m: pids for m, pids in changed.items() if set(pids) != ({kill["pid"]} if m == kill_model else set())}
+    unexpected_restarts = {
+        m: pids for m, pids in changed.items() if set(pids) != ({kill["pid"]} if m == kill_model else set())
+    }
     hangs = sum(n for c in by_class.values() for o, n in c.items() if o == "hang") + hung_threads
     return {
-        "requests": len(records), "seconds": round(elapsed, 1), "requests_per_s": round(len(records) / max(elapsed, 1e-9), 1),
+        "requests": len(records),
+        "seconds": round(elapsed, 1),
+        "requests_per_s": round(len(records) / max(elapsed, 1e-9), 1),
         "outcomes_by_class": {k: dict(v) for k, v in sorted(by_class.items())},
-        "killed_worker": {"model": kill_model, "pid": kill["pid"],
-                          "at_request": None if kill["at"] is None else sum(1 for r in records if r[3] <= kill["at"]),
-                          "in_flight_outcomes": dict(in_flight_on_killed)},
-        "failures": dict(failures), "failure_messages": messages, "hangs": hangs,
-        "worker_restarts": {m: pids for m, pids in changed.items()}, "unexpected_restarts": unexpected_restarts,
-        "replaced": kill["pid"] is not None and kill["pid"] not in after[kill_model]
+        "killed_worker": {
+            "model": kill_model,
+            "pid": kill["pid"],
+            "at_request": None if kill["at"] is None else sum(1 for r in records if r[3] <= kill["at"]),
+            "in_flight_outcomes": dict(in_flight_on_killed),
+        },
+        "failures": dict(failures),
+        "failure_messages": messages,
+        "hangs": hangs,
+        "worker_restarts": {m: pids for m, pids in changed.items()},
+        "unexpected_restarts": unexpected_restarts,
+        "replaced": kill["pid"] is not None
+        and kill["pid"] not in after[kill_model]
         and len(after[kill_model]) >= len(before[kill_model]),
-        "passed": (not failures and not hangs and not unexpected_restarts and kill["pid"] is not None
-                   and kill["pid"] not in after[kill_model] and len(after[kill_model]) >= len(before[kill_model])),
+        "passed": (
+            not failures
+            and not hangs
+            and not unexpected_restarts
+            and kill["pid"] is not None
+            and kill["pid"] not in after[kill_model]
+            and len(after[kill_model]) >= len(before[kill_model])
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=10_000, help="requests in all (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=24, help="client threads, half REST, half gRPC (default: %(default)s)")
+    p.add_argument(
+        "--clients", type=int, default=24, help="client threads, half REST, half gRPC (default: %(default)s)"
+    )
     p.add_argument("--max-seconds", type=float, default=900, help="stop sending after this long (default: %(default)s)")
     p.add_argument("--hostile-share", type=float, default=0.05, help="share of hostile requests (default: %(default)s)")
     p.add_argument("--kill-model", choices=MODELS, default="lstm", help="whose worker is killed (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the request mix's seed (default: %(default)s)")
     p.add_argument("--model-store", type=Path, default=ROOT / "model-store", help="archives (default: model-store/)")
-    p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes (default: bench/results)")
+    p.add_argument(
+        "--output", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes (default: bench/results)"
+    )
     args = p.parse_args(argv)
     if not 1 <= args.clients <= 256 or args.requests < 30:
         raise CLIError("--clients must be 1..256 and --requests at least 30")
     plan, _ = build_plan(args.requests, args.hostile_share, args.seed)
-    ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS))))
-    cfg = serve.ServerConfig(run_dir=ROOT / "run" / "soak", model_store=args.model_store.resolve(), ports=ports,
-                             models=list(MODELS))
+    ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS)), strict=True))
+    cfg = serve.ServerConfig(
+        run_dir=ROOT / "run" / "soak", model_store=args.model_store.resolve(), ports=ports, models=list(MODELS)
+    )
     serve.start(cfg)
     try:
         result = soak(cfg, plan, args.clients, args.max_seconds, args.kill_model)
@@ -204,14 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         serve.stop(cfg)
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / f"soak-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    path = args.output / f"soak-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"soak: {result['requests']} requests in {result['seconds']}s ({result['requests_per_s']}/s) -> {path}")
     for cls, outcomes in result["outcomes_by_class"].items():
         print(f"  {cls:34s} {outcomes}")
     print(f"  killed {result['killed_worker']}")
-    print(f"  failures {result['failures'] or 'none'}, hangs {result['hangs']}, "
-          f"worker restarts {result['worker_restarts']}, unexpected {result['unexpected_restarts'] or 'none'}")
+    print(
+        f"  failures {result['failures'] or 'none'}, hangs {result['hangs']}, "
+        f"worker restarts {result['worker_restarts']}, unexpected {result['unexpected_restarts'] or 'none'}"
+    )
     print("soak: PASSED" if result["passed"] else "soak: FAILED")
     return 0 if result["passed"] else 1
 

@@ -9,6 +9,7 @@ Writes <output-dir>/checkpoint.pt (best epoch by validation metric), <output-dir
 --resume, with optimizer state) and TensorBoard scalars under <output-dir>/tb. Both checkpoints
 hold only tensors and plain types and load with torch.load(path, weights_only=True).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ QUICK = {
 
 # ----------------------------------------------------------------------------- tasks
 
+
 class Task:
     """What differs between models: config, batching, loss, metrics, checkpoint extras."""
 
@@ -85,7 +87,7 @@ def _chunks(idx: np.ndarray, size: int, rng: np.random.Generator | None):
     if rng is not None:
         idx = rng.permutation(idx)
     for i in range(0, len(idx), size):
-        yield idx[i:i + size]
+        yield idx[i : i + size]
 
 
 class ClassifierTask(Task):
@@ -126,8 +128,7 @@ class ImageTask(ClassifierTask):
             yield x, torch.from_numpy(self.ds.y[idx])
 
     def extras(self):
-        return {"labels": list(self.ds.labels),
-                "preprocess": {"mean": self.mean, "std": self.std, "image_size": 28}}
+        return {"labels": list(self.ds.labels), "preprocess": {"mean": self.mean, "std": self.std, "image_size": 28}}
 
 
 class TextTask(ClassifierTask):
@@ -147,8 +148,11 @@ class TextTask(ClassifierTask):
             yield pad_batch([self.ids[i] for i in idx]), torch.from_numpy(self.ds.y[idx])
 
     def extras(self):
-        return {"labels": list(self.ds.labels), "vocab": list(self.vocab.itos),
-                "preprocess": {"max_tokens": self.max_tokens}}
+        return {
+            "labels": list(self.ds.labels),
+            "vocab": list(self.vocab.itos),
+            "preprocess": {"max_tokens": self.max_tokens},
+        }
 
 
 class TranslationTask(Task):
@@ -159,8 +163,10 @@ class TranslationTask(Task):
         super().__init__(ds, args, saved)
         self.max_tokens = args.max_tokens
         # Keep pairs whose sides both fit; the splits are filtered the same way, test included.
-        fits = [len(tokenize(s)) <= self.max_tokens and len(tokenize(t)) <= self.max_tokens
-                for s, t in zip(ds.x, ds.y)]
+        fits = [
+            len(tokenize(s)) <= self.max_tokens and len(tokenize(t)) <= self.max_tokens
+            for s, t in zip(ds.x, ds.y, strict=True)
+        ]
         ds.splits = {k: v[[fits[i] for i in v]] for k, v in ds.splits.items()}
         if min(len(v) for v in ds.splits.values()) == 0:
             raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
@@ -175,17 +181,20 @@ class TranslationTask(Task):
         self.tgt = [self.tgt_vocab.encode(t, limit, bos_eos=True) for t in ds.y]
 
     def config(self):
-        return TransformerConfig(src_vocab_size=len(self.src_vocab), tgt_vocab_size=len(self.tgt_vocab),
-                                 max_len=self.max_tokens + 2)
+        return TransformerConfig(
+            src_vocab_size=len(self.src_vocab), tgt_vocab_size=len(self.tgt_vocab), max_len=self.max_tokens + 2
+        )
 
     def batches(self, split, batch_size, rng):
         idx = self.ds.splits[split]
         if rng is not None:
             # Bucket by length so batches carry little padding, then shuffle the batches.
             idx = rng.permutation(idx)
-            pools = [sorted(idx[i:i + batch_size * 50], key=lambda j: len(self.src[j]))
-                     for i in range(0, len(idx), batch_size * 50)]
-            groups = [np.array(p[i:i + batch_size]) for p in pools for i in range(0, len(p), batch_size)]
+            pools = [
+                sorted(idx[i : i + batch_size * 50], key=lambda j: len(self.src[j]))
+                for i in range(0, len(idx), batch_size * 50)
+            ]
+            groups = [np.array(p[i : i + batch_size]) for p in pools for i in range(0, len(p), batch_size)]
             order = rng.permutation(len(groups))
             groups = [groups[i] for i in order]
         else:
@@ -197,8 +206,13 @@ class TranslationTask(Task):
         src, tgt, _ = batch
         logits = model(src, tgt[:, :-1])
         smoothing = 0.1 if model.training else 0.0  # label smoothing as in Vaswani et al. (2017)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), tgt[:, 1:].reshape(-1),
-                               ignore_index=PAD_ID, label_smoothing=smoothing, reduction=reduction)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            tgt[:, 1:].reshape(-1),
+            ignore_index=PAD_ID,
+            label_smoothing=smoothing,
+            reduction=reduction,
+        )
 
     @torch.no_grad()
     def evaluate(self, model, split, device):
@@ -222,14 +236,17 @@ class TranslationTask(Task):
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bleu": bleu}
 
     def extras(self):
-        return {"vocab": {"src": list(self.src_vocab.itos), "tgt": list(self.tgt_vocab.itos)},
-                "preprocess": {"max_tokens": self.max_tokens}}
+        return {
+            "vocab": {"src": list(self.src_vocab.itos), "tgt": list(self.tgt_vocab.itos)},
+            "preprocess": {"max_tokens": self.max_tokens},
+        }
 
 
 TASKS = {"cnn": ImageTask, "lstm": TextTask, "transformer": TranslationTask}
 
 
 # ----------------------------------------------------------------------------- training loop
+
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA where supported (fp16 otherwise); a no-op context on CPU."""
@@ -248,9 +265,14 @@ def train_one_epoch(model, task, optimizer, scheduler, scaler, device, epoch, ar
     rng = np.random.default_rng(args.seed + epoch)
     n_batches = math.ceil(len(task.ds.splits["train"]) / args.batch_size)
     running, seen = 0.0, 0
-    bar = tqdm(task.batches("train", args.batch_size, rng), total=n_batches,
-               desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True,
-               disable=args.no_progress)
+    bar = tqdm(
+        task.batches("train", args.batch_size, rng),
+        total=n_batches,
+        desc=f"epoch {epoch}/{args.epochs}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=args.no_progress,
+    )
     for batch in bar:
         batch = to_device(batch, device)
         with autocast(device):
@@ -332,30 +354,64 @@ def pick_device(name: str) -> torch.device:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(REGISTRY), help="which model to train (required)")
-    p.add_argument("--data", default=None,
-                   help="your own data file or folder (default: the bundled dataset; formats: python -m scripts.data --help)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="total epochs (default: cnn 10, lstm 6, transformer 12; --quick: 2)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your own data file or folder (default: the bundled dataset; formats: python -m scripts.data --help)",
+    )
+    p.add_argument(
+        "--epochs", type=int, default=None, help="total epochs (default: cnn 10, lstm 6, transformer 12; --quick: 2)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of AdamW (default: cnn 2e-3, lstm 2e-3, transformer 7e-4)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate of AdamW (default: cnn 2e-3, lstm 2e-3, transformer 7e-4)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use a seeded random subset of N samples (default: all; --quick: cnn 2000, lstm 4000, transformer 8000)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use a seeded random subset of N samples (default: all; --quick: cnn 2000, lstm 4000, transformer 8000)",
+    )
     p.add_argument("--quick", action="store_true", help="a seconds-long run: few epochs on a subset (default: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N; auto picks cuda when available, with AMP (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)")
-    p.add_argument("--output-dir", type=Path, default=None, help="where to write checkpoints and logs (default: checkpoints/<model>)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: %(default)s)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N; auto picks cuda when available, with AMP (default: %(default)s)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default (default: %(default)s)"
+    )
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to write checkpoints and logs (default: checkpoints/<model>)",
+    )
     p.add_argument("--resume", type=Path, default=None, help="continue from this last.pt (default: start fresh)")
-    p.add_argument("--max-tokens", type=int, default=20,
-                   help="transformer: keep pairs with at most N tokens per side (default: %(default)s)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="transformer: per-language vocabulary size (default: %(default)s)")
-    p.add_argument("--bleu-samples", type=int, default=500,
-                   help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=20,
+        help="transformer: keep pairs with at most N tokens per side (default: %(default)s)",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=8000, help="transformer: per-language vocabulary size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bleu-samples",
+        type=int,
+        default=500,
+        help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar (default: shown)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs (default: written)")
     return p
@@ -418,16 +474,22 @@ def main(argv: list[str] | None = None) -> int:
         best, best_val = resumed["best"]["value"], resumed["metrics"]["val"]
         best_state, best_epoch = resumed["best"]["state_dict"], resumed["best"]["epoch"]
         if start_epoch > args.epochs:
-            raise CLIError(f"--resume {args.resume}: already trained {resumed['epoch']} epochs; pass --epochs > {resumed['epoch']}")
+            raise CLIError(
+                f"--resume {args.resume}: already trained {resumed['epoch']} epochs; pass --epochs > {resumed['epoch']}"
+            )
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     writer = None
     if not args.no_tensorboard:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(log_dir=str(args.output_dir / "tb"))
     splits = ", ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
-    print(f"train {args.model}: {n_params / 1e6:.2f}M parameters on {device}, data {ds.name} ({splits}), "
-          f"{args.epochs} epochs of batch {args.batch_size}", flush=True)
+    print(
+        f"train {args.model}: {n_params / 1e6:.2f}M parameters on {device}, data {ds.name} ({splits}), "
+        f"{args.epochs} epochs of batch {args.batch_size}",
+        flush=True,
+    )
 
     base = {
         "format_version": CHECKPOINT_FORMAT,
@@ -435,8 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         "task": get_spec(args.model).task,
         "config": config_dict,
         **task.extras(),
-        "data": {"name": ds.name, "fingerprint": ds.fingerprint, "source_sha256": ds.source_sha256,
-                 "sizes": {k: len(v) for k, v in ds.splits.items()}},
+        "data": {
+            "name": ds.name,
+            "fingerprint": ds.fingerprint,
+            "source_sha256": ds.source_sha256,
+            "sizes": {k: len(v) for k, v in ds.splits.items()},
+        },
         # str(): torch.__version__ is a TorchVersion, which weights_only=True refuses to unpickle.
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         "git_commit": git_commit(),
@@ -457,26 +523,40 @@ def main(argv: list[str] | None = None) -> int:
             writer.add_scalar("train/loss", train_loss, epoch)
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, epoch)
-        print(f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val {task.summary(val)}  "
-              f"({time.perf_counter() - t_epoch:.1f}s){'  *best' if improved else ''}", flush=True)
-        save_atomic({**base, "epoch": epoch, "step": step,
-                     "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "best": {"value": best, "epoch": best_epoch, "state_dict": best_state},
-                     "metrics": {"val": best_val}}, args.output_dir / "last.pt")
+        print(
+            f"epoch {epoch}/{args.epochs}  train loss {train_loss:.4f}  val {task.summary(val)}  "
+            f"({time.perf_counter() - t_epoch:.1f}s){'  *best' if improved else ''}",
+            flush=True,
+        )
+        save_atomic(
+            {
+                **base,
+                "epoch": epoch,
+                "step": step,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best": {"value": best, "epoch": best_epoch, "state_dict": best_state},
+                "metrics": {"val": best_val},
+            },
+            args.output_dir / "last.pt",
+        )
 
     model.load_state_dict(best_state)
     test = evaluate(model, task, "test", device)
     metrics = {"val": best_val, "test": test, "primary": task.primary}
     base["train_args"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    save_atomic({**base, "state_dict": best_state, "metrics": metrics, "epoch": best_epoch},
-                args.output_dir / "checkpoint.pt")
+    save_atomic(
+        {**base, "state_dict": best_state, "metrics": metrics, "epoch": best_epoch}, args.output_dir / "checkpoint.pt"
+    )
     if writer is not None:
         for k, v in test.items():
             writer.add_scalar(f"test/{k}", v, args.epochs)
         writer.close()
-    print(f"test {task.summary(test)}  -> {args.output_dir / 'checkpoint.pt'} "
-          f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"test {task.summary(test)}  -> {args.output_dir / 'checkpoint.pt'} ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
     return 0
 
 

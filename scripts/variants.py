@@ -10,6 +10,7 @@ the variant, the largest absolute difference of their outputs on a test batch, a
 of one batched forward at the model's batchSize; and whether torch.export captures the forward (so
 other servers can run it), with its parity and speed. Writes bench/results/variants-<timestamp>.json/.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,16 +122,31 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
                 x = batch[0]
                 diff = (torch.softmax(eager(x), -1) - torch.softmax(fast(x), -1)).abs().max().item()
                 t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
-    return {"variant": variant, "batch_size": bs, "build_s": build_s, "test_eager": m_eager, "test_variant": m_fast,
-            "max_abs_diff": diff, "eager_ms": 1000 * t_eager, "variant_ms": 1000 * t_fast,
-            "speedup": t_eager / t_fast, "export": exported}
+    return {
+        "variant": variant,
+        "batch_size": bs,
+        "build_s": build_s,
+        "test_eager": m_eager,
+        "test_variant": m_fast,
+        "max_abs_diff": diff,
+        "eager_ms": 1000 * t_eager,
+        "variant_ms": 1000 * t_fast,
+        "speedup": t_eager / t_fast,
+        "export": exported,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
-    p.add_argument("--variant", choices=["int8", "aoti", *CUDA_DTYPES], default="int8",
-                   help="optimisation to compare; bfloat16/float16 need CUDA (default: %(default)s)")
+    p.add_argument(
+        "--variant",
+        choices=["int8", "aoti", *CUDA_DTYPES],
+        default="int8",
+        help="optimisation to compare; bfloat16/float16 need CUDA (default: %(default)s)",
+    )
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints", help="(default: checkpoints)")
     p.add_argument("--repeats", type=int, default=20, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results", help="(default: bench/results)")
@@ -141,17 +157,24 @@ def main(argv: list[str] | None = None) -> int:
             results[m] = compare(m, args.checkpoints / m / "checkpoint.pt", args.variant, args.repeats)
         except CLIError as e:  # a variant that does not apply here (aoti: the cnn only; autocast: CUDA only)
             results[m] = {"variant": args.variant, "not_applicable": str(e)}
-    lines = [f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup | torch.export of forward |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | variant | test metric eager → {args.variant} | max abs diff | forward ms eager → {args.variant} (batch) | speedup | torch.export of forward |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, r in results.items():
         if "not_applicable" in r:
             lines.append(f"| {m} | {r['variant']} | not applicable: {r['not_applicable']} | | | | |")
             continue
         key = "bleu" if m == "transformer" else "accuracy"
-        lines.append(f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
-                     f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× | "
-                     + (f"yes, max diff {r['export']['max_abs_diff']:.1e}, {r['export']['speedup']:.2f}× eager |" if r["export"]["exportable"]
-                        else f"no: {r['export']['reason'][:90]} |"))
+        lines.append(
+            f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
+            f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× | "
+            + (
+                f"yes, max diff {r['export']['max_abs_diff']:.1e}, {r['export']['speedup']:.2f}× eager |"
+                if r["export"]["exportable"]
+                else f"no: {r['export']['reason'][:90]} |"
+            )
+        )
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"variants-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     Path(f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """Archives built by the real torch-model-archiver through `make archive`: reproducible and verified."""
+
 import json
 import shutil
 import zipfile
@@ -7,7 +8,7 @@ import pytest
 
 from scripts import archive
 from scripts.common import sha256_file
-from tests.conftest import make
+from tests.helpers import make
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +24,24 @@ def test_archives_carry_handler_packages_checkpoint_and_config(store):
         with zipfile.ZipFile(store / f"{model}.mar") as z:
             names = set(z.namelist())
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
-        assert {"checkpoint.pt", handler, f"{model}.yaml", "handlers/base.py", "handlers/__init__.py",
-                "models/__init__.py", "models/text.py", f"models/{model}.py"} <= names
+        assert {
+            "checkpoint.pt",
+            handler,
+            f"{model}.yaml",
+            "handlers/base.py",
+            "handlers/__init__.py",
+            "models/__init__.py",
+            "models/text.py",
+            f"models/{model}.py",
+        } <= names
         assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
-        assert manifest["model"] == {"configFile": f"{model}.yaml", "handler": handler, "modelName": model,
-                                     "modelVersion": "1.0", "serializedFile": "checkpoint.pt"}
+        assert manifest["model"] == {
+            "configFile": f"{model}.yaml",
+            "handler": handler,
+            "modelName": model,
+            "modelVersion": "1.0",
+            "serializedFile": "checkpoint.pt",
+        }
 
 
 def test_make_archive_is_reproducible_and_does_no_work_when_nothing_changed(store):
@@ -58,7 +72,7 @@ def test_a_new_version_rebuilds(store, tmp_path):
 def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store, tmp_path):
     """make archive VARIANT=aoti: the forward compiled by AOTInductor (a real C++ build, ~40 s)."""
     from scripts.data import load_dataset
-    from tests.conftest import load_handler, png, run_batch
+    from tests.helpers import load_handler, png, run_batch
 
     ckpts, src = store
     out = tmp_path / "store"
@@ -76,7 +90,7 @@ def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store
     a, sa, _ = run_batch(eager, ctx, bodies)
     b, sb, _ = run_batch(fast, ctx_fast, bodies)
     assert [s for s, _ in sa] == [s for s, _ in sb] == [200] * 5
-    for ea, fa in zip(a, b):
+    for ea, fa in zip(a, b, strict=True):
         assert list(ea) == list(fa) and max(abs(ea[k] - fa[k]) for k in ea) < 1e-4, (ea, fa)
     # Back to no variant: rebuilt as the eager archive, byte for byte.
     assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn").returncode == 0
@@ -85,11 +99,18 @@ def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store
 
 def test_aoti_is_refused_where_it_cannot_work(store, tmp_path):
     from scripts.common import CLIError
-    from tests.conftest import load_handler
+    from tests.helpers import load_handler
 
     ckpts, _ = store
     with pytest.raises(CLIError, match="only the cnn's forward answers requests; lstm does not export"):
-        archive.build("lstm", ckpts / "lstm" / "checkpoint.pt", "1.0", tmp_path / "s", archive.ROOT / "handlers" / "config" / "lstm.yaml", "aoti")
+        archive.build(
+            "lstm",
+            ckpts / "lstm" / "checkpoint.pt",
+            "1.0",
+            tmp_path / "s",
+            archive.ROOT / "handlers" / "config" / "lstm.yaml",
+            "aoti",
+        )
     with pytest.raises(ValueError, match="aoti needs model.pt2 in the archive"):
         load_handler("cnn", ckpts / "cnn" / "checkpoint.pt", {"optimize": "aoti"})
 

@@ -1,4 +1,5 @@
 """The benchmark and the variant comparison, run for real on tiny archives (figures go to files)."""
+
 import json
 
 import pytest
@@ -12,16 +13,40 @@ pytestmark = pytest.mark.slow
 
 def test_percentile_and_queue_counters():
     assert bench.percentile([5, 1, 3, 2, 4], 50) == 3 and bench.percentile([5, 1, 3, 2, 4], 99) == 5
-    text = ('# HELP ts_queue_latency_microseconds x\nts_queue_latency_microseconds{model_name="a",} 1500.0\n'
-            'ts_queue_latency_microseconds{model_name="b",} 500.0\nts_inference_requests_total{model_name="a",} 4.0\n')
+    text = (
+        '# HELP ts_queue_latency_microseconds x\nts_queue_latency_microseconds{model_name="a",} 1500.0\n'
+        'ts_queue_latency_microseconds{model_name="b",} 500.0\nts_inference_requests_total{model_name="a",} 4.0\n'
+    )
     assert bench.queue_counters(text) == (2000.0, 4.0)
 
 
 def test_a_tiny_bench_run_writes_its_figures(archive_store, tmp_path):
     ckpts, store = archive_store
     out = tmp_path / "results"
-    assert bench.main(["--models", "lstm", "--concurrency", "1", "3", "--requests", "12", "--transports", "rest", "grpc",
-                       "--model-store", str(store), "--checkpoints", str(ckpts), "--output", str(out), "--quick"]) == 0
+    assert (
+        bench.main(
+            [
+                "--models",
+                "lstm",
+                "--concurrency",
+                "1",
+                "3",
+                "--requests",
+                "12",
+                "--transports",
+                "rest",
+                "grpc",
+                "--model-store",
+                str(store),
+                "--checkpoints",
+                str(ckpts),
+                "--output",
+                str(out),
+                "--quick",
+            ]
+        )
+        == 0
+    )
     [js] = out.glob("*.json")
     result = json.loads(js.read_text())
     lstm = result["models"]["lstm"]
@@ -37,8 +62,22 @@ def test_a_tiny_bench_run_writes_its_figures(archive_store, tmp_path):
 
 def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
     ckpts = tiny_checkpoints["lstm"].parent.parent
-    assert variants.main(["--models", "lstm", "transformer", "--checkpoints", str(ckpts), "--repeats", "2",
-                          "--output", str(tmp_path)]) == 0
+    assert (
+        variants.main(
+            [
+                "--models",
+                "lstm",
+                "transformer",
+                "--checkpoints",
+                str(ckpts),
+                "--repeats",
+                "2",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     [js] = tmp_path.glob("variants-*.json")
     results = json.loads(js.read_text())
     r = results["lstm"]
@@ -53,7 +92,12 @@ def test_int8_variant_is_compared_on_the_test_split(tiny_checkpoints, tmp_path):
 
 def test_autocast_variants_are_refused_without_cuda_and_the_wrapper_keeps_the_answers(tiny_checkpoints, tmp_path):
     ckpts = tiny_checkpoints["cnn"].parent.parent
-    assert variants.main(["--models", "cnn", "--variant", "bfloat16", "--checkpoints", str(ckpts), "--output", str(tmp_path)]) == 0
+    assert (
+        variants.main(
+            ["--models", "cnn", "--variant", "bfloat16", "--checkpoints", str(ckpts), "--output", str(tmp_path)]
+        )
+        == 0
+    )
     [js] = tmp_path.glob("variants-*.json")
     r = json.loads(js.read_text())["cnn"]
     if torch.cuda.is_available():
@@ -76,8 +120,23 @@ def test_soak_mixes_good_and_hostile_requests_and_survives_a_killed_worker(archi
     from scripts import soak
 
     _, store = archive_store
-    assert soak.main(["--requests", "400", "--clients", "8", "--hostile-share", "0.1", "--model-store", str(store),
-                      "--output", str(tmp_path)]) == 0
+    assert (
+        soak.main(
+            [
+                "--requests",
+                "400",
+                "--clients",
+                "8",
+                "--hostile-share",
+                "0.1",
+                "--model-store",
+                str(store),
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     [js] = tmp_path.glob("soak-*.json")
     r = json.loads(js.read_text())
     assert r["requests"] == 400 and r["passed"] and r["hangs"] == 0 and not r["failures"]
@@ -92,12 +151,22 @@ def test_soak_judges_failures_outside_the_kill_window():
 
     kill = {"at": 100.0, "pid": 7}
     before, after = {"lstm": {7, 8}, "cnn": {9}}, {"lstm": {8, 10}, "cnn": {9}}
-    records = [("good:lstm", "rest", "507", 101.0, "Worker died."), ("good:cnn", "grpc", "2xx", 102.0, ""),
-               ("hostile:deep_json", "rest", "400", 103.0, "")]
+    records = [
+        ("good:lstm", "rest", "507", 101.0, "Worker died."),
+        ("good:cnn", "grpc", "2xx", 102.0, ""),
+        ("hostile:deep_json", "rest", "400", 103.0, ""),
+    ]
     ok = judge(records, before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
     assert ok["passed"] and ok["killed_worker"]["in_flight_outcomes"] == {"good:lstm rest 507": 1}
-    late = judge([*records, ("good:lstm", "grpc", "500", 130.0, "Worker died.")], before, after, kill, "lstm", 10.0,
-                 {"deep_json": "lstm"})
+    late = judge(
+        [*records, ("good:lstm", "grpc", "500", 130.0, "Worker died.")],
+        before,
+        after,
+        kill,
+        "lstm",
+        10.0,
+        {"deep_json": "lstm"},
+    )
     assert not late["passed"] and late["failures"] == {"good:lstm grpc 500": 1}
     restarted = judge(records, before, {"lstm": {8, 10}, "cnn": {11}}, kill, "lstm", 10.0, {"deep_json": "lstm"})
     assert not restarted["passed"] and restarted["unexpected_restarts"] == {"cnn": [9]}

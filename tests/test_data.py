@@ -9,11 +9,14 @@ from scripts import data
 from scripts.data import DataError, load_dataset
 
 
-@pytest.mark.parametrize("model,n,labels", [
-    ("cnn", 5000, [str(i) for i in range(10)]),
-    ("lstm", 12808, ["rotten", "fresh"]),
-    ("transformer", 30337, None),
-])
+@pytest.mark.parametrize(
+    "model,n,labels",
+    [
+        ("cnn", 5000, [str(i) for i in range(10)]),
+        ("lstm", 12808, ["rotten", "fresh"]),
+        ("transformer", 30337, None),
+    ],
+)
 def test_bundled_datasets_load_verified_with_deterministic_disjoint_splits(model, n, labels):
     ds = load_dataset(model, seed=0)
     assert len(ds) == n and ds.labels == labels
@@ -54,8 +57,10 @@ def test_a_corrupted_bundled_file_is_refused_by_its_sha256(tmp_path, monkeypatch
 
 def test_user_csv_with_a_malformed_line_names_file_and_line(tmp_path):
     good = tmp_path / "good.csv"
-    good.write_text("text,label\ngreat film,pos\nawful film,neg\nfine,pos\nbad,neg\nok,pos\nmeh,neg\n"
-                    "nice,pos\npoor,neg\nwow,pos\nugh,neg\n")
+    good.write_text(
+        "text,label\ngreat film,pos\nawful film,neg\nfine,pos\nbad,neg\nok,pos\nmeh,neg\n"
+        "nice,pos\npoor,neg\nwow,pos\nugh,neg\n"
+    )
     ds = load_dataset("lstm", str(good))
     assert ds.labels == ["neg", "pos"] and len(ds) == 10
     bad = tmp_path / "bad.csv"
@@ -87,7 +92,9 @@ def test_user_images_from_a_folder_and_an_npz(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / "imgs" / label).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(
+                tmp_path / "imgs" / label / f"{i}.png"
+            )
     ds = load_dataset("cnn", str(tmp_path / "imgs"))
     assert ds.x.shape == (10, 28, 28) and ds.labels == ["cat", "dog"]
     (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"not a png")

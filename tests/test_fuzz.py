@@ -11,6 +11,7 @@ ICO and DDS, then mutated (bytes flipped, cut, spliced).
 Deterministic (derandomized) and bounded: FUZZ_EXAMPLES (default 150) examples per input kind
 and model.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,13 +26,16 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from scripts.data import load_dataset
-from tests.conftest import load_handler, png, run_batch
+from tests.helpers import load_handler, png, run_batch
 
-pytestmark = pytest.mark.slow
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+)
 FORMATS = ["PNG", "JPEG", "GIF", "TIFF", "BMP", "WEBP", "ICO", "DDS"]
 
 
@@ -69,15 +73,20 @@ def mutated_images(draw) -> bytes:
         elif op == "cut":
             data = data[:i]
         elif op == "splice":
-            data[i:i + draw(st.integers(0, 64))] = draw(st.binary(max_size=64))
+            data[i : i + draw(st.integers(0, 64))] = draw(st.binary(max_size=64))
         else:
-            data[i:i] = draw(st.sampled_from([b"\xff" * 16, b"\x00" * 16, b"\x7f\xff\xff\xff", b"\xff\xff\xff\xff" * 4]))
+            data[i:i] = draw(
+                st.sampled_from([b"\xff" * 16, b"\x00" * 16, b"\x7f\xff\xff\xff", b"\xff\xff\xff\xff" * 4])
+            )
     return bytes(data)
 
 
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=40)
-JSON = st.recursive(JSON_SCALARS, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=20), c, max_size=5),
-                    max_leaves=25)
+JSON = st.recursive(
+    JSON_SCALARS,
+    lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=20), c, max_size=5),
+    max_leaves=25,
+)
 KEYS = st.sampled_from(["text", "data", "topk", "max_length"]) | st.text(max_size=30)
 
 
@@ -94,16 +103,25 @@ def payloads(model: str):
     common = [st.binary(max_size=3000), st.text(max_size=500), JSON, hostile_json()]
     if model == "cnn":
         images = mutated_images()
-        common += [images, images.map(lambda b: base64.b64encode(b).decode()),
-                   st.builds(lambda b, k: {"data": base64.b64encode(b).decode(), "topk": k}, images, JSON_SCALARS)]
+        common += [
+            images,
+            images.map(lambda b: base64.b64encode(b).decode()),
+            st.builds(lambda b, k: {"data": base64.b64encode(b).decode(), "topk": k}, images, JSON_SCALARS),
+        ]
     return st.one_of(*common)
 
 
 def requests_for(payload) -> st.SearchStrategy:
     """Where TorchServe puts it: the REST body, a multipart field, or gRPC input keys."""
     return st.sampled_from(["body", "data", "grpc"]).map(
-        lambda where: {"body": payload} if where == "body" else {"data": payload} if where == "data"
-        else {"data": payload if isinstance(payload, (bytes, str)) else json.dumps(payload).encode(), "extra": b"x"})
+        lambda where: (
+            {"body": payload}
+            if where == "body"
+            else {"data": payload}
+            if where == "data"
+            else {"data": payload if isinstance(payload, (bytes, str)) else json.dumps(payload).encode(), "extra": b"x"}
+        )
+    )
 
 
 GOOD = {"lstm": {"body": "a warm, funny film"}, "transformer": {"body": "God is love."}}

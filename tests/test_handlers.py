@@ -1,4 +1,5 @@
 """Handlers in-process, through TorchServe's own Context: parity with the model, batching, bad input."""
+
 import base64
 import io
 import json
@@ -12,9 +13,8 @@ from models import build_model
 from models.image import normalize
 from models.text import Vocab, pad_batch
 from scripts.data import load_dataset
-from tests.conftest import load_handler, png, run_batch
+from tests.helpers import load_handler, png, run_batch
 
-pytestmark = pytest.mark.slow
 TOL = dict(rtol=0, atol=1e-5)  # probabilities are rounded to 6 decimals in the answers
 
 
@@ -39,6 +39,7 @@ def digits():
 
 # ----------------------------------------------------------------------------- parity
 
+
 def test_image_handler_matches_the_model_on_real_digits_in_every_input_format(handlers, tiny_checkpoints, digits):
     handler, ctx = handlers["cnn"]
     model, ckpt = direct_model(tiny_checkpoints["cnn"])
@@ -48,12 +49,12 @@ def test_image_handler_matches_the_model_on_real_digits_in_every_input_format(ha
         expected = torch.softmax(model(torch.from_numpy(normalize(x, pre["mean"], pre["std"]))), -1)
     raw = [png(img) for img in x]
     requests = [
-        {"body": raw[0]},                                                   # raw PNG body
-        {"data": raw[1]},                                                   # multipart field
-        {"body": base64.b64encode(raw[2]).decode()},                        # base64 text
+        {"body": raw[0]},  # raw PNG body
+        {"data": raw[1]},  # multipart field
+        {"body": base64.b64encode(raw[2]).decode()},  # base64 text
         {"body": {"data": base64.b64encode(raw[3]).decode(), "topk": 10}},  # JSON
         {"body": json.dumps({"data": base64.b64encode(raw[4]).decode()}).encode()},  # JSON as bytes (gRPC)
-        {"body": png(x[5], "RGB")},                                         # colour image
+        {"body": png(x[5], "RGB")},  # colour image
     ]
     answers, statuses, headers = run_batch(handler, ctx, requests)
     assert [s for s, _ in statuses] == [200] * 6
@@ -62,7 +63,7 @@ def test_image_handler_matches_the_model_on_real_digits_in_every_input_format(ha
         assert len(answer) == (10 if i == 3 else 3)
         for label, p in answer.items():
             torch.testing.assert_close(p, expected[i, ckpt["labels"].index(label)].item(), **TOL)
-        assert list(answer) == [ckpt["labels"][j] for j in expected[i].argsort(descending=True)[:len(answer)]]
+        assert list(answer) == [ckpt["labels"][j] for j in expected[i].argsort(descending=True)[: len(answer)]]
 
 
 def test_image_handler_resizes_and_inverts_drawings(handlers, digits):
@@ -80,8 +81,9 @@ def test_text_handler_matches_the_model_and_batching_does_not_change_answers(han
     texts = ["A gripping, beautifully acted film.", "Dull, overlong and pointless.", "fine"]
     with torch.no_grad():
         expected = torch.softmax(model(pad_batch([vocab.encode(t, 64) for t in texts])), -1)
-    answers, statuses, _ = run_batch(handler, ctx, [
-        {"body": texts[0]}, {"body": texts[1].encode()}, {"body": {"text": [texts[2], texts[0]]}}])
+    answers, statuses, _ = run_batch(
+        handler, ctx, [{"body": texts[0]}, {"body": texts[1].encode()}, {"body": {"text": [texts[2], texts[0]]}}]
+    )
     assert [s for s, _ in statuses] == [200] * 3
     flat = [answers[0], answers[1], *answers[2]]
     for i, answer in enumerate(flat[:3]):
@@ -101,8 +103,9 @@ def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_
     with torch.no_grad():
         out = model.greedy_decode(pad_batch([src.encode(t, 64, bos_eos=True) for t in texts]))
     expected = [tgt.decode(row) for row in out.tolist()]
-    answers, statuses, _ = run_batch(handler, ctx, [
-        {"body": texts[0]}, {"body": {"text": texts[1]}}, {"body": {"text": texts[0], "max_length": 3}}])
+    answers, statuses, _ = run_batch(
+        handler, ctx, [{"body": texts[0]}, {"body": {"text": texts[1]}}, {"body": {"text": texts[0], "max_length": 3}}]
+    )
     assert [s for s, _ in statuses] == [200] * 3
     assert [a["translation"] for a in answers[:2]] == expected
     assert len(answers[2]["translation"].split()) <= 3
@@ -110,6 +113,7 @@ def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def _bomb_png() -> bytes:
     buf = io.BytesIO()
@@ -132,7 +136,7 @@ BAD = {
         ({"body": [1, 2, 3]}, 400, "expected an image"),
         ({"body": _bomb_png()}, 413, "5000x5000 pixels"),
         ({"body": {"data": "aGVsbG8=", "topk": "\u00fc"}}, 400, "'topk' must be a positive integer, got '\\xfc'"),
-        ({"body": b'{"data":' * 100_000 + b'1' + b'}' * 100_000}, 400, "nested too deeply"),
+        ({"body": b'{"data":' * 100_000 + b"1" + b"}" * 100_000}, 400, "nested too deeply"),
     ],
     "lstm": [
         ({"body": b""}, 400, "empty text"),
@@ -148,7 +152,7 @@ BAD = {
         ({"body": {"text": "x", "\u00e9": 1}}, 400, "got ['text', '\\xe9']"),
         ({"body": {"text": "x", "k" * 200_000: 1}}, 400, "kkkkkkkk..."),
         ({"body": {"text": "x", **{f"key{i}": i for i in range(1000)}}}, 400, "and 996 more"),
-        ({"body": b'{"text":' * 100_000 + b'"x"' + b'}' * 100_000}, 400, "nested too deeply"),
+        ({"body": b'{"text":' * 100_000 + b'"x"' + b"}" * 100_000}, 400, "nested too deeply"),
     ],
     "transformer": [
         ({"body": b""}, 400, "empty text"),
@@ -180,8 +184,11 @@ def test_every_bad_input_gets_its_own_4xx_and_its_neighbours_are_answered(model,
         # TorchServe frames the phrase by its length in characters and sends UTF-8: it must be
         # short printable ASCII, or the frontend drops the worker with the whole batch.
         assert all(" " <= c <= "~" for c in phrase) and len(phrase) <= 300, (bad, phrase[:80])
-        assert answers[1] == {"code": code, "type": "PayloadTooLarge" if code == 413 else "InvalidInput",
-                              "message": phrase}
+        assert answers[1] == {
+            "code": code,
+            "type": "PayloadTooLarge" if code == 413 else "InvalidInput",
+            "message": phrase,
+        }
 
 
 def test_an_image_decoder_failing_in_any_way_fails_only_its_request(handlers, digits, monkeypatch):

@@ -1,6 +1,7 @@
 """The chart and manifests with real helm, kubectl, kubernetes-validate and checkov (offline), the
 in-pod scripts for real, and the deploy tool's logic. No API server runs here: the deploy tool's
 real run is skipped unless KUBECONFIG names a reachable cluster."""
+
 import http.server
 import json
 import os
@@ -15,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from kubernetes import client as k8s
 
-from scripts import deploy, k8s as k8s_tool
+from scripts import deploy
+from scripts import k8s as k8s_tool
 from scripts.client import Client
-from scripts.common import ROOT, CLIError
-from tests.conftest import settings
+from scripts.common import ROOT
+from tests.helpers import settings
 
-pytestmark = pytest.mark.slow
 POD = [sys.executable, str(ROOT / "scripts" / "pod.py")]
 
 
@@ -29,6 +30,7 @@ def by_kind(docs, kind):
 
 
 # ----------------------------------------------------------------------------- chart and manifests
+
 
 def test_every_offline_check_passes():
     assert k8s_tool.check() == [
@@ -39,13 +41,16 @@ def test_every_offline_check_passes():
     ]
 
 
-@pytest.mark.parametrize("values,message", [
-    (["image.tag=latest"], "image.tag"),
-    (["gpu.count=-1"], "gpu.count"),
-    (["autoscaling.maxReplica=3"], "maxReplica"),
-    (["models.source.type=s3"], "models.source.type"),
-    (["autoscaling.targetRequestsPerSecond.cnn=0"], "targetRequestsPerSecond"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["image.tag=latest"], "image.tag"),
+        (["gpu.count=-1"], "gpu.count"),
+        (["autoscaling.maxReplica=3"], "maxReplica"),
+        (["models.source.type=s3"], "models.source.type"),
+        (["autoscaling.targetRequestsPerSecond.cnn=0"], "targetRequestsPerSecond"),
+    ],
+)
 def test_schema_refuses_bad_values(values, message):
     cmd = [k8s_tool.tool("helm"), "lint", "--strict", str(k8s_tool.CHART), *[a for v in values for a in ("--set", v)]]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -78,8 +83,10 @@ def test_rendered_defaults_are_safe_and_honest():
     assert hpa["apiVersion"] == "autoscaling/v2"
     metrics = {m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]: m["pods"] for m in hpa["spec"]["metrics"]}
     assert set(metrics) == {"cnn", "lstm", "transformer"}  # one rate per model; the busiest decides
-    assert all(m["metric"]["name"] == "torchserve_requests_per_second" and m["target"]["type"] == "AverageValue"
-               for m in metrics.values())
+    assert all(
+        m["metric"]["name"] == "torchserve_requests_per_second" and m["target"]["type"] == "AverageValue"
+        for m in metrics.values()
+    )
     assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     [pdb] = by_kind(docs, "PodDisruptionBudget")
@@ -110,7 +117,7 @@ def test_cpu_only_and_keda_variants():
 
 
 def config_lines(conf: str) -> dict[str, str]:
-    return dict(l.split("=", 1) for l in conf.splitlines() if "=" in l and not l.lstrip().startswith("#"))
+    return dict(line.split("=", 1) for line in conf.splitlines() if "=" in line and not line.lstrip().startswith("#"))
 
 
 def test_load_models_names_each_archive_file():
@@ -129,9 +136,20 @@ def test_the_pods_and_make_serve_start_from_one_settings_file(tmp_path):
     pod = config_lines(cm["data"]["config.properties"])
     cfg = serve.ServerConfig(run_dir=tmp_path, model_store=tmp_path)
     local = config_lines(serve.write_config(cfg, {"cnn": tmp_path / "cnn.mar"}).read_text())
-    pod_set = {"inference_address", "management_address", "metrics_address", "grpc_inference_address",
-               "grpc_inference_port", "grpc_management_address", "grpc_management_port", "model_store", "load_models",
-               "disable_token_authorization", "job_queue_size", "vmargs"}
+    pod_set = {
+        "inference_address",
+        "management_address",
+        "metrics_address",
+        "grpc_inference_address",
+        "grpc_inference_port",
+        "grpc_management_address",
+        "grpc_management_port",
+        "model_store",
+        "load_models",
+        "disable_token_authorization",
+        "job_queue_size",
+        "vmargs",
+    }
     for key, value in base.items():
         if key not in pod_set:
             assert pod[key] == value == local[key], key
@@ -153,7 +171,6 @@ def test_the_container_runs_under_an_init_that_forwards_sigterm():
 def test_the_helm_test_pod_is_no_endpoint_no_pdb_member_and_has_its_own_policy():
     docs = k8s_tool.template(tests=True)
     [dep] = by_kind(docs, "Deployment")
-    selector = dep["spec"]["selector"]["matchLabels"]
     [test_pod] = by_kind(docs, "Pod")
     labels = test_pod["metadata"]["labels"]
     for obj in [*by_kind(docs, "Service"), *by_kind(docs, "PodDisruptionBudget")]:
@@ -169,13 +186,18 @@ def test_the_helm_test_pod_is_no_endpoint_no_pdb_member_and_has_its_own_policy()
 
 def test_notes_send_the_digit_with_a_content_type():
     notes = (k8s_tool.CHART / "templates" / "NOTES.txt").read_text()
-    [cnn] = [l for l in notes.splitlines() if "/predictions/cnn" in l]
+    [cnn] = [line for line in notes.splitlines() if "/predictions/cnn" in line]
     assert "Content-Type: image/png" in cnn or " -T " in cnn
 
 
-@pytest.mark.parametrize("version,hpa,pdb", [("1.20.2", "autoscaling/v2beta2", "policy/v1beta1"),
-                                             ("1.22.0", "autoscaling/v2beta2", "policy/v1"),
-                                             ("1.33.0", "autoscaling/v2", "policy/v1")])
+@pytest.mark.parametrize(
+    "version,hpa,pdb",
+    [
+        ("1.20.2", "autoscaling/v2beta2", "policy/v1beta1"),
+        ("1.22.0", "autoscaling/v2beta2", "policy/v1"),
+        ("1.33.0", "autoscaling/v2", "policy/v1"),
+    ],
+)
 def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
     docs = k8s_tool.template(version)
     assert by_kind(docs, "HorizontalPodAutoscaler")[0]["apiVersion"] == hpa
@@ -185,9 +207,15 @@ def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
 def test_autoscaling_follows_the_served_models_and_the_uid_can_be_left_to_the_platform():
     two = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "models.names={cnn,lstm}")
     [hpa] = by_kind(two, "HorizontalPodAutoscaler")
-    assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == ["cnn", "lstm"]
-    proc = subprocess.run([k8s_tool.tool("helm"), "template", "x", str(k8s_tool.CHART), "--set", "models.names={cnn,resnet}"],
-                          capture_output=True, text=True)
+    assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == [
+        "cnn",
+        "lstm",
+    ]
+    proc = subprocess.run(
+        [k8s_tool.tool("helm"), "template", "x", str(k8s_tool.CHART), "--set", "models.names={cnn,resnet}"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "targetRequestsPerSecond has no entry for model resnet" in proc.stderr
     openshift = json.dumps(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "podSecurity.runAsUser=null"))
     assert "runAsUser" not in openshift and "fsGroup" not in openshift and '"runAsNonRoot": true' in openshift
@@ -196,9 +224,11 @@ def test_autoscaling_follows_the_served_models_and_the_uid_can_be_left_to_the_pl
 
 
 def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_path, monkeypatch):
-    out = subprocess.run([k8s_tool.tool("kubectl"), "kustomize", str(k8s_tool.MANIFESTS)], capture_output=True, text=True)
+    out = subprocess.run(
+        [k8s_tool.tool("kubectl"), "kustomize", str(k8s_tool.MANIFESTS)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
-    kinds = [l.split(": ")[1] for l in out.stdout.splitlines() if l.startswith("kind: ")]
+    kinds = [line.split(": ")[1] for line in out.stdout.splitlines() if line.startswith("kind: ")]
     assert kinds.count("Namespace") == 1 and "Deployment" in kinds and "HorizontalPodAutoscaler" in kinds
     copy = tmp_path / "manifests"
     shutil.copytree(k8s_tool.MANIFESTS, copy)
@@ -210,6 +240,7 @@ def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_p
 
 # ----------------------------------------------------------------------------- pod.py fetch
 
+
 @pytest.fixture
 def source(archive_store, tmp_path):
     """A copy of the archive store: the model source an init container reads."""
@@ -220,14 +251,24 @@ def source(archive_store, tmp_path):
 
 
 def fetch(src, dest, *extra, env=None):
-    return subprocess.run([*POD, "fetch", "--source", str(src), "--dest", str(dest), *extra],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return subprocess.run(
+        [*POD, "fetch", "--source", str(src), "--dest", str(dest), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def test_fetch_accepts_good_archives_from_a_folder(source, tmp_path):
     proc = fetch(source, tmp_path / "store")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["cnn.mar", "lstm.mar", "manifest.json", "transformer.mar"]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "cnn.mar",
+        "lstm.mar",
+        "manifest.json",
+        "transformer.mar",
+    ]
     assert "verified cnn, lstm, transformer" in proc.stdout
 
 
@@ -244,10 +285,20 @@ def test_fetch_refuses_a_flipped_byte_and_a_truncated_archive(source, tmp_path):
     assert fetch(source, tmp_path / "c", "--models", "resnet").returncode == 1
 
 
-@pytest.mark.parametrize("entry", [
-    {"file": "./../evil.mar"}, {"file": "../evil.mar"}, {"file": "/tmp/evil.mar"}, {"file": "sub/dir.mar"},
-    {"file": "lstm.zip"}, {"size": "big"}, {"size": None}, {"sha256": "abc"}, "not an object",
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"file": "./../evil.mar"},
+        {"file": "../evil.mar"},
+        {"file": "/tmp/evil.mar"},
+        {"file": "sub/dir.mar"},
+        {"file": "lstm.zip"},
+        {"size": "big"},
+        {"size": None},
+        {"sha256": "abc"},
+        "not an object",
+    ],
+)
 def test_fetch_refuses_a_malformed_manifest_entry_in_one_line(source, tmp_path, entry):
     manifest = json.loads((source / "manifest.json").read_text())
     good = manifest["archives"]["lstm"]
@@ -302,9 +353,28 @@ def https_source(source, tmp_path):
     import ssl
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     handler = lambda *a, **kw: Source(*a, directory=str(source), **kw)
     tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -359,11 +429,18 @@ def test_fetch_caps_the_size_and_bounds_each_download(https_source, source, tmp_
 
 # ----------------------------------------------------------------------------- pod.py ready and drain
 
+
 def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
-    env = {**os.environ, "TS_KEY_FILE": str(server.key_file), "TS_DRAIN_MARKER": str(tmp_path / "draining"),
-           "TS_BUSY_DIR": server.env()["TS_BUSY_DIR"]}
+    env = {
+        **os.environ,
+        "TS_KEY_FILE": str(server.key_file),
+        "TS_DRAIN_MARKER": str(tmp_path / "draining"),
+        "TS_BUSY_DIR": server.env()["TS_BUSY_DIR"],
+    }
     url = server.url("management")
-    ready = lambda *a: subprocess.run([*POD, "ready", "--url", url, *a], env=env, capture_output=True, text=True, timeout=30)
+    ready = lambda *a: subprocess.run(
+        [*POD, "ready", "--url", url, *a], env=env, capture_output=True, text=True, timeout=30
+    )
     ok = ready("--models", "cnn", "lstm", "transformer")
     assert ok.returncode == 0 and ok.stdout.strip() == "ready", ok.stderr
     missing = ready("--models", "resnet")
@@ -374,8 +451,13 @@ def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
     with Client("rest", settings(server)) as c, ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(c.predict, "transformer", {"text": f"God is love {i}."}) for i in range(24)]
         t0 = time.monotonic()
-        drain = subprocess.Popen([*POD, "drain", "--url", url, "--timeout", "60", "--settle", "0"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        drain = subprocess.Popen(
+            [*POD, "drain", "--url", url, "--timeout", "60", "--settle", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(0.5)
         assert ready().returncode == 1 and "draining" in ready().stderr
         out, err = drain.communicate(timeout=90)
@@ -426,7 +508,7 @@ def test_serve_clears_the_last_containers_state_and_stops_cleanly_on_sigterm(arc
     import psutil
 
     from scripts import serve
-    from tests.conftest import server_config
+    from tests.helpers import server_config
 
     _, store = archive_store
     cfg = server_config(tmp_path / "run", store, auth=False, models=["lstm"])
@@ -436,9 +518,24 @@ def test_serve_clears_the_last_containers_state_and_stops_cleanly_on_sigterm(arc
     marker.touch()  # what preStop left when a probe killed the previous container
     busy.write_text("1")
     env = {**cfg.env(), "TS_DRAIN_MARKER": str(marker), "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
-    proc = subprocess.Popen([*POD, "serve", "--", "--ncs", "--model-store", str(store), "--ts-config", str(config),
-                             "--log-config", str(serve.LOG_CONFIG)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *POD,
+            "serve",
+            "--",
+            "--ncs",
+            "--model-store",
+            str(store),
+            "--ts-config",
+            str(config),
+            "--log-config",
+            str(serve.LOG_CONFIG),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = cfg.url("management")
         deadline = time.monotonic() + 120
@@ -461,23 +558,32 @@ def test_serve_clears_the_last_containers_state_and_stops_cleanly_on_sigterm(arc
 
 def test_smoke_subcommand_against_a_real_torchserve_without_auth(archive_store, tmp_path):
     from scripts import serve
-    from tests.conftest import server_config
+    from tests.helpers import server_config
 
     _, store = archive_store
     cfg = server_config(tmp_path / "run", store, auth=False, models=["lstm"])
     serve.start(cfg)
     try:
-        proc = subprocess.run([*POD, "smoke", "--url", cfg.url("inference"), "--model", "lstm", "--text", "lovely"],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [*POD, "smoke", "--url", cfg.url("inference"), "--model", "lstm", "--text", "lovely"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0 and json.loads(proc.stdout)["label"] in ("rotten", "fresh")
-        bad = subprocess.run([*POD, "smoke", "--url", cfg.url("inference"), "--model", "resnet", "--text", "x"],
-                             capture_output=True, text=True, timeout=60)
+        bad = subprocess.run(
+            [*POD, "smoke", "--url", cfg.url("inference"), "--model", "resnet", "--text", "x"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad.returncode == 1 and "HTTP 404" in bad.stderr
     finally:
         serve.stop(cfg)
 
 
 # ----------------------------------------------------------------------------- deploy tool
+
 
 def test_deploy_loads_manifests_into_another_namespace():
     docs = deploy.load_manifests(namespace="team-a")
@@ -489,8 +595,11 @@ def test_deploy_loads_manifests_into_another_namespace():
 
 def node(name, gpus=None, unschedulable=False):
     alloc = {"cpu": "8"} | ({"nvidia.com/gpu": str(gpus)} if gpus is not None else {})
-    return k8s.V1Node(metadata=k8s.V1ObjectMeta(name=name), spec=k8s.V1NodeSpec(unschedulable=unschedulable),
-                      status=k8s.V1NodeStatus(allocatable=alloc))
+    return k8s.V1Node(
+        metadata=k8s.V1ObjectMeta(name=name),
+        spec=k8s.V1NodeSpec(unschedulable=unschedulable),
+        status=k8s.V1NodeStatus(allocatable=alloc),
+    )
 
 
 def test_gpu_capacity_counts_only_schedulable_gpu_nodes():
@@ -502,12 +611,26 @@ def test_gpu_capacity_counts_only_schedulable_gpu_nodes():
 def pod_with(waiting=None, terminated=None, name="torchserve", unschedulable=None):
     state = k8s.V1ContainerState(
         waiting=k8s.V1ContainerStateWaiting(reason=waiting, message="back-off") if waiting else None,
-        terminated=k8s.V1ContainerStateTerminated(exit_code=terminated) if terminated is not None else None)
-    cs = k8s.V1ContainerStatus(name=name, image="registry.example.com/ml/torchserve-models:0.1.0", image_id="",
-                               ready=False, restart_count=0, state=state)
-    conds = [k8s.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=unschedulable)] if unschedulable else []
-    status = k8s.V1PodStatus(container_statuses=[cs] if name == "torchserve" else [],
-                             init_container_statuses=[cs] if name != "torchserve" else [], conditions=conds)
+        terminated=k8s.V1ContainerStateTerminated(exit_code=terminated) if terminated is not None else None,
+    )
+    cs = k8s.V1ContainerStatus(
+        name=name,
+        image="registry.example.com/ml/torchserve-models:0.1.0",
+        image_id="",
+        ready=False,
+        restart_count=0,
+        state=state,
+    )
+    conds = (
+        [k8s.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=unschedulable)]
+        if unschedulable
+        else []
+    )
+    status = k8s.V1PodStatus(
+        container_statuses=[cs] if name == "torchserve" else [],
+        init_container_statuses=[cs] if name != "torchserve" else [],
+        conditions=conds,
+    )
     return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="tsm-abc"), status=status)
 
 
@@ -522,9 +645,12 @@ def test_pod_problems_are_named():
 
 def test_rollout_done_needs_every_replica_updated_and_ready():
     def dep(**status):
-        return k8s.V1Deployment(metadata=k8s.V1ObjectMeta(generation=3), spec=k8s.V1DeploymentSpec(
-            replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
-            status=k8s.V1DeploymentStatus(**status))
+        return k8s.V1Deployment(
+            metadata=k8s.V1ObjectMeta(generation=3),
+            spec=k8s.V1DeploymentSpec(replicas=2, selector=k8s.V1LabelSelector(), template=k8s.V1PodTemplateSpec()),
+            status=k8s.V1DeploymentStatus(**status),
+        )
+
     full = dict(observed_generation=3, updated_replicas=2, ready_replicas=2, available_replicas=2)
     assert deploy.rollout_done(dep(**full))
     assert not deploy.rollout_done(dep(**{**full, "observed_generation": 2}))
@@ -542,7 +668,7 @@ def test_http_over_a_socket_pair_like_the_port_forward():
         while not request.endswith(b"fine"):
             request += b.recv(65536)
         got.append(request)
-        b.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n2\r\n1}\r\n0\r\n\r\n")
+        b.sendall(b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"a":\r\n2\r\n1}\r\n0\r\n\r\n')
         # b stays open, like the port-forward.
 
     threading.Thread(target=answer, daemon=True).start()
@@ -556,6 +682,9 @@ def test_http_over_a_socket_pair_like_the_port_forward():
 def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing"), "HOME": str(tmp_path)}
     env.pop("KUBERNETES_SERVICE_HOST", None)
-    proc = subprocess.run([sys.executable, "-m", "scripts.deploy", "apply"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.startswith("deploy: error: no cluster") and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.deploy", "apply"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (
+        proc.returncode == 1 and proc.stderr.startswith("deploy: error: no cluster") and "Traceback" not in proc.stderr
+    )

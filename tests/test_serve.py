@@ -1,4 +1,5 @@
 """End to end on a real TorchServe (Java frontend + Python workers) on free loopback ports."""
+
 import base64
 import io
 import json
@@ -13,10 +14,19 @@ import pytest
 from PIL import Image
 
 from scripts import serve
-from scripts.client import BadInput, Client, ModelNotFound, Overloaded, RestTransport, ServerError, Timeout, Unauthorized
+from scripts.client import (
+    BadInput,
+    Client,
+    ModelNotFound,
+    Overloaded,
+    RestTransport,
+    ServerError,
+    Timeout,
+    Unauthorized,
+)
 from scripts.common import ROOT, CLIError
 from scripts.data import load_dataset
-from tests.conftest import free_ports, load_handler, png, run_batch, server_config, settings
+from tests.helpers import free_ports, load_handler, png, run_batch, server_config, settings
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +58,7 @@ def in_process(model, tiny_checkpoints, payloads):
 
 # ----------------------------------------------------------------------------- serving
 
+
 def test_every_model_is_ready_and_status_lists_its_workers(server):
     rows = serve.status_rows(server)
     assert {m for m, _, _ in rows} == {"cnn", "lstm", "transformer"}
@@ -73,6 +84,7 @@ def test_versioned_prediction_and_describe(client):
 
 def test_concurrent_requests_are_batched(server):
     with Client("rest", settings(server)) as c:
+
         def one(i):
             answer = c.transport.predict("lstm", f"review number {i} was a fine film", None)
             return json.loads(answer[0]), int(answer[1]["X-Batch-Size"])
@@ -86,26 +98,35 @@ def test_concurrent_requests_are_batched(server):
 def test_the_frontend_uses_our_log_config_one_line_per_request(server):
     """handlers/config/log4j2.xml: a broken file leaves TorchServe silently without logs, and
     TorchServe's own config writes each request line three times."""
+
     def lines(name):
         path = server.log_dir / name
         return path.read_text(errors="replace").splitlines() if path.exists() else []
 
-    before = sum("/predictions/lstm" in l for l in lines("access_log.log"))
+    before = sum("/predictions/lstm" in line for line in lines("access_log.log"))
     with Client("rest", settings(server)) as c:
         for i in range(5):
             c.predict("lstm", f"log line {i}")
     deadline = time.monotonic() + 5
-    while sum("/predictions/lstm" in l for l in lines("access_log.log")) < before + 5 and time.monotonic() < deadline:
+    while (
+        sum("/predictions/lstm" in line for line in lines("access_log.log")) < before + 5
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
-    assert sum("/predictions/lstm" in l for l in lines("access_log.log")) == before + 5
+    assert sum("/predictions/lstm" in line for line in lines("access_log.log")) == before + 5
     ts_log = lines("ts_log.log")
-    assert any("Initialize Inference server" in l for l in ts_log), ts_log[:5]
-    assert not [l for l in ts_log if "[DEBUG]" in l or "Sending response for jobId" in l or "ACCESS_LOG" in l]
-    assert not [l for l in lines("torchserve.out") if "ACCESS_LOG" in l or "[INFO ]" in l or "StatusLogger" in l]
-    assert any("W-" in l and "lstm" in l for l in lines("model_log.log")), "worker output not logged"
+    assert any("Initialize Inference server" in line for line in ts_log), ts_log[:5]
+    assert not [
+        line for line in ts_log if "[DEBUG]" in line or "Sending response for jobId" in line or "ACCESS_LOG" in line
+    ]
+    assert not [
+        line for line in lines("torchserve.out") if "ACCESS_LOG" in line or "[INFO ]" in line or "StatusLogger" in line
+    ]
+    assert any("W-" in line and "lstm" in line for line in lines("model_log.log")), "worker output not logged"
 
 
 # ----------------------------------------------------------------------------- auth
+
 
 def test_token_auth_is_on_rest_and_grpc(server):
     for transport in ("rest", "grpc"):
@@ -123,6 +144,7 @@ def test_token_auth_is_on_rest_and_grpc(server):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def _bomb() -> bytes:
     buf = io.BytesIO()
     Image.new("1", (5000, 5000)).save(buf, format="PNG")
@@ -130,20 +152,33 @@ def _bomb() -> bytes:
 
 
 WIRE_BAD = {
-    "cnn": [(b"\x00\x01garbage", 400, "not valid base64"), (b"\x89PNG\r\n\x1a\ntruncated", 400, "not a readable image"),
-            ({"image": "x"}, 400, "JSON body must be"), ({"data": "aGk=", "topk": 99}, 400, "'topk' must be at most"),
-            (_bomb(), 413, "5000x5000 pixels"),
-            # Killer classes a hostile client found: a non-ASCII reason phrase dropped the worker and
-            # its batch; deep nesting failed the batch with 503.
-            ({"data": "aGk=", "topk": "\u00fc"}, 400, "got '\\xfc'"),
-            (b'{"data":' * 100_000 + b"1" + b"}" * 100_000, 400, "nested too deeply")],
-    "lstm": [(b"\xff\xfe\xfa", 400, "not valid UTF-8"), ("   ", 400, "empty text"), ("x" * 5001, 413, "5001 characters"),
-             ({"txt": "hi"}, 400, "keys 'text'"), ({"text": 5}, 400, "string or a list"),
-             ({"text": "x", "\u00e9": 1}, 400, "'\\xe9'"), ({"text": "x", "k" * 200_000: 1}, 400, "kkk..."),
-             (b'{"text":' * 100_000 + b'"x"' + b"}" * 100_000, 400, "nested too deeply")],
-    "transformer": [(b"\xc3\x28", 400, "not valid UTF-8"), ("word " * 40, 413, "40 tokens"),
-                    ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer"),
-                    ({"text": "hi", "max_length": "\u00e9"}, 400, "'max_length' must be a positive integer")],
+    "cnn": [
+        (b"\x00\x01garbage", 400, "not valid base64"),
+        (b"\x89PNG\r\n\x1a\ntruncated", 400, "not a readable image"),
+        ({"image": "x"}, 400, "JSON body must be"),
+        ({"data": "aGk=", "topk": 99}, 400, "'topk' must be at most"),
+        (_bomb(), 413, "5000x5000 pixels"),
+        # Killer classes a hostile client found: a non-ASCII reason phrase dropped the worker and
+        # its batch; deep nesting failed the batch with 503.
+        ({"data": "aGk=", "topk": "\u00fc"}, 400, "got '\\xfc'"),
+        (b'{"data":' * 100_000 + b"1" + b"}" * 100_000, 400, "nested too deeply"),
+    ],
+    "lstm": [
+        (b"\xff\xfe\xfa", 400, "not valid UTF-8"),
+        ("   ", 400, "empty text"),
+        ("x" * 5001, 413, "5001 characters"),
+        ({"txt": "hi"}, 400, "keys 'text'"),
+        ({"text": 5}, 400, "string or a list"),
+        ({"text": "x", "\u00e9": 1}, 400, "'\\xe9'"),
+        ({"text": "x", "k" * 200_000: 1}, 400, "kkk..."),
+        (b'{"text":' * 100_000 + b'"x"' + b"}" * 100_000, 400, "nested too deeply"),
+    ],
+    "transformer": [
+        (b"\xc3\x28", 400, "not valid UTF-8"),
+        ("word " * 40, 413, "40 tokens"),
+        ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer"),
+        ({"text": "hi", "max_length": "\u00e9"}, 400, "'max_length' must be a positive integer"),
+    ],
 }
 WIRE_GOOD = {"lstm": "a warm film", "transformer": "God is love."}
 
@@ -175,11 +210,19 @@ def test_a_form_encoded_upload_is_refused_with_415(server, digit):
     import requests
 
     token = serve.read_token(server, "inference")
-    resp = requests.post(f"{server.url('inference')}/predictions/cnn", data=digit, timeout=30,
-                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"})
+    resp = requests.post(
+        f"{server.url('inference')}/predictions/cnn",
+        data=digit,
+        timeout=30,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert resp.status_code == 415 and "curl -T" in resp.json()["message"]
-    ok = requests.post(f"{server.url('inference')}/predictions/transformer", data="God is love.".encode(), timeout=30,
-                       headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"})
+    ok = requests.post(
+        f"{server.url('inference')}/predictions/transformer",
+        data=b"God is love.",
+        timeout=30,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "text/plain"},
+    )
     assert ok.headers["content-type"].startswith("application/json") and "\\u00" not in ok.text
 
 
@@ -196,6 +239,7 @@ def test_wrong_model_wrong_version_and_oversized_body(client, server):
 
 
 # ----------------------------------------------------------------------------- failures
+
 
 def test_a_killed_worker_comes_back_and_no_request_hangs(server):
     before = worker_pids(server, "lstm")
@@ -231,7 +275,10 @@ def test_start_refuses_a_port_in_use_and_a_second_server(server, archive_store, 
 
 def test_a_broken_archive_is_refused_in_one_line_before_anything_starts(archive_store, tmp_path):
     _, store = archive_store
-    for name, damage in [("truncated", lambda b: b[: len(b) // 2]), ("flipped", lambda b: b[:3000] + bytes([b[3000] ^ 0x40]) + b[3001:])]:
+    for name, damage in [
+        ("truncated", lambda b: b[: len(b) // 2]),
+        ("flipped", lambda b: b[:3000] + bytes([b[3000] ^ 0x40]) + b[3001:]),
+    ]:
         bad = tmp_path / name
         bad.mkdir()
         (bad / "lstm.mar").write_bytes(damage((store / "lstm.mar").read_bytes()))
@@ -255,8 +302,13 @@ def test_expired_keys_are_renewed_for_readiness_and_status(archive_store, tmp_pa
         first = serve.read_token(cfg, "management")
         time.sleep(7)
         env = {**os.environ, "TS_KEY_FILE": str(cfg.key_file)}
-        ready = subprocess.run([sys.executable, str(ROOT / "scripts" / "pod.py"), "ready", "--url", cfg.url("management")],
-                               env=env, capture_output=True, text=True, timeout=30)
+        ready = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "pod.py"), "ready", "--url", cfg.url("management")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert ready.returncode == 0, ready.stderr
         assert serve.read_token(cfg, "management") != first
         time.sleep(7)
@@ -275,8 +327,11 @@ def test_stop_ends_workers_still_starting_from_a_scale_up(archive_store, tmp_pat
     sid = os.getsid(serve.running_pid(cfg))
     try:
         token = serve.read_token(cfg, "management")
-        resp = requests.put(f"{cfg.url('management')}/models/lstm?min_worker=6&synchronous=false", timeout=10,
-                            headers={"Authorization": f"Bearer {token}"})
+        resp = requests.put(
+            f"{cfg.url('management')}/models/lstm?min_worker=6&synchronous=false",
+            timeout=10,
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert resp.status_code == 202, resp.text
         time.sleep(1.5)  # the new workers are being spawned
     finally:
@@ -300,17 +355,41 @@ def test_a_model_that_cannot_load_fails_start_with_its_worker_log(tiny_checkpoin
 def test_make_serve_cli_round_trip_without_auth(archive_store, tmp_path):
     """The CLI a user types: start with --no-auth, predict without a token, status, stop."""
     _, store = archive_store
-    ports = dict(zip(serve.PORTS, free_ports(5)))
+    ports = dict(zip(serve.PORTS, free_ports(5), strict=True))
     flags = [f"--{k.replace('_', '-')}-port={v}" for k, v in ports.items()]
-    base = [sys.executable, "-m", "scripts.serve", "--run-dir", str(tmp_path / "run"), "--model-store", str(store), *flags]
+    base = [
+        sys.executable,
+        "-m",
+        "scripts.serve",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--model-store",
+        str(store),
+        *flags,
+    ]
     run = lambda *a: subprocess.run([*base, *a], cwd=ROOT, capture_output=True, text=True, timeout=180)
     started = run("start", "--no-auth", "--models", "lstm")
     try:
         assert started.returncode == 0, started.stderr
         assert "ready" in started.stdout and "auth            off" in started.stdout
-        client = subprocess.run([sys.executable, "-m", "scripts.client", f"--inference-port={ports['inference']}",
-                                 "--key-file", str(tmp_path / "none.json"), "predict", "lstm", "--text", "lovely"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        client = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.client",
+                f"--inference-port={ports['inference']}",
+                "--key-file",
+                str(tmp_path / "none.json"),
+                "predict",
+                "lstm",
+                "--text",
+                "lovely",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert client.returncode == 0 and '"label"' in client.stdout, client.stderr
         status = run("status", "--models", "lstm")
         assert "READY" in status.stdout

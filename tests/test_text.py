@@ -9,8 +9,10 @@ def test_tokenize_splits_words_and_punctuation_and_lowercases():
     assert tokenize("   ") == []
 
 
-@pytest.mark.parametrize("text", ["in the beginning, god created the heavens.", "¿hasta cuándo, oh jehová?",
-                                  "it's a (quiet) film: 90% good!"])
+@pytest.mark.parametrize(
+    "text",
+    ["in the beginning, god created the heavens.", "¿hasta cuándo, oh jehová?", "it's a (quiet) film: 90% good!"],
+)
 def test_detokenize_round_trips_normalised_text(text):
     assert detokenize(tokenize(text)) == text
 

@@ -8,7 +8,7 @@ from models import build_model
 from models.text import Vocab, pad_batch
 from scripts import train
 from scripts.common import ROOT
-from tests.conftest import tiny_train
+from tests.helpers import tiny_train
 
 pytestmark = pytest.mark.slow
 
@@ -69,22 +69,36 @@ def test_resume_continues_from_last_and_refuses_another_model(tmp_path):
 def test_quick_fills_only_what_the_command_line_left_unset():
     quick = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "lstm", "--quick"]))
     assert (quick.epochs, quick.limit, quick.batch_size) == (2, 4000, 64)
-    mine = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "lstm", "--quick", "--epochs", "5",
-                                                                      "--limit", "300", "--bleu-samples", "7"]))
+    mine = train.resolve_defaults(
+        train.get_args_parser().parse_args(
+            ["--model", "lstm", "--quick", "--epochs", "5", "--limit", "300", "--bleu-samples", "7"]
+        )
+    )
     assert (mine.epochs, mine.limit, mine.bleu_samples) == (5, 300, 7)
     full = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "transformer"]))
     assert (full.epochs, full.limit, full.lr, full.bleu_samples) == (12, None, 7e-4, 500)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "resnet"], "invalid choice: 'resnet'"),
-    (["--model", "lstm", "--data", "/nonexistent/reviews.csv"], "train: error: /nonexistent/reviews.csv: file not found"),
-    (["--model", "cnn", "--resume", "/nonexistent/last.pt"], "train: error: /nonexistent/last.pt: checkpoint not found"),
-    (["--model", "cnn", "--epochs", "0"], "train: error: --epochs must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "resnet"], "invalid choice: 'resnet'"),
+        (
+            ["--model", "lstm", "--data", "/nonexistent/reviews.csv"],
+            "train: error: /nonexistent/reviews.csv: file not found",
+        ),
+        (
+            ["--model", "cnn", "--resume", "/nonexistent/last.pt"],
+            "train: error: /nonexistent/last.pt: checkpoint not found",
+        ),
+        (["--model", "cnn", "--epochs", "0"], "train: error: --epochs must be positive"),
+    ],
+)
 def test_bad_arguments_exit_non_zero_with_one_line_and_no_traceback(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "scripts.train", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.train", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if "error" in l]) == 1
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1

@@ -1,5 +1,6 @@
 """Helpers for the real-cluster e2e: kubectl and helm calls with bounded waits, the evidence a
 failing step prints, and a steady bounded client load that counts every outcome."""
+
 from __future__ import annotations
 
 import collections
@@ -8,9 +9,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import requests
 
@@ -30,9 +31,13 @@ class Cluster:
     namespace: str = "e2e"
 
     @classmethod
-    def from_env(cls) -> "Cluster":
-        return cls(kubectl_bin=os.environ.get("KUBECTL", "kubectl"), helm_bin=os.environ.get("HELM", "helm"),
-                   kubeconfig=os.environ.get("KUBECONFIG", ""), image=os.environ.get("E2E_IMAGE", ""))
+    def from_env(cls) -> Cluster:
+        return cls(
+            kubectl_bin=os.environ.get("KUBECTL", "kubectl"),
+            helm_bin=os.environ.get("HELM", "helm"),
+            kubeconfig=os.environ.get("KUBECONFIG", ""),
+            image=os.environ.get("E2E_IMAGE", ""),
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -61,8 +66,11 @@ class Cluster:
 
     @staticmethod
     def is_ready(pod: dict) -> bool:
-        return pod["status"].get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp") and any(
-            c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+        return (
+            pod["status"].get("phase") == "Running"
+            and not pod["metadata"].get("deletionTimestamp")
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", []))
+        )
 
     def ready_pods(self, selector: str) -> list[dict]:
         return [p for p in self.pods(selector) if self.is_ready(p)]
@@ -101,14 +109,16 @@ class Cluster:
 
     def evidence(self) -> str:
         parts = []
-        for title, cmd in [
-            ("pods", ["get", "pods", "-A", "-o", "wide"]),
-            ("events", ["get", "events", "-A", "--sort-by=.lastTimestamp"]),
-            ("deployments, services, endpoints", ["get", "deploy,svc,endpoints,hpa,pdb", "-A"]),
+        for cmd in [
+            ["get", "pods", "-A", "-o", "wide"],
+            ["get", "events", "-A", "--sort-by=.lastTimestamp"],
+            ["get", "deploy,svc,endpoints,hpa,pdb", "-A"],
         ]:
             proc = self.run([self.kubectl_bin, "--request-timeout=20s", *cmd], timeout=40, check=False)
             parts.append(f"--- kubectl {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-        pods = self.run([self.kubectl_bin, "--request-timeout=20s", "get", "pods", "-A", "-o", "json"], timeout=40, check=False)
+        pods = self.run(
+            [self.kubectl_bin, "--request-timeout=20s", "get", "pods", "-A", "-o", "json"], timeout=40, check=False
+        )
         try:
             items = json.loads(pods.stdout)["items"]
         except ValueError:
@@ -118,14 +128,31 @@ class Cluster:
             containers = [c["name"] for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]]
             for c in containers:
                 for previous in ([], ["--previous"]):
-                    proc = self.run([self.kubectl_bin, "--request-timeout=20s", "logs", "-n", ns, name, "-c", c,
-                                     "--tail=40", *previous], timeout=40, check=False)
+                    proc = self.run(
+                        [
+                            self.kubectl_bin,
+                            "--request-timeout=20s",
+                            "logs",
+                            "-n",
+                            ns,
+                            name,
+                            "-c",
+                            c,
+                            "--tail=40",
+                            *previous,
+                        ],
+                        timeout=40,
+                        check=False,
+                    )
                     if proc.stdout.strip():
-                        parts.append(f"--- logs {ns}/{name} [{c}]{' (previous container)' if previous else ''}\n{proc.stdout}")
+                        parts.append(
+                            f"--- logs {ns}/{name} [{c}]{' (previous container)' if previous else ''}\n{proc.stdout}"
+                        )
         return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- steady client load
+
 
 @dataclass
 class Load:
@@ -165,14 +192,18 @@ class Load:
             model, body, ctype = self.requests_[n % len(self.requests_)]
             n += 1
             try:
-                resp = requests.post(f"{self.url}/predictions/{model}", data=body, timeout=self.timeout,
-                                     headers={"Content-Type": ctype, "Connection": "close"})
+                resp = requests.post(
+                    f"{self.url}/predictions/{model}",
+                    data=body,
+                    timeout=self.timeout,
+                    headers={"Content-Type": ctype, "Connection": "close"},
+                )
                 ok = 200 <= resp.status_code < 300
                 self._record(str(resp.status_code), None if ok else f"{model}: {resp.status_code} {resp.text[:160]}")
             except requests.RequestException as e:
                 self._record(type(e).__name__, f"{model}: {type(e).__name__}: {str(e)[:160]}")
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for t in self._threads:
             t.start()
         return self

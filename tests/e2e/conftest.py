@@ -5,6 +5,7 @@ k8s/cluster/cluster.sh started; the serving image is already imported. On a fail
 evidence (events, pod states and logs, the kubelet's and other components' log lines) is
 attached to the report, so CI prints it under the failing test.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,11 @@ def pytest_runtest_makereport(item, call):
         c = Cluster.from_env()
         report.sections.append(("cluster evidence", c.evidence()))
         if script:
-            logs = subprocess.run(["bash", script, "logs"], capture_output=True, text=True, timeout=60,
-                                  env={**os.environ, "LOG_LINES": "30"})
+            logs = subprocess.run(
+                ["bash", script, "logs"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "LOG_LINES": "30"},
+            )
             report.sections.append(("component logs (kubelet, containerd, apiserver, ...)", logs.stdout + logs.stderr))

@@ -4,6 +4,7 @@ Run by `make e2e-k8s` (k8s/cluster/e2e.sh), which starts the cluster and imports
 tests run in file order and share one release. Every wait is bounded; a failure prints the step's
 events, pod logs and component logs (tests/e2e/conftest.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ def release(cluster: Cluster):
     cluster.kubectl("create", "namespace", cluster.namespace, namespaced=False)
     t0 = time.monotonic()
     cluster.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(cluster))
-    pod = cluster.wait("a serving pod Ready (every model with a READY worker)",
-                       lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S)[0]
+    pod = cluster.wait(
+        "a serving pod Ready (every model with a READY worker)", lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S
+    )[0]
     print(f"helm install -> pod Ready in {time.monotonic() - t0:.0f}s (bound {READY_BOUND_S}s)")
     yield pod
     # Uninstall is asserted by test_uninstall_leaves_nothing; this is the cleanup if a test failed before it.
@@ -53,27 +55,38 @@ def release(cluster: Cluster):
 
 def service_settings(cluster: Cluster, name: str = DEPLOYMENT) -> Settings:
     ip = cluster.json("get", "service", name)["spec"]["clusterIP"]
-    return Settings(host=ip, ports={"inference": 8080, "grpc_inference": 7070, "management": 8081, "metrics": 8082,
-                                    "grpc_management": 7071}, timeout=60, inference_token="", management_token="")
+    return Settings(
+        host=ip,
+        ports={"inference": 8080, "grpc_inference": 7070, "management": 8081, "metrics": 8082, "grpc_management": 7071},
+        timeout=60,
+        inference_token="",
+        management_token="",
+    )
 
 
 def test_every_model_ready_and_objects_accepted(cluster, release):
     pod = release["metadata"]["name"]
     # Readiness is the probe's verdict; ask the same tool inside the pod for each model by name.
-    out = cluster.kubectl("exec", pod, "-c", "torchserve", "--", "python3", "/opt/torchserve-k8s/pod.py", "ready",
-                          "--models", *MODELS)
+    out = cluster.kubectl(
+        "exec", pod, "-c", "torchserve", "--", "python3", "/opt/torchserve-k8s/pod.py", "ready", "--models", *MODELS
+    )
     assert out.strip() == "ready"
     # The HPA and PDB were accepted in the API versions the chart picked for this cluster
     # (1.20: autoscaling/v2beta2 and policy/v1beta1, which have no v2 and v1).
-    manifest = {d["kind"]: d["apiVersion"] for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d}
+    manifest = {
+        d["kind"]: d["apiVersion"] for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d
+    }
     served = set(cluster.kubectl("api-versions", namespaced=False).split())
     assert {manifest["HorizontalPodAutoscaler"], manifest["PodDisruptionBudget"]} <= served
-    hpa = cluster.json("get", "horizontalpodautoscalers." + ".".join(manifest["HorizontalPodAutoscaler"].split("/")[::-1]),
-                       DEPLOYMENT)
-    pdb = cluster.json("get", "poddisruptionbudgets." + ".".join(manifest["PodDisruptionBudget"].split("/")[::-1]),
-                       DEPLOYMENT)
-    assert hpa["spec"]["minReplicas"] == 1 and {m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]
-                                                for m in hpa["spec"]["metrics"]} == set(MODELS)
+    hpa = cluster.json(
+        "get", "horizontalpodautoscalers." + ".".join(manifest["HorizontalPodAutoscaler"].split("/")[::-1]), DEPLOYMENT
+    )
+    pdb = cluster.json(
+        "get", "poddisruptionbudgets." + ".".join(manifest["PodDisruptionBudget"].split("/")[::-1]), DEPLOYMENT
+    )
+    assert hpa["spec"]["minReplicas"] == 1 and {
+        m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]
+    } == set(MODELS)
     assert pdb["spec"]["maxUnavailable"] == 1
     config = cluster.json("get", "configmap", f"{DEPLOYMENT}-config")["data"]["config.properties"]
     assert "load_models=cnn=cnn.mar,lstm=lstm.mar,transformer=transformer.mar" in config
@@ -108,8 +121,10 @@ def test_management_api_is_not_reachable_from_outside_the_pod(cluster, release):
 
 
 def good_requests(inputs) -> list[tuple[str, bytes, str]]:
-    return [("lstm", json.dumps(inputs["lstm"][1]).encode(), "application/json"),
-            ("cnn", inputs["cnn"][1], "image/png")]
+    return [
+        ("lstm", json.dumps(inputs["lstm"][1]).encode(), "application/json"),
+        ("cnn", inputs["cnn"][1], "image/png"),
+    ]
 
 
 def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
@@ -121,8 +136,11 @@ def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
         cluster.kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
         cluster.kubectl("rollout", "status", f"deployment/{DEPLOYMENT}", "--timeout=300s", timeout=320)
         # The old pod drains after the new one is Ready: keep the load on until it is gone.
-        cluster.wait("the old pods gone", lambda: not before & {p["metadata"]["name"] for p in cluster.pods(SELECTOR)},
-                     GRACE_S + 30)
+        cluster.wait(
+            "the old pods gone",
+            lambda: not before & {p["metadata"]["name"] for p in cluster.pods(SELECTOR)},
+            GRACE_S + 30,
+        )
         time.sleep(3)
     print(f"rollout restart under load: {dict(load.outcomes)}")
     assert load.sent >= 50, f"too few requests to tell ({load.sent})"
@@ -133,8 +151,13 @@ def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
 
 def follow_logs(cluster: Cluster, pod: str) -> tuple[subprocess.Popen, list[str]]:
     lines: list[str] = []
-    proc = subprocess.Popen([cluster.kubectl_bin, "-n", cluster.namespace, "logs", "-f", pod, "-c", "torchserve"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
+    proc = subprocess.Popen(
+        [cluster.kubectl_bin, "-n", cluster.namespace, "logs", "-f", pod, "-c", "torchserve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cluster.env,
+    )
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc, lines
 
@@ -168,8 +191,12 @@ def test_a_container_killed_by_its_liveness_probe_comes_back_ready(cluster, rele
         return p["status"]["containerStatuses"][0]["restartCount"] > restarts and cluster.is_ready(p)
 
     # 3 failed checks 5 s apart, the grace period (the frozen JVM only dies by SIGKILL), then a cold start.
-    cluster.wait(f"pod {name} restarted by its liveness probe and Ready again", restarted_and_ready,
-                 15 + GRACE_S + READY_BOUND_S, poll=3)
+    cluster.wait(
+        f"pod {name} restarted by its liveness probe and Ready again",
+        restarted_and_ready,
+        15 + GRACE_S + READY_BOUND_S,
+        poll=3,
+    )
     log = cluster.kubectl("logs", name, "-c", "torchserve")
     assert "removed /tmp/torchserve-draining left by the previous container" in log
 
@@ -180,7 +207,9 @@ def test_helm_test_passes_and_its_pod_is_never_served(cluster, release):
     proc = cluster.helm("test", RELEASE, "--timeout", "180s", timeout=200)
     assert re.search(r"Phase:\s+Succeeded", proc.stdout), proc.stdout
     endpoints = cluster.json("get", "endpoints", DEPLOYMENT)
-    ips = {a["ip"] for s in endpoints.get("subsets", []) for a in s.get("addresses", []) + s.get("notReadyAddresses", [])}
+    ips = {
+        a["ip"] for s in endpoints.get("subsets", []) for a in s.get("addresses", []) + s.get("notReadyAddresses", [])
+    }
     assert ips == {p["status"]["podIP"] for p in cluster.pods(SELECTOR)}
     pdb = cluster.json("get", "pdb", DEPLOYMENT)
     assert pdb["status"]["expectedPods"] == len(cluster.pods(SELECTOR))
@@ -198,24 +227,31 @@ def test_uninstall_leaves_nothing(cluster, release):
     cluster.wait("nothing of the release left", nothing_left, 120)
 
 
+def deploy_tool(namespace: str, *flags: str) -> list[str]:
+    """`make deploy`'s tool, rendering the chart with the e2e values into ``namespace``."""
+    return [sys.executable, "-m", "scripts.deploy", "--namespace", namespace, "--values", str(VALUES), *flags]
+
+
 def test_deploy_tool_applies_waits_and_smoke_tests(cluster):
     ns = "e2e-deploy"
-    cmd = [sys.executable, "-m", "scripts.deploy", "--namespace", ns, "--values", str(VALUES), *image_values(cluster),
-           "--timeout", str(READY_BOUND_S)]
+    cmd = deploy_tool(ns, *image_values(cluster), "--timeout", str(READY_BOUND_S))
     try:
         proc = cluster.run([*cmd, "apply"], timeout=READY_BOUND_S + 120)
         assert re.search(r"rollout done in \d+s: 1 pods Ready", proc.stdout), proc.stdout
         assert re.search(r'smoke: lstm on \S+ -> \{"label": "(fresh|rotten)"', proc.stdout), proc.stdout
     finally:
         cluster.run([*cmd, "delete"], timeout=180, check=False)
-    cluster.wait("the deploy tool's pods gone",
-                 lambda: not cluster.run([cluster.kubectl_bin, "-n", ns, "get", "pods", "-o", "name"]).stdout.strip(), 120)
+    cluster.wait(
+        "the deploy tool's pods gone",
+        lambda: not cluster.run([cluster.kubectl_bin, "-n", ns, "get", "pods", "-o", "name"]).stdout.strip(),
+        120,
+    )
 
 
 def test_deploy_tool_names_a_missing_image_in_one_line(cluster):
     ns = "e2e-missing"
-    cmd = [sys.executable, "-m", "scripts.deploy", "--namespace", ns, "--values", str(VALUES),
-           "--set", "image.repository=localhost/no-such-image", "--set", "image.tag=0.0.0", "--timeout", "120"]
+    image = ["--set", "image.repository=localhost/no-such-image", "--set", "image.tag=0.0.0"]
+    cmd = deploy_tool(ns, *image, "--timeout", "120")
     try:
         proc = cluster.run([*cmd, "apply"], timeout=200, check=False)
         assert proc.returncode == 1
