@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import warnings
 from typing import Any
 
 import torch
+from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
 from models import build_model
@@ -318,15 +320,33 @@ class CheckpointHandler(BaseHandler):
         # Every worker stdout line is also parsed and logged by the frontend, so a clean batch is
         # logged at DEBUG; one with refused requests shows at INFO.
         failed = len(data) - len(groups)
+        ms = 1000 * (time.perf_counter() - t0)
         logger.log(
             logging.INFO if failed else logging.DEBUG,
             "batch_size=%d items=%d failed=%d ms=%.1f",
             len(data),
             len(items),
             failed,
-            1000 * (time.perf_counter() - t0),
+            ms,
         )
+        self._emit_metrics(context, ms, [context.get_response_status(i)[0] for i in range(len(data))] if failed else [])
         return results
+
+    def _emit_metrics(self, context, ms: float, codes: list) -> None:
+        """TorchServe's HandlerTime (BaseHandler.handle emits it; this handle replaces that one) and
+        a count of refused requests by status, both on the metrics endpoint (HandlerRequestErrors
+        is registered by model_metrics_auto_detect in config.properties)."""
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:  # in-process runs without a server
+            return
+        metrics.add_time("HandlerTime", round(ms, 2), None, "ms")
+        for code, n in collections.Counter(c for c in codes if c and c >= 400).items():
+            dims = [
+                Dimension("ModelName", context.model_name),
+                Dimension("Level", "Model"),
+                Dimension("Status", str(code)),
+            ]
+            metrics.add_counter("HandlerRequestErrors", n, None, dims)
 
     @staticmethod
     def _fail(context, idx: int, exc: InvalidInput) -> bytes:

@@ -206,6 +206,29 @@ def test_bad_input_over_the_wire_gets_its_4xx_neighbours_succeed_worker_survives
     assert worker_pids(server, model) == pids, "a worker restarted"
 
 
+def test_handlers_report_handler_time_and_refused_requests_on_the_metrics_endpoint(server):
+    with Client("rest", settings(server)) as c:
+        c.predict("lstm", "a warm film")
+        with pytest.raises(BadInput):
+            c.predict("lstm", {"txt": "not the key"})
+        deadline = time.monotonic() + 15
+        while True:
+            text = c.metrics()
+            errors = [
+                line
+                for line in text.splitlines()
+                if line.startswith("HandlerRequestErrors{") and 'ModelName="lstm"' in line
+            ]
+            times = [
+                line for line in text.splitlines() if line.startswith("HandlerTime{") and 'ModelName="lstm"' in line
+            ]
+            if (errors and times) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert times, "no HandlerTime for lstm on /metrics"
+    assert errors and 'Status="400"' in errors[0] and float(errors[0].rsplit(" ", 1)[1]) >= 1
+
+
 def test_a_form_encoded_upload_is_refused_with_415(server, digit):
     import requests
 
