@@ -29,8 +29,8 @@ VALUES = Path(__file__).with_name("values.yaml")
 SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
 DEPLOYMENT = f"{RELEASE}-torchserve-models"
 MODELS = ["cnn", "lstm", "transformer"]
-READY_BOUND_S = 240  # models.startupSeconds in values.yaml: cold start measured 40-90 s on 2 cores
-DRAIN = {"timeoutSeconds": 20, "settleSeconds": 3}  # values.yaml
+READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
+DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
 GRACE_S = DRAIN["timeoutSeconds"] + DRAIN["settleSeconds"] + 20  # the chart's terminationGracePeriodSeconds
 
 
@@ -171,11 +171,17 @@ def test_deleting_a_pod_drains_and_shuts_the_jvm_down_cleanly(cluster, release):
     took = time.monotonic() - t0
     logs.wait(30)
     text = "".join(lines)
-    print(f"kubectl delete pod: {took:.1f}s (drain settle {DRAIN['settleSeconds']}s, grace period {GRACE_S}s)")
+    drain_s = DRAIN["settleSeconds"] + DRAIN["timeoutSeconds"]
     assert "serve: SIGTERM: asking TorchServe to shut down" in text, text[-2000:]
-    assert re.search(r"serve: TorchServe shut down cleanly [\d.]+s after the signal", text), text[-2000:]
-    # Idle, the drain takes its settle time and two quiet polls; then the JVM stops in a few seconds.
-    assert took < DRAIN["settleSeconds"] + 15, f"deletion took {took:.1f}s"
+    clean = re.search(r"serve: TorchServe shut down cleanly ([\d.]+)s after the signal", text)
+    assert clean, text[-2000:]
+    print(
+        f"kubectl delete pod: {took:.1f}s, the JVM's shutdown {clean.group(1)}s of it "
+        f"(drain at most {drain_s}s, grace period {GRACE_S}s)"
+    )
+    # Within the drain time plus a few seconds for the JVM, well short of the grace period that a
+    # PID 1 ignoring SIGTERM used to take in full.
+    assert took < drain_s + 10 < GRACE_S, f"deletion took {took:.1f}s"
     cluster.wait("a replacement pod Ready", lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S)
 
 
