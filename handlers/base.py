@@ -23,11 +23,10 @@ import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
 
-from models import build_model
+from handlers import checkpoint
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1  # the format scripts/train.py writes
 AOTI_PACKAGE = "model.pt2"  # the compiled forward in an aoti archive (scripts/archive.py compile_aoti)
 # While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
 # describe-model shows queued requests but not the batch a worker is processing, and the
@@ -213,17 +212,9 @@ class CheckpointHandler(BaseHandler):
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "checkpoint.pt")
         path = os.path.join(model_dir, serialized)
         t0 = time.perf_counter()
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{serialized}: not a checkpoint of format {CHECKPOINT_FORMAT}")
-        if ckpt.get("model_name") != self.model_name:
-            raise ValueError(
-                f"{serialized}: holds model {ckpt.get('model_name')!r}, this handler serves {self.model_name!r}"
-            )
+        ckpt = checkpoint.load(path, self.model_name)
         self.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
-        self.model = build_model(self.model_name, ckpt["config"])
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.model.to(self.device).eval()
+        self.model = checkpoint.rebuild(ckpt, self.device)
         self.model = optimize(self.model, cfg.get("optimize", "none"), self.device, model_dir)
         self.setup(ckpt)
         self.initialized = True

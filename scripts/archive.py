@@ -109,11 +109,10 @@ def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
 
     import torch
 
-    from models import build_model
+    from handlers import checkpoint
 
     check_aoti(model_name)
-    model = build_model(model_name, ckpt["config"]).eval()
-    model.load_state_dict(ckpt["state_dict"])
+    model = checkpoint.rebuild(ckpt)
     size = ckpt["preprocess"]["image_size"]
     example = (torch.zeros(4, 1, size, size),)
     with warnings.catch_warnings(), torch.inference_mode():

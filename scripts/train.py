@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from handlers import checkpoint
 from models import REGISTRY, build_model, config_to_dict, get_spec
 from models.cnn import CNNConfig
 from models.image import normalize
@@ -34,8 +34,6 @@ from models.transformer import TransformerConfig
 
 from .common import ROOT, CLIError, git_commit, run_cli
 from .data import Dataset, load_dataset
-
-CHECKPOINT_FORMAT = 1
 
 # Per-model defaults for the flags left unset. Full runs reach the README's figures; --quick runs
 # finish in seconds on 2 cores and are what `make archive` trains when a checkpoint is missing.
@@ -317,29 +315,12 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def save_atomic(obj: dict, path: Path) -> None:
-    """Write via a temporary file, then prove the result loads with weights_only=True."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    try:
-        torch.load(tmp, map_location="cpu", weights_only=True)
-    except Exception:
-        tmp.unlink()
-        raise
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint safely (tensors and plain types only) or raise a one-line CLIError."""
+    """handlers.checkpoint.load, with its error as a one-line CLIError."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CLIError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CLIError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "model_name" not in ckpt or "state_dict" not in ckpt:
-        raise CLIError(f"{path}: not a checkpoint written by scripts.train")
-    return ckpt
+        return checkpoint.load(path)
+    except checkpoint.CheckpointError as e:
+        raise CLIError(str(e)) from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -492,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     base = {
-        "format_version": CHECKPOINT_FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
         "model_name": args.model,
         "task": get_spec(args.model).task,
         "config": config_dict,
@@ -528,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t_epoch:.1f}s){'  *best' if improved else ''}",
             flush=True,
         )
-        save_atomic(
+        checkpoint.save(
             {
                 **base,
                 "epoch": epoch,
@@ -546,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     test = evaluate(model, task, "test", device)
     metrics = {"val": best_val, "test": test, "primary": task.primary}
     base["train_args"]["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    save_atomic(
+    checkpoint.save(
         {**base, "state_dict": best_state, "metrics": metrics, "epoch": best_epoch}, args.output_dir / "checkpoint.pt"
     )
     if writer is not None:

@@ -74,7 +74,7 @@ def try_export(model, example: tuple, repeats: int) -> dict:
 
 def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> dict:
     from handlers.base import AOTI_PACKAGE, optimize
-    from models import build_model
+    from handlers.checkpoint import rebuild
 
     from .archive import check_aoti, compile_aoti
     from .bench import model_batch_size
@@ -92,9 +92,7 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     args = argparse.Namespace(**ckpt["train_args"])
     ds = load_dataset(model_name, args.data, seed=args.seed, limit=args.limit)
     task = TASKS[model_name](ds, args, ckpt)
-    eager = build_model(model_name, ckpt["config"]).eval()
-    eager.load_state_dict(ckpt["state_dict"])
-    eager.to(device)
+    eager = rebuild(ckpt, device)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         if variant == "aoti":  # what make archive VARIANT=aoti puts in the archive

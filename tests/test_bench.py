@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from models import build_model
+from handlers import checkpoint
 from scripts import bench, train, variants
 
 pytestmark = pytest.mark.slow
@@ -106,8 +106,7 @@ def test_autocast_variants_are_refused_without_cuda_and_the_wrapper_keeps_the_an
         assert "no GPU" in r["not_applicable"]
     # The wrapper itself, on CPU (autocast works there too): float32 out, the same predictions.
     ckpt = train.load_checkpoint(tiny_checkpoints["cnn"])
-    model = build_model("cnn", ckpt["config"]).eval()
-    model.load_state_dict(ckpt["state_dict"])
+    model = checkpoint.rebuild(ckpt)
     x = torch.randn(8, 1, 28, 28)
     with torch.inference_mode():
         eager, bf16 = model(x), variants.Autocast(model, torch.bfloat16, "cpu")(x)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import build_model
+from handlers import checkpoint
 from models.image import normalize
 from models.text import Vocab, pad_batch
 from scripts.data import load_dataset
@@ -19,10 +19,8 @@ TOL = dict(rtol=0, atol=1e-5)  # probabilities are rounded to 6 decimals in the 
 
 
 def direct_model(path):
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(ckpt["model_name"], ckpt["config"]).eval()
-    model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt
+    ckpt = checkpoint.load(path)
+    return checkpoint.rebuild(ckpt), ckpt
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +237,7 @@ def test_image_over_the_byte_limit_is_413(tiny_checkpoints, digits):
 
 
 def test_initialize_fails_loudly_for_the_wrong_checkpoint_or_options(tiny_checkpoints):
-    with pytest.raises(ValueError, match="holds model 'lstm', this handler serves 'cnn'"):
+    with pytest.raises(ValueError, match="holds model 'lstm', expected 'cnn'"):
         load_handler("cnn", tiny_checkpoints["lstm"])
     with pytest.raises(ValueError, match="unknown handler options"):
         load_handler("lstm", tiny_checkpoints["lstm"], {"max_char": 10})

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from models import build_model
+from handlers import checkpoint
 from models.text import Vocab, pad_batch
 from scripts import train
 from scripts.common import ROOT
@@ -28,7 +28,7 @@ def _inputs(ckpt: dict) -> tuple:
 def test_tiny_run_writes_a_self_describing_checkpoint_that_rebuilds_identically(model, tiny_checkpoints):
     path = tiny_checkpoints[model]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert ckpt["model_name"] == model and ckpt["format_version"] == train.CHECKPOINT_FORMAT
+    assert ckpt["model_name"] == model and ckpt["format_version"] == checkpoint.FORMAT_VERSION
     for key in ("config", "state_dict", "metrics", "data", "versions", "git_commit", "train_args", "epoch"):
         assert key in ckpt, key
     assert ckpt["versions"]["torch"] == torch.__version__
@@ -39,9 +39,7 @@ def test_tiny_run_writes_a_self_describing_checkpoint_that_rebuilds_identically(
     else:
         assert ckpt["labels"]
     # The same weights, rebuilt twice from the stored config, give identical outputs.
-    a, b = build_model(model, ckpt["config"]).eval(), build_model(model, ckpt["config"]).eval()
-    a.load_state_dict(ckpt["state_dict"])
-    b.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    a, b = checkpoint.rebuild(ckpt), checkpoint.rebuild(checkpoint.load(path))
     x = _inputs(ckpt)
     if model == "transformer":
         torch.testing.assert_close(a.greedy_decode(*x), b.greedy_decode(*x), rtol=0, atol=0)
