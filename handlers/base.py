@@ -28,10 +28,6 @@ from handlers import checkpoint
 logger = logging.getLogger(__name__)
 
 AOTI_PACKAGE = "model.pt2"  # the compiled forward in an aoti archive (scripts/archive.py compile_aoti)
-# While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
-# describe-model shows queued requests but not the batch a worker is processing, and the
-# preStop drain (scripts/pod.py) must wait for both.
-BUSY_DIR = os.environ.get("TS_BUSY_DIR")
 
 
 MAX_MESSAGE = 300  # characters of an error message; a message may quote what the client sent
@@ -167,6 +163,7 @@ class CheckpointHandler(BaseHandler):
     """Rebuilds the model from the checkpoint's own config; subclasses define the data path."""
 
     model_name: str = ""  # the checkpoint's model_name this handler serves
+    busy_dir: str | None = None  # set by initialize from TS_BUSY_DIR
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
     common_defaults: dict[str, Any] = {  # options every handler takes
         "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
@@ -185,6 +182,10 @@ class CheckpointHandler(BaseHandler):
 
     def _initialize(self, context) -> None:
         self.context = context
+        # While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
+        # describe-model shows queued requests but not the batch a worker is processing, and the
+        # preStop drain (scripts/pod.py) must wait for both.
+        self.busy_dir = os.environ.get("TS_BUSY_DIR")
         props = context.system_properties
         model_dir = props.get("model_dir") or "."
         defaults = {**self.common_defaults, **self.defaults}
@@ -262,9 +263,9 @@ class CheckpointHandler(BaseHandler):
         return torch.autocast("cpu", enabled=False)
 
     def handle(self, data: list[dict], context) -> list[Any]:
-        if not BUSY_DIR:
+        if not self.busy_dir:
             return self._handle(data, context)
-        busy = os.path.join(BUSY_DIR, f"torchserve-busy-{os.getpid()}")
+        busy = os.path.join(self.busy_dir, f"torchserve-busy-{os.getpid()}")
         with open(busy, "w") as f:
             f.write(str(len(data)))
         try:

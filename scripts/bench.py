@@ -73,14 +73,14 @@ class RawRest:
     def predict(self, model: str, data):
         import http.client
 
-        from .client import _as_bytes, _error_for
+        from .client import encode_payload, error_for_status
 
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self.local.conn = http.client.HTTPConnection(
                 self.s.host, self.s.ports["inference"], timeout=self.s.timeout
             )
-        body, ctype = _as_bytes(data)
+        body, ctype = encode_payload(data)
         headers = {"Content-Type": ctype}
         token = self.s.token("inference")
         if token:
@@ -89,7 +89,7 @@ class RawRest:
         resp = conn.getresponse()
         payload = resp.read()
         if resp.status >= 400:
-            raise _error_for(resp.status, payload.decode(errors="replace")[:200])
+            raise error_for_status(resp.status, payload.decode(errors="replace")[:200])
         return payload
 
 

@@ -70,7 +70,8 @@ class ServerError(ClientError):
     """The server failed the request (5xx), e.g. a worker died mid-request ("Worker died.")."""
 
 
-def _error_for(status: int, message: str) -> ClientError:
+def error_for_status(status: int, message: str) -> ClientError:
+    """The typed error for an HTTP status and TorchServe's message (raw HTTP clients use it too)."""
     if status == 404:
         return ModelNotFound(message, status)
     if "InvalidKeyException" in message or "Token Authorization failed" in message:
@@ -89,7 +90,7 @@ def _handler_error(payload: bytes) -> ClientError | None:
     except (ValueError, UnicodeDecodeError):
         return None
     if isinstance(body, dict) and set(body) == {"code", "type", "message"} and isinstance(body["code"], int):
-        return _error_for(body["code"], f"{body['code']} {body['type']}: {body['message']}")
+        return error_for_status(body["code"], f"{body['code']} {body['type']}: {body['message']}")
     return None
 
 
@@ -124,7 +125,7 @@ class Settings:
         return None
 
 
-def _as_bytes(data: Any) -> tuple[bytes, str]:
+def encode_payload(data: Any) -> tuple[bytes, str]:
     """A payload and its content type: dict/list -> JSON, str -> UTF-8 text, bytes unchanged."""
     if isinstance(data, (dict, list)):
         return json.dumps(data).encode(), "application/json"
@@ -160,7 +161,7 @@ class RestTransport:
                 f"{method} {self._url(api, path)}: cannot connect ({type(e).__name__}); is the server running?"
             ) from None
         if resp.status_code >= 400:
-            raise _handler_error(resp.content) or _error_for(resp.status_code, _message(resp))
+            raise _handler_error(resp.content) or error_for_status(resp.status_code, _message(resp))
         return resp
 
     def health(self) -> dict:
@@ -173,7 +174,7 @@ class RestTransport:
         return self._call("GET", "management", f"/models/{model}" + (f"/{version}" if version else "")).json()
 
     def predict(self, model: str, data: Any, version: str | None = None) -> tuple[bytes, dict]:
-        body, ctype = _as_bytes(data)
+        body, ctype = encode_payload(data)
         path = f"/predictions/{model}" + (f"/{version}" if version else "")
         resp = self._call("POST", "inference", path, data=body, headers={"Content-Type": ctype})
         return resp.content, dict(resp.headers)
@@ -263,7 +264,7 @@ class GrpcTransport:
         return json.loads(self._call(self.mgmt.DescribeModel, req, "management", f"describe {model}").msg)
 
     def predict(self, model: str, data: Any, version: str | None = None) -> tuple[bytes, dict]:
-        body, _ = _as_bytes(data)
+        body, _ = encode_payload(data)
         req = self.inf_pb.PredictionsRequest(model_name=model, model_version=version or "", input={"data": body})
         resp = self._call(self.inf.Predictions, req, "inference", f"predict {model}")
         # A handler's per-request 4xx arrives as gRPC OK with the error in the payload.
