@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,7 +119,19 @@ def startup_timeout(mar: Path) -> int:
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
             conf = manifest["model"].get("configFile")
             values = yaml.safe_load(z.read(conf)) if conf else {}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, TypeError, OSError, yaml.YAMLError) as e:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        zlib.error,  # a damaged deflate stream, found while checking the CRCs
+        EOFError,
+        NotImplementedError,  # an unsupported compression method
+        RuntimeError,  # an encrypted entry
+        KeyError,
+        ValueError,
+        TypeError,
+        OSError,
+        yaml.YAMLError,
+    ) as e:
         raise CLIError(
             f"{mar}: not a readable model archive ({type(e).__name__}: {e}); rebuild it with `make archive`"
         ) from None

@@ -303,10 +303,15 @@ def test_start_refuses_a_port_in_use_and_a_second_server(server, archive_store, 
 
 def test_a_broken_archive_is_refused_in_one_line_before_anything_starts(archive_store, tmp_path):
     _, store = archive_store
-    for name, damage in [
-        ("truncated", lambda b: b[: len(b) // 2]),
-        ("flipped", lambda b: b[:3000] + bytes([b[3000] ^ 0x40]) + b[3001:]),
-    ]:
+
+    def flip(at: float):
+        return lambda b: b[: int(len(b) * at)] + bytes([b[int(len(b) * at)] ^ 0x40]) + b[int(len(b) * at) + 1 :]
+
+    # A flipped byte fails a CRC or breaks the deflate stream itself, depending on where it lands.
+    damages = [("truncated", lambda b: b[: len(b) // 2])] + [
+        (f"flipped-{at}", flip(at)) for at in (0.01, 0.3, 0.6, 0.9)
+    ]
+    for name, damage in damages:
         bad = tmp_path / name
         bad.mkdir()
         (bad / "lstm.mar").write_bytes(damage((store / "lstm.mar").read_bytes()))

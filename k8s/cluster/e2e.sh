@@ -68,6 +68,9 @@ trap 'exit 130' INT TERM
 step "serving image $IMAGE (buildah, offline wheelhouse; layers cached)"
 image_tar=$tmp/image.tar
 bash k8s/build-image.sh --engine buildah --image "$IMAGE" --base "$images/base.tar" --offline --output "$image_tar"
+# The previous run's image lost its tag to this one: drop it (and any other untagged image), so
+# runs do not pile up images; the layers this build reuses stay.
+STORAGE_DRIVER=vfs buildah rmi --prune >/dev/null 2>&1 || true
 
 step "cluster up"
 cluster_started=1
