@@ -204,6 +204,26 @@ def pod_log_tail(core, pod, lines: int = 30) -> str:
     return "\n".join(out)
 
 
+def fetch_error(core, pod) -> str | None:
+    """The init container's own one-line reason when it failed (which archive, and why)."""
+    for cs in pod.status.init_container_statuses or []:
+        if cs.name != "fetch-models":
+            continue
+        failed_now = cs.state and cs.state.terminated and cs.state.terminated.exit_code
+        failed_before = cs.last_state and cs.last_state.terminated and cs.last_state.terminated.exit_code
+        if not (failed_now or failed_before):
+            return None
+        try:
+            log = core.read_namespaced_pod_log(
+                pod.metadata.name, pod.metadata.namespace, container=cs.name, tail_lines=5, previous=not failed_now
+            )
+        except Exception:  # the log may already be gone
+            return None
+        errors = [line for line in log.splitlines() if "error:" in line]
+        return errors[-1].strip() if errors else None
+    return None
+
+
 def pod_events(core, pod) -> str:
     events = core.list_namespaced_event(
         pod.metadata.namespace, field_selector=f"involvedObject.name={pod.metadata.name}"
@@ -226,7 +246,9 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
         for pod in pods:
             problem = pod_problem(pod)
             if problem:
-                raise CLIError(f"{problem}\nevents:\n{pod_events(core, pod)}\nlogs:\n{pod_log_tail(core, pod)}")
+                why = fetch_error(core, pod)
+                first = f"{problem}: {why}" if why else problem
+                raise CLIError(f"{first}\nevents:\n{pod_events(core, pod)}\nlogs:\n{pod_log_tail(core, pod)}")
         if time.monotonic() > deadline:
             details = "\n".join(f"{p.metadata.name}: {pod_events(core, p)}\n{pod_log_tail(core, p)}" for p in pods)
             raise CLIError(

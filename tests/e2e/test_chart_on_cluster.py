@@ -8,6 +8,7 @@ events, pod logs and component logs (tests/e2e/conftest.py).
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -265,3 +266,57 @@ def test_deploy_tool_names_a_missing_image_in_one_line(cluster):
         assert "cannot pull image localhost/no-such-image:0.0.0" in first, proc.stderr
     finally:
         cluster.run([*cmd, "delete"], timeout=180, check=False)
+
+
+def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(cluster, tmp_path):
+    """The archives come from a volume (models.source.type=pvc) where lstm.mar has one byte flipped."""
+    ns = "e2e-badsum"
+    # A hostPath volume on the node (this machine), bound statically: the cluster has no provisioner.
+    store = Path(os.environ.get("STATE", "/var/lib/torchserve-e2e")) / "bad-model-store"
+    store.mkdir(parents=True, exist_ok=True)
+    good = ROOT / "model-store"
+    (store / "manifest.json").write_bytes((good / "manifest.json").read_bytes())
+    data = bytearray((good / "lstm.mar").read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (store / "lstm.mar").write_bytes(bytes(data))
+    for path in (store, *store.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    volume = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": "e2e-bad-models"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "manual",
+                "hostPath": {"path": str(store), "type": "Directory"},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "bad-models", "namespace": ns},
+            "spec": {
+                "accessModes": ["ReadOnlyMany"],
+                "storageClassName": "manual",
+                "volumeName": "e2e-bad-models",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    ]
+    manifest = tmp_path / "volume.json"
+    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume}))
+    cluster.kubectl("create", "namespace", ns, namespaced=False)
+    cluster.kubectl("apply", "-f", str(manifest), namespaced=False)
+    source = ["--set", "models.source.type=pvc", "--set", "models.source.pvc.claimName=bad-models"]
+    cmd = deploy_tool(ns, *image_values(cluster), *source, "--set", "models.names={lstm}", "--timeout", "120")
+    try:
+        proc = cluster.run([*cmd, "apply"], timeout=200, check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        first = proc.stderr.strip().splitlines()[0]
+        assert "model fetch failed" in first or "fetch-models" in first, first
+        assert re.search(r"lstm\.mar: sha256 [0-9a-f]{64} does not match the manifest's", first), first
+    finally:
+        cluster.run([*cmd, "delete"], timeout=180, check=False)
+        cluster.kubectl("delete", "-f", str(manifest), "--wait=false", namespaced=False, check=False)
