@@ -95,6 +95,8 @@ def pod_problem(pod) -> str | None:
             return f"pod {pod.metadata.name}: model fetch failed (exit {terminated.exit_code}): the archives did not verify"
     for cond in pod.status.conditions or []:
         if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
+            if "unbound" in (cond.message or "") and "PersistentVolumeClaim" in (cond.message or ""):
+                continue  # a claim still binding: the scheduler retries once it is bound
             return f"pod {pod.metadata.name}: unschedulable: {cond.message}"
     return None
 

@@ -640,6 +640,13 @@ def test_pod_problems_are_named():
     assert "model fetch failed" in deploy.pod_problem(pod_with(terminated=1, name="fetch-models"))
     assert "unschedulable: 0/3 nodes" in deploy.pod_problem(pod_with(unschedulable="0/3 nodes have nvidia.com/gpu"))
     assert deploy.pod_problem(pod_with("ContainerCreating")) is None
+    # A claim still binding is not a verdict: the scheduler retries.
+    assert (
+        deploy.pod_problem(
+            pod_with(unschedulable="0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims.")
+        )
+        is None
+    )
     assert deploy.pod_problem(pod_with(terminated=0, name="fetch-models")) is None
 
 

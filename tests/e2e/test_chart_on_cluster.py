@@ -309,6 +309,16 @@ def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(c
     manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume}))
     cluster.kubectl("create", "namespace", ns, namespaced=False)
     cluster.kubectl("apply", "-f", str(manifest), namespaced=False)
+    cluster.wait(
+        "the claim bound to its volume",
+        lambda: (
+            cluster.run(
+                [cluster.kubectl_bin, "-n", ns, "get", "pvc", "bad-models", "-o", "jsonpath={.status.phase}"]
+            ).stdout
+            == "Bound"
+        ),
+        60,
+    )
     source = ["--set", "models.source.type=pvc", "--set", "models.source.pvc.claimName=bad-models"]
     cmd = deploy_tool(ns, *image_values(cluster), *source, "--set", "models.names={lstm}", "--timeout", "120")
     try:
