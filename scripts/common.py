@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from .pod import sha256_file  # noqa: F401 (re-exported: pod.py, standalone in the image, owns it)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,14 +28,6 @@ def run_cli(prog: str, main: Callable[[list[str] | None], int | None], argv: lis
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit(repo: Path = ROOT) -> str:

@@ -169,7 +169,7 @@ def fetch(
     for name in names:
         entry = archives[name]
         target = dest / entry["file"]
-        if target.is_file() and target.stat().st_size == entry["size"] and _sha256_path(target) == entry["sha256"]:
+        if target.is_file() and target.stat().st_size == entry["size"] and sha256_file(target) == entry["sha256"]:
             done.append(name)  # baked into the image or fetched by an earlier attempt
             continue
         tmp = dest / f".{entry['file']}.part"
@@ -199,9 +199,8 @@ def fetch(
     return done
 
 
-def _sha256_path(path: Path) -> str:
-    # scripts/common.py has the same helper; this file stays standard-library-only and standalone
-    # because the image runs it without the rest of the repository.
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex). The one implementation: scripts/common.py re-exports it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -260,11 +259,16 @@ def model_states(url: str = MANAGEMENT, timeout: float = 2.0) -> dict[str, list[
     return {name: management_get(url, f"/models/{name}", timeout) for name in names}
 
 
+def ready_worker_pids(versions: list[dict]) -> list[int]:
+    """The PIDs of a model's READY workers, from its describe-model answer (every version)."""
+    return sorted(w.get("pid", 0) for v in versions for w in v.get("workers", []) if w.get("status") == "READY")
+
+
 def not_ready(states: dict[str, list[dict]], expected: list[str] | None = None) -> list[str]:
     """Models without a READY worker (and expected models that are not registered at all)."""
     problems = [f"{m}: not registered" for m in (expected or []) if m not in states]
     for name, versions in states.items():
-        if not any(w.get("status") == "READY" for v in versions for w in v.get("workers", [])):
+        if not ready_worker_pids(versions):
             problems.append(f"{name}: no READY worker")
     if not states:
         problems.append("no models registered")

@@ -213,7 +213,7 @@ def describe(cfg: ServerConfig, model: str, timeout: float = 5.0) -> list[dict]:
 
 
 def ready_workers(info: list[dict]) -> int:
-    return sum(1 for version in info for w in version.get("workers", []) if w.get("status") == READY)
+    return len(pod.ready_worker_pids(info))
 
 
 def log_excerpt(cfg: ServerConfig, model: str, lines: int = 25) -> str:

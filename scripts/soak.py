@@ -29,12 +29,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import serve
-from .bench import test_inputs
+from . import pod, registry, serve
 from .client import Client, ClientError, Settings, Timeout
 from .common import ROOT, CLIError, run_cli
+from .data import request_inputs
 
-MODELS = ("cnn", "lstm", "transformer")
+MODELS = registry.names()
 KILL_WINDOW_S = 15.0  # requests failing this soon after the kill count as in flight on the killed worker
 
 
@@ -61,10 +61,11 @@ def hostile_classes(digit_png: bytes) -> dict[str, tuple[str, object]]:
 
 def build_plan(n: int, hostile_share: float, seed: int) -> tuple[list[tuple[str, str, object]], dict]:
     """``n`` requests as (class, model, payload), seeded; good ones weighted by model cost."""
-    goods = {m: test_inputs(m, 16) for m in MODELS}
+    goods = {m: request_inputs(m, 16) for m in MODELS}
     hostile = hostile_classes(goods["cnn"][0])
     rng = random.Random(seed)
-    weights = {"cnn": 0.45, "lstm": 0.45, "transformer": 0.10}  # the translator costs ~40x a CNN request
+    # Good requests weighted by 1/cost, so that each model gets a similar share of worker time.
+    weights = {m: 1 / registry.get(m).cost for m in MODELS}
     plan = []
     for _ in range(n):
         if rng.random() < hostile_share:
@@ -79,10 +80,7 @@ def build_plan(n: int, hostile_share: float, seed: int) -> tuple[list[tuple[str,
 
 def worker_pids(cfg: serve.ServerConfig) -> dict[str, set[int]]:
     """Each model's READY workers' PIDs."""
-    return {
-        m: {w["pid"] for v in serve.describe(cfg, m) for w in v["workers"] if w.get("status") == serve.READY}
-        for m in MODELS
-    }
+    return {m: set(pod.ready_worker_pids(serve.describe(cfg, m))) for m in MODELS}
 
 
 def outcome_of(exc: BaseException | None) -> str:

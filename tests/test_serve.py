@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from scripts import serve
+from scripts import pod, serve
 from scripts.client import (
     BadInput,
     Client,
@@ -184,7 +184,7 @@ WIRE_GOOD = {"lstm": "a warm film", "transformer": "God is love."}
 
 
 def worker_pids(cfg, model) -> list[int]:
-    return sorted(w["pid"] for v in serve.describe(cfg, model) for w in v["workers"] if w["status"] == "READY")
+    return pod.ready_worker_pids(serve.describe(cfg, model))
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
