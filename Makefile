@@ -10,7 +10,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 MODEL ?= cnn
-MODELS ?= cnn lstm transformer
+# Every registered model has its TorchServe config here (scripts/registry.py; a test keeps them equal).
+MODELS ?= $(basename $(notdir $(wildcard handlers/config/*.yaml)))
 VERSION ?= 1.0
 CHECKPOINT_DIR ?= checkpoints
 STORE ?= model-store
@@ -24,7 +25,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 MARS := $(patsubst %,$(STORE)/%.mar,$(MODELS))
-CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py
+CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py scripts/registry.py
 PROTOS := scripts/grpc_gen/inference_pb2_grpc.py
 K8S_VENV := .venv/k8s
 K8S_STAMP := $(K8S_VENV)/.installed

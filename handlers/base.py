@@ -162,7 +162,7 @@ def _keys(obj: dict, most: int = 5, width: int = 40) -> str:
 class CheckpointHandler(BaseHandler):
     """Rebuilds the model from the checkpoint's own config; subclasses define the data path."""
 
-    model_name: str = ""  # the checkpoint's model_name this handler serves
+    task: str = ""  # the checkpoint task this handler serves (a checkpoint for another is refused)
     busy_dir: str | None = None  # set by initialize from TS_BUSY_DIR
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
     common_defaults: dict[str, Any] = {  # options every handler takes
@@ -213,7 +213,7 @@ class CheckpointHandler(BaseHandler):
         serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "checkpoint.pt")
         path = os.path.join(model_dir, serialized)
         t0 = time.perf_counter()
-        ckpt = checkpoint.load(path, self.model_name)
+        ckpt = checkpoint.load(path, self.task)
         self.checkpoint_meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
         self.model = checkpoint.rebuild(ckpt, self.device)
         self.model = optimize(self.model, cfg.get("optimize", "none"), self.device, model_dir)

@@ -20,7 +20,7 @@ from models.image import normalize, pil_to_array
 
 
 class ImageClassifierHandler(CheckpointHandler):
-    model_name = "cnn"
+    task = "image-classification"
     defaults = {
         "topk": 3,  # labels returned when the request does not ask
         "max_bytes": 10 * 1024 * 1024,  # encoded image size limit

@@ -15,7 +15,7 @@ from models.text import PAD_ID, Vocab, pad_batch
 
 
 class TextClassifierHandler(CheckpointHandler):
-    model_name = "lstm"
+    task = "text-classification"
     defaults = {
         "max_chars": 5000,  # longer text gets 413; the model reads at most the checkpoint's max_tokens
         "max_texts": 64,  # texts in one request's list

@@ -14,7 +14,7 @@ from models.text import Vocab, pad_batch, tokenize
 
 
 class TranslatorHandler(CheckpointHandler):
-    model_name = "transformer"
+    task = "translation"
     defaults = {
         "max_chars": 1000,  # longer text gets 413
         "max_texts": 16,  # texts in one request's list

@@ -19,6 +19,8 @@ class CNNConfig:
 
 
 class CNNClassifier(nn.Module):
+    config_cls = CNNConfig
+
     def __init__(self, config: CNNConfig):
         super().__init__()
         self.config = config

@@ -23,6 +23,8 @@ class LSTMConfig:
 
 
 class LSTMClassifier(nn.Module):
+    config_cls = LSTMConfig
+
     def __init__(self, config: LSTMConfig):
         super().__init__()
         self.config = config

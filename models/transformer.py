@@ -45,6 +45,8 @@ class PositionalEncoding(nn.Module):
 
 
 class Translator(nn.Module):
+    config_cls = TransformerConfig
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config

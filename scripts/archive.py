@@ -29,9 +29,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from . import registry
 from .common import ROOT, CLIError, git_commit, run_cli, sha256_file
 
-HANDLERS = {"cnn": "image_classifier.py", "lstm": "text_classifier.py", "transformer": "translator.py"}
 PACKAGES = ("models", "handlers")  # code every archive carries, .py files only
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 MANIFEST = "manifest.json"
@@ -94,11 +94,9 @@ def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
 
 def check_aoti(model_name: str) -> None:
     """Refuse the aoti variant where it can't be built, before any work is done."""
-    if model_name != "cnn":
-        raise CLIError(
-            f"optimize aoti: only the cnn's forward answers requests; {model_name} "
-            + ("does not export (packed sequences)" if model_name == "lstm" else "decodes step by step")
-        )
+    why = registry.get(model_name).aoti
+    if why:
+        raise CLIError(f"optimize aoti: {model_name} {why}")
     if shutil.which("c++") is None and shutil.which("g++") is None:
         raise CLIError("optimize aoti: AOTInductor needs a C++ compiler (apt-get install g++)")
 
@@ -122,13 +120,8 @@ def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
 
 
 def build(model: str, checkpoint: Path, version: str, export: Path, config: Path, optimize: str | None = None) -> dict:
-    from .train import load_checkpoint
-
-    if model not in HANDLERS:
-        raise CLIError(f"unknown model {model!r}; known models: {', '.join(HANDLERS)}")
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt["model_name"] != model:
-        raise CLIError(f"{checkpoint}: holds model {ckpt['model_name']!r}, not {model!r}")
+    handler = registry.get(model).handler_file.name
+    ckpt = registry.load_checkpoint(checkpoint, model)
     if not config.is_file():
         raise CLIError(f"{config}: model config not found")
     archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or shutil.which(
@@ -157,7 +150,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
             "--serialized-file",
             str(checkpoint),
             "--handler",
-            str(stage / "handlers" / HANDLERS[model]),
+            str(stage / "handlers" / handler),
             "--extra-files",
             str(extra),
             "--config-file",
@@ -180,7 +173,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         "size": mar.stat().st_size,
         "checkpoint_sha256": sha256_file(checkpoint),
         "checkpoint_size": checkpoint.stat().st_size,
-        "handler": HANDLERS[model],
+        "handler": handler,
         "optimize": variant,
         "metrics": ckpt["metrics"]["test"],
         "data_fingerprint": ckpt["data"]["fingerprint"],
@@ -258,7 +251,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build model-store/<model>.mar from a checkpoint")
-    b.add_argument("--model", required=True, choices=sorted(HANDLERS), help="which model (required)")
+    b.add_argument("--model", required=True, choices=registry.names(), help="which model (required)")
     b.add_argument(
         "--checkpoint",
         type=Path,
@@ -292,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.command == "build":
         ckpt = args.checkpoint or ROOT / "checkpoints" / args.model / "checkpoint.pt"
-        config = args.config or ROOT / "handlers" / "config" / f"{args.model}.yaml"
+        config = args.config or registry.get(args.model).config_path
         e = build(args.model, ckpt, args.version, args.export_path, config, args.optimize)
         print(
             f"{args.export_path / e['file']}: version {e['version']}, {e['size'] / 1e6:.2f} MB "

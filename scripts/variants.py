@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
+from . import registry
 from .common import ROOT, CLIError, run_cli
 
-MODELS = ("cnn", "lstm", "transformer")
 CUDA_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # handler option cuda_dtype
 
 
@@ -77,9 +77,8 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     from handlers.checkpoint import rebuild
 
     from .archive import check_aoti, compile_aoti
-    from .bench import model_batch_size
     from .data import load_dataset
-    from .train import TASKS, load_checkpoint
+    from .tasks import TaskOptions
 
     if variant == "aoti":
         check_aoti(model_name)
@@ -88,10 +87,10 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
         if not torch.cuda.is_available():
             raise CLIError(f"{variant}: the handlers autocast only on CUDA, and this host has no GPU")
         device = torch.device("cuda")
-    ckpt = load_checkpoint(checkpoint)
-    args = argparse.Namespace(**ckpt["train_args"])
-    ds = load_dataset(model_name, args.data, seed=args.seed, limit=args.limit)
-    task = TASKS[model_name](ds, args, ckpt)
+    ckpt = registry.load_checkpoint(checkpoint, model_name)
+    trained = ckpt["train_args"]  # the same data, split and options as the run that wrote it
+    ds = load_dataset(model_name, trained["data"], seed=trained["seed"], limit=trained["limit"])
+    task = registry.get(model_name).task(ds, ckpt, TaskOptions.from_args(trained))
     eager = rebuild(ckpt, device)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -106,22 +105,16 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
         with torch.inference_mode():
             # task.evaluate, not train.evaluate: that one autocasts on CUDA, and eager must stay float32
             m_eager, m_fast = task.evaluate(eager, "test", device), task.evaluate(fast, "test", device)
-            bs = model_batch_size(model_name)
+            bs = registry.get(model_name).batch_size
             # The tensors of one test batch (the translator's batches also carry their row indices).
             batch = [t.to(device) for t in next(task.batches("test", bs, None)) if isinstance(t, torch.Tensor)]
-            example = (batch[0], batch[1][:, :-1]) if model_name == "transformer" else (batch[0],)
-            exported = try_export(eager, example, repeats)
-            if model_name == "transformer":
-                src = batch[0]
-                diff = (eager(src, batch[1][:, :-1]) - fast(src, batch[1][:, :-1])).abs().max().item()
-                t_eager = timed(lambda: eager.greedy_decode(src), repeats)
-                t_fast = timed(lambda: fast.greedy_decode(src), repeats)
-            else:
-                x = batch[0]
-                diff = (torch.softmax(eager(x), -1) - torch.softmax(fast(x), -1)).abs().max().item()
-                t_eager, t_fast = timed(lambda: eager(x), repeats), timed(lambda: fast(x), repeats)
+            exported = try_export(eager, task.forward_example(batch), repeats)
+            diff = (task.parity_outputs(eager, batch) - task.parity_outputs(fast, batch)).abs().max().item()
+            t_eager = timed(task.timed_call(eager, batch), repeats)
+            t_fast = timed(task.timed_call(fast, batch), repeats)
     return {
         "variant": variant,
+        "score": task.score,
         "batch_size": bs,
         "build_s": build_s,
         "test_eager": m_eager,
@@ -138,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="variants", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="models (default: all three)")
+    p.add_argument("--models", nargs="+", default=registry.names(), help="models (default: every registered one)")
     p.add_argument(
         "--variant",
         choices=["int8", "aoti", *CUDA_DTYPES],
@@ -163,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         if "not_applicable" in r:
             lines.append(f"| {m} | {r['variant']} | not applicable: {r['not_applicable']} | | | | |")
             continue
-        key = "bleu" if m == "transformer" else "accuracy"
+        key = r["score"]
         lines.append(
             f"| {m} | {r['variant']} | {key} {r['test_eager'][key]:.4f} → {r['test_variant'][key]:.4f} | "
             f"{r['max_abs_diff']:.2e} | {r['eager_ms']:.2f} → {r['variant_ms']:.2f} ({r['batch_size']}) | {r['speedup']:.2f}× | "

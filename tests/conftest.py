@@ -9,7 +9,7 @@ import psutil
 import pytest
 import torch
 
-from scripts import serve
+from scripts import registry, serve
 from tests.helpers import make, server_config, tiny_train
 
 # tests/e2e needs the real cluster that `make e2e-k8s` starts (k8s/cluster/e2e.sh sets this).
@@ -35,9 +35,7 @@ def _one_thread():
 def tiny_checkpoints(tmp_path_factory) -> dict:
     """One tiny trained checkpoint per model, shared by the tests that only read them."""
     root = tmp_path_factory.mktemp("ckpt")
-    return {
-        m: root / m / "checkpoint.pt" for m in ("cnn", "lstm", "transformer") if tiny_train(m, root / m) is not None
-    }
+    return {m: root / m / "checkpoint.pt" for m in registry.names() if tiny_train(m, root / m) is not None}
 
 
 # ----------------------------------------------------------------------------- archives

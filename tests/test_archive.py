@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from scripts import archive
+from scripts import archive, registry
 from scripts.common import sha256_file
 from tests.helpers import make
 
@@ -20,7 +20,8 @@ def store(archive_store):
 
 def test_archives_carry_handler_packages_checkpoint_and_config(store):
     _, store = store
-    for model, handler in archive.HANDLERS.items():
+    for model, entry in registry.REGISTRY.items():
+        handler = entry.handler_file.name
         with zipfile.ZipFile(store / f"{model}.mar") as z:
             names = set(z.namelist())
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
@@ -32,7 +33,7 @@ def test_archives_carry_handler_packages_checkpoint_and_config(store):
             "handlers/__init__.py",
             "models/__init__.py",
             "models/text.py",
-            f"models/{model}.py",
+            entry.network.__module__.replace(".", "/") + ".py",
         } <= names
         assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
         assert manifest["model"] == {
@@ -46,11 +47,11 @@ def test_archives_carry_handler_packages_checkpoint_and_config(store):
 
 def test_make_archive_is_reproducible_and_does_no_work_when_nothing_changed(store):
     ckpts, store = store
-    digests = {m: sha256_file(store / f"{m}.mar") for m in archive.HANDLERS}
-    mtimes = {m: (store / f"{m}.mar").stat().st_mtime_ns for m in archive.HANDLERS}
+    digests = {m: sha256_file(store / f"{m}.mar") for m in registry.REGISTRY}
+    mtimes = {m: (store / f"{m}.mar").stat().st_mtime_ns for m in registry.REGISTRY}
     again = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}")
     assert again.returncode == 0 and "scripts.archive build" not in again.stdout
-    assert {m: (store / f"{m}.mar").stat().st_mtime_ns for m in archive.HANDLERS} == mtimes
+    assert {m: (store / f"{m}.mar").stat().st_mtime_ns for m in registry.REGISTRY} == mtimes
     (store / "lstm.mar").unlink()  # rebuilt later, from the same inputs: the same bytes
     rebuilt = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={store}", "MODELS=lstm")
     assert rebuilt.returncode == 0 and "scripts.archive build --model lstm" in rebuilt.stdout
@@ -102,7 +103,7 @@ def test_aoti_is_refused_where_it_cannot_work(store, tmp_path):
     from tests.helpers import load_handler
 
     ckpts, _ = store
-    with pytest.raises(CLIError, match="only the cnn's forward answers requests; lstm does not export"):
+    with pytest.raises(CLIError, match="optimize aoti: lstm does not export"):
         archive.build(
             "lstm",
             ckpts / "lstm" / "checkpoint.pt",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from handlers import checkpoint
-from scripts import bench, train, variants
+from scripts import bench, registry, variants
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_autocast_variants_are_refused_without_cuda_and_the_wrapper_keeps_the_an
     else:
         assert "no GPU" in r["not_applicable"]
     # The wrapper itself, on CPU (autocast works there too): float32 out, the same predictions.
-    ckpt = train.load_checkpoint(tiny_checkpoints["cnn"])
+    ckpt = registry.load_checkpoint(tiny_checkpoints["cnn"])
     model = checkpoint.rebuild(ckpt)
     x = torch.randn(8, 1, 28, 28)
     with torch.inference_mode():

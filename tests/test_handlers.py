@@ -237,7 +237,7 @@ def test_image_over_the_byte_limit_is_413(tiny_checkpoints, digits):
 
 
 def test_initialize_fails_loudly_for_the_wrong_checkpoint_or_options(tiny_checkpoints):
-    with pytest.raises(ValueError, match="holds model 'lstm', expected 'cnn'"):
+    with pytest.raises(ValueError, match="holds a text-classification model .lstm., this handler serves image-class"):
         load_handler("cnn", tiny_checkpoints["lstm"])
     with pytest.raises(ValueError, match="unknown handler options"):
         load_handler("lstm", tiny_checkpoints["lstm"], {"max_char": 10})
