@@ -210,7 +210,11 @@ class CheckpointHandler(BaseHandler):
         dtype = cfg.get("cuda_dtype", "float32")
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
-        serialized = (context.manifest or {}).get("model", {}).get("serializedFile", "checkpoint.pt")
+        model_manifest = (context.manifest or {}).get("model", {})
+        # The archive's version (make archive VERSION=...), named in every answer: during a rollout
+        # or a canary, a client and the tests can tell which version answered.
+        self.version = str(model_manifest.get("modelVersion", ""))
+        serialized = model_manifest.get("serializedFile", "checkpoint.pt")
         path = os.path.join(model_dir, serialized)
         t0 = time.perf_counter()
         ckpt = checkpoint.load(path, self.task)
@@ -309,6 +313,7 @@ class CheckpointHandler(BaseHandler):
             context.set_response_content_type(i, "application/json; charset=utf-8")
         for i in range(len(data)):
             context.set_response_header(i, "X-Batch-Size", str(len(data)))
+            context.set_response_header(i, "X-Model-Version", self.version)
         # Every worker stdout line is also parsed and logged by the frontend, so a clean batch is
         # logged at DEBUG; one with refused requests shows at INFO.
         failed = len(data) - len(groups)

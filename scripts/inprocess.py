@@ -18,7 +18,7 @@ def make_context(model: str, model_dir, handler_overrides: dict | None = None, b
 
     config = yaml.safe_load(registry.get(model).config_path.read_text())
     config["handler"] = {**config.get("handler", {}), **(handler_overrides or {})}
-    manifest = {"model": {"modelName": model, "serializedFile": "checkpoint.pt"}}
+    manifest = {"model": {"modelName": model, "modelVersion": "1.0", "serializedFile": "checkpoint.pt"}}
     ctx = Context(model, str(model_dir), manifest, batch_size, None, "0.12.0", model_yaml_config=config)
     return ctx
 

@@ -56,7 +56,7 @@ def test_image_handler_matches_the_model_on_real_digits_in_every_input_format(ha
     ]
     answers, statuses, headers = run_batch(handler, ctx, requests)
     assert [s for s, _ in statuses] == [200] * 6
-    assert all(h["X-Batch-Size"] == "6" for h in headers)
+    assert all(h["X-Batch-Size"] == "6" and h["X-Model-Version"] == "1.0" for h in headers)
     for i, answer in enumerate(answers):
         assert len(answer) == (10 if i == 3 else 3)
         for label, p in answer.items():

@@ -87,6 +87,7 @@ def test_concurrent_requests_are_batched(server):
 
         def one(i):
             answer = c.transport.predict("lstm", f"review number {i} was a fine film", None)
+            assert answer[1]["X-Model-Version"] == "1.0"  # the archive's version, through the frontend
             return json.loads(answer[0]), int(answer[1]["X-Batch-Size"])
 
         with ThreadPoolExecutor(16) as pool:
