@@ -13,8 +13,16 @@ As a library:
 
 Host, ports, timeout and tokens are arguments, defaulting to the environment (TS_HOST,
 TS_INFERENCE_PORT, TS_MANAGEMENT_PORT, TS_METRICS_PORT, TS_GRPC_INFERENCE_PORT,
-TS_GRPC_MANAGEMENT_PORT, TS_TIMEOUT, TS_INFERENCE_TOKEN, TS_MANAGEMENT_TOKEN, TS_KEY_FILE) and
-then to `make serve`'s defaults; tokens are read from the key file of `make serve`'s run directory.
+TS_GRPC_MANAGEMENT_PORT, TS_TIMEOUT, TS_INFERENCE_TOKEN, TS_MANAGEMENT_TOKEN, TS_KEY_FILE,
+TS_GRPC_TARGET, TS_GRPC_LB) and then to `make serve`'s defaults; tokens are read from the key file of
+`make serve`'s run directory.
+
+gRPC on Kubernetes: a ClusterIP Service balances connections, and one gRPC channel is one long-lived
+connection, so every request of a client goes to one pod. Give the group's headless Service as the
+target with per-request balancing over the pods its DNS name lists:
+
+  python -m scripts.client --transport grpc --grpc-lb round_robin \
+      --grpc-target dns:///ts-torchserve-models-lstm-grpc.ml-serving.svc.cluster.local:7070 predict lstm --text hi
 """
 
 from __future__ import annotations
@@ -111,6 +119,10 @@ class Settings:
     key_file: Path | None = field(
         default_factory=lambda: Path(os.environ.get("TS_KEY_FILE", ROOT / "run" / "key_file.json"))
     )
+    # gRPC inference target in gRPC's own syntax (dns:///name:port, ipv4:a:p,b:p, host:port); default host:port.
+    grpc_target: str | None = field(default_factory=lambda: os.environ.get("TS_GRPC_TARGET") or None)
+    # gRPC load-balancing policy over the target's addresses: pick_first (gRPC's default) or round_robin.
+    grpc_lb: str = field(default_factory=lambda: os.environ.get("TS_GRPC_LB", "pick_first"))
 
     def token(self, api: str) -> str | None:
         """Explicit token, else the current key from the key file (re-read: keys rotate)."""
@@ -214,7 +226,9 @@ class GrpcTransport:
 
         self.grpc, self.s = grpc, s
         self.inf_pb, self.mgmt_pb = inference_pb2, management_pb2
-        self.inf_ch = grpc.insecure_channel(f"{s.host}:{s.ports['grpc_inference']}")
+        target = s.grpc_target or f"{s.host}:{s.ports['grpc_inference']}"
+        options = [("grpc.lb_policy_name", s.grpc_lb)]
+        self.inf_ch = grpc.insecure_channel(target, options=options)
         self.mgmt_ch = grpc.insecure_channel(f"{s.host}:{s.ports['grpc_management']}")
         self.inf = inference_pb2_grpc.InferenceAPIsServiceStub(self.inf_ch)
         self.mgmt = management_pb2_grpc.ManagementAPIsServiceStub(self.mgmt_ch)
@@ -372,6 +386,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-file", type=Path, default=None, help="TorchServe key file (default: $TS_KEY_FILE or run/key_file.json)"
     )
+    p.add_argument(
+        "--grpc-target",
+        default=None,
+        help="gRPC inference target, e.g. dns:///<group>-grpc.<ns>.svc.cluster.local:7070 (default: $TS_GRPC_TARGET or host:port)",
+    )
+    p.add_argument(
+        "--grpc-lb",
+        choices=["pick_first", "round_robin"],
+        default=None,
+        help="gRPC load balancing over the target's addresses (default: $TS_GRPC_LB or pick_first)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="GET /ping (or gRPC Ping)")
     sub.add_parser("models", help="list the registered models")
@@ -410,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         s.management_token = args.management_token
     if args.key_file is not None:
         s.key_file = args.key_file
+    if args.grpc_target is not None:
+        s.grpc_target = args.grpc_target
+    if args.grpc_lb is not None:
+        s.grpc_lb = args.grpc_lb
     with Client(args.transport, s) as c:
         if args.command == "health":
             out = c.health()

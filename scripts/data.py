@@ -318,6 +318,19 @@ def request_inputs(model: str, n: int) -> list:
     return registry.get(model).task.request_inputs(load_dataset(model), n)
 
 
+def sample_inputs(models: list[str] | None = None) -> dict:
+    """model -> (what it is, payload): each entry's demo input, else its first test input."""
+    out = {}
+    for name in models if models is not None else registry.names():
+        entry = registry.get(name)
+        if entry.demo:
+            out[name] = entry.demo
+        else:
+            payload = request_inputs(name, 1)[0]
+            out[name] = (f"a test-split input of {name} ({type(payload).__name__})", payload)
+    return out
+
+
 def _folder_sha256(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):

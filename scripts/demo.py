@@ -15,7 +15,7 @@ import time
 from . import registry, serve
 from .client import Client, Settings
 from .common import ROOT, run_cli
-from .data import request_inputs
+from .data import sample_inputs
 
 
 def report(store=ROOT / "model-store") -> str:
@@ -26,18 +26,6 @@ def report(store=ROOT / "model-store") -> str:
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in e["metrics"].items())
         rows.append(f"| {m} | {metrics} | {e['size'] / 1e6:.2f} MB | {e['checkpoint_size'] / 1e6:.2f} MB |")
     return "\n".join(rows)
-
-
-def sample_inputs() -> dict:
-    """model -> (what it is, payload): each entry's demo input, else its first test input."""
-    out = {}
-    for name, entry in registry.REGISTRY.items():
-        if entry.demo:
-            out[name] = entry.demo
-        else:
-            payload = request_inputs(name, 1)[0]
-            out[name] = (f"a test-split input of {name} ({type(payload).__name__})", payload)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,12 @@
   python -m scripts.deploy apply --values my-values.yaml --set gpu.count=0   # render the chart for this cluster
   python -m scripts.deploy delete             # remove what `apply` created (keeps the namespace)
 
-`apply` checks the cluster answers and (when the pods ask for GPUs) that some node advertises
-nvidia.com/gpu, applies every object of k8s/manifests server-side, waits for the rollout and for
-every pod to be Ready (every model READY, per the chart's readiness probe), then sends one
-prediction to a pod through a port-forward and prints it. Image pull failures, failed model
-fetches, crash loops and pods that never turn Ready stop it with their events and log tail.
+`apply` checks the cluster answers and (when the pods ask for GPUs, MIG slices included) that some
+node advertises them, applies every object of k8s/manifests server-side, waits for every group's
+rollout and for its pods to be Ready (every model READY, per the chart's readiness probe), then
+sends each group's own models one prediction through a port-forward to one of its pods and prints
+it. Image pull failures, failed model fetches, crash loops and pods that never turn Ready stop it
+with their events and log tail.
 """
 
 from __future__ import annotations
@@ -59,16 +60,34 @@ def in_namespace(docs: list[dict], namespace: str | None) -> list[dict]:
     return sorted(docs, key=lambda d: d["kind"] != "Namespace")
 
 
-def deployment_of(docs: list[dict]) -> dict:
+MODELS_ANNOTATION = "torchserve-models/models"  # the chart's list of the models a Deployment serves
+
+
+def deployments_of(docs: list[dict]) -> list[dict]:
+    """The serving Deployments, one per group (and canary); each names its models."""
     found = [d for d in docs if d["kind"] == "Deployment"]
-    if len(found) != 1:
-        raise CLIError(f"expected one Deployment in the manifests, found {len(found)}")
-    return found[0]
+    if not found:
+        raise CLIError("no Deployment in the manifests")
+    for d in found:
+        if not d["metadata"].get("annotations", {}).get(MODELS_ANNOTATION):
+            raise CLIError(
+                f"Deployment {d['metadata']['name']} has no {MODELS_ANNOTATION} annotation (render the chart)"
+            )
+    return found
 
 
-def gpu_request(deployment: dict, resource: str = "nvidia.com/gpu") -> int:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    return sum(int(c.get("resources", {}).get("limits", {}).get(resource, 0)) for c in containers)
+def served_models(deployment: dict) -> list[str]:
+    return deployment["metadata"]["annotations"][MODELS_ANNOTATION].split(",")
+
+
+def gpu_requests(deployment: dict) -> dict[str, int]:
+    """The GPU resources (nvidia.com/gpu, or MIG slices such as nvidia.com/mig-1g.10gb) each pod asks for."""
+    out: dict[str, int] = {}
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        for resource, count in c.get("resources", {}).get("limits", {}).items():
+            if resource.startswith("nvidia.com/"):
+                out[resource] = out.get(resource, 0) + int(count)
+    return out
 
 
 def gpu_capacity(nodes, resource: str = "nvidia.com/gpu") -> dict[str, int]:
@@ -260,21 +279,31 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
         time.sleep(5)
 
 
-def smoke(api, pod, model: str, text: str, port: int = 8080, timeout: float = 30) -> tuple[int, bytes]:
+def smoke(api, pod, model: str, payload, port: int = 8080, timeout: float = 30) -> tuple[int, bytes]:
     from kubernetes import client
     from kubernetes.stream import portforward
+
+    from .client import encode_payload
 
     core = client.CoreV1Api(api)
     pf = portforward(
         core.connect_get_namespaced_pod_portforward, pod.metadata.name, pod.metadata.namespace, ports=str(port)
     )
     sock = pf.socket(port)
+    body, content_type = encode_payload(payload)
     try:
-        return http_over_socket(
-            sock, "POST", f"/predictions/{model}", text.encode(), "text/plain; charset=utf-8", timeout
-        )
+        return http_over_socket(sock, "POST", f"/predictions/{model}", body, content_type, timeout)
     finally:
         sock.close()
+
+
+def smoke_inputs(models: list[str], text: str) -> dict[str, object]:
+    """A representative request per model: the registry's demo input; ``text`` for an unregistered model."""
+    from . import registry
+    from .data import sample_inputs
+
+    samples = sample_inputs([m for m in models if m in registry.REGISTRY])
+    return {m: samples[m][1] if m in samples else text for m in models}
 
 
 def delete(api, docs: list[dict]) -> None:
@@ -317,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--namespace", default=None, help="deploy into this namespace (default: the manifests', ml-serving)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the rollout (default: %(default)s)")
-    p.add_argument("--smoke-model", default="lstm", help="model for the smoke prediction (default: %(default)s)")
-    p.add_argument("--smoke-text", default="A gripping, beautifully acted film.", help="its input (default: a review)")
+    p.add_argument(
+        "--smoke-text",
+        default="A gripping, beautifully acted film.",
+        help="the smoke input of a model the registry does not know (the others send their demo input)",
+    )
     args = p.parse_args(argv)
     api, version = connect()
     print(f"cluster: Kubernetes {version}")
@@ -332,24 +364,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from kubernetes import client
 
-    dep = deployment_of(docs)
-    gpus = gpu_request(dep)
-    if gpus:
-        nodes = gpu_capacity(client.CoreV1Api(api).list_node().items)
-        if not nodes:
-            raise CLIError(
-                "no GPU nodes: no schedulable node advertises nvidia.com/gpu "
-                "(install the NVIDIA device plugin, or render with gpu.count=0)"
-            )
-        print(f"GPU nodes: {', '.join(f'{n} ({c})' for n, c in nodes.items())}")
+    deps = deployments_of(docs)
+    wanted = sorted({r for d in deps for r in gpu_requests(d)})
+    if wanted:
+        nodes = client.CoreV1Api(api).list_node().items
+        for resource in wanted:
+            capacity = gpu_capacity(nodes, resource)
+            if not capacity:
+                raise CLIError(
+                    f"no GPU nodes: no schedulable node advertises {resource} "
+                    "(install the NVIDIA device plugin, or render with gpu.count=0)"
+                )
+            print(f"{resource} nodes: {', '.join(f'{n} ({c})' for n, c in capacity.items())}")
     apply(api, docs)
     t0 = time.monotonic()
-    pods = wait_for_rollout(api, dep, args.timeout)
-    print(f"rollout done in {time.monotonic() - t0:.0f}s: {len(pods)} pods Ready")
-    status, body = smoke(api, pods[0], args.smoke_model, args.smoke_text)
-    if status != 200:
-        raise CLIError(f"smoke prediction on {pods[0].metadata.name}: HTTP {status} {body[:200]!r}")
-    print(f"smoke: {args.smoke_model} on {pods[0].metadata.name} -> {json.dumps(json.loads(body))}")
+    deadline = t0 + args.timeout
+    inputs = smoke_inputs(sorted({m for d in deps for m in served_models(d)}), args.smoke_text)
+    for dep in deps:
+        name = dep["metadata"]["name"]
+        pods = wait_for_rollout(api, dep, max(1.0, deadline - time.monotonic()))
+        print(f"rollout of {name} done in {time.monotonic() - t0:.0f}s: {len(pods)} pods Ready")
+        for model in served_models(dep):
+            status, body = smoke(api, pods[0], model, inputs[model])
+            if status != 200:
+                raise CLIError(f"smoke prediction of {model} on {pods[0].metadata.name}: HTTP {status} {body[:200]!r}")
+            print(f"smoke: {model} on {pods[0].metadata.name} -> {json.dumps(json.loads(body))[:200]}")
     return 0
 
 

@@ -57,9 +57,29 @@ def test_schema_refuses_bad_values(values, message):
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr
 
 
+GROUPS = {"cnn": ["cnn"], "lstm": ["lstm"], "transformer": ["transformer"]}  # the default: one group per model
+
+
+def by_group(docs, kind) -> dict:
+    """Each group's object of a kind, by its group label."""
+    return {d["metadata"]["labels"]["torchserve-models/group"]: d for d in by_kind(docs, kind)}
+
+
+def render_error(*values: str) -> str:
+    proc = subprocess.run(
+        [k8s_tool.tool("helm"), "template", "x", str(k8s_tool.CHART), *[a for v in values for a in ("--set", v)]],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0, "rendered"
+    return proc.stderr
+
+
 def test_rendered_defaults_are_safe_and_honest():
     docs = k8s_tool.template()
-    [dep] = by_kind(docs, "Deployment")
+    deps = by_group(docs, "Deployment")
+    assert {g: d["metadata"]["name"] for g, d in deps.items()} == {g: f"torchserve-models-{g}" for g in GROUPS}
+    dep = deps["lstm"]
     spec = dep["spec"]["template"]["spec"]
     [ts] = spec["containers"]
     assert ts["resources"]["limits"]["nvidia.com/gpu"] == ts["resources"]["requests"]["nvidia.com/gpu"] == "1"
@@ -73,45 +93,62 @@ def test_rendered_defaults_are_safe_and_honest():
     assert "drain" in ts["lifecycle"]["preStop"]["exec"]["command"]
     assert spec["terminationGracePeriodSeconds"] > 60 + 5  # drain timeout + settle
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    [init] = spec["initContainers"]
-    assert init["command"][2] == "fetch" and {"cnn", "lstm", "transformer"} <= set(init["command"])
-    [cm] = by_kind(docs, "ConfigMap")
-    conf = cm["data"]["config.properties"]
+    for group, models in GROUPS.items():
+        # Each group fetches, loads and scales on its own models only.
+        [init] = deps[group]["spec"]["template"]["spec"]["initContainers"]
+        assert init["command"][2] == "fetch" and init["command"][init["command"].index("--models") + 1 :] == models
+        assert deps[group]["metadata"]["annotations"]["torchserve-models/models"] == ",".join(models)
+    cms = by_group(docs, "ConfigMap")
+    conf = cms["lstm"]["data"]["config.properties"]
     assert "management_address=http://127.0.0.1:8081" in conf and "inference_address=http://0.0.0.0:8080" in conf
     assert "grpc_management_address=127.0.0.1" in conf and "metrics_mode=prometheus" in conf
-    [hpa] = by_kind(docs, "HorizontalPodAutoscaler")
-    assert hpa["apiVersion"] == "autoscaling/v2"
-    metrics = {m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]: m["pods"] for m in hpa["spec"]["metrics"]}
-    assert set(metrics) == {"cnn", "lstm", "transformer"}  # one rate per model; the busiest decides
-    assert all(
-        m["metric"]["name"] == "torchserve_requests_per_second" and m["target"]["type"] == "AverageValue"
-        for m in metrics.values()
-    )
-    assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
-    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
-    [pdb] = by_kind(docs, "PodDisruptionBudget")
-    assert pdb["apiVersion"] == "policy/v1"
+    hpas = by_group(docs, "HorizontalPodAutoscaler")
+    for group, hpa in hpas.items():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deps[group]["metadata"]["name"]
+        metrics = {
+            m["pods"]["metric"]["selector"]["matchLabels"]["model_name"]: m["pods"] for m in hpa["spec"]["metrics"]
+        }
+        assert list(metrics) == GROUPS[group]  # only its own models: a hot translator scales its own pods
+        assert all(
+            m["metric"]["name"] == "torchserve_requests_per_second" and m["target"]["type"] == "AverageValue"
+            for m in metrics.values()
+        )
+        assert hpa["spec"]["behavior"]["scaleUp"]["stabilizationWindowSeconds"] == 0
+        assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    pdbs = by_group(docs, "PodDisruptionBudget")
+    assert set(pdbs) == set(GROUPS) and all(p["apiVersion"] == "policy/v1" for p in pdbs.values())
     [np] = by_kind(docs, "NetworkPolicy")
     ingress = np["spec"]["ingress"]
     assert {p["port"] for p in ingress[0]["ports"]} == {"http", "grpc"}
     assert ingress[1]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
     services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
     assert all(s["spec"]["type"] == "ClusterIP" for s in services.values())
+    for group in GROUPS:
+        # A ClusterIP Service and a headless one for per-request gRPC balancing, both on the group's pods.
+        svc, headless = services[f"torchserve-models-{group}"], services[f"torchserve-models-{group}-grpc"]
+        assert svc["spec"]["selector"]["torchserve-models/group"] == group
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == svc["spec"]["selector"]
+        assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+        pod_labels = deps[group]["spec"]["template"]["metadata"]["labels"]
+        assert all(pod_labels[k] == v for k, v in svc["spec"]["selector"].items())
     assert not by_kind(docs, "Ingress")
 
 
 def test_cpu_only_and_keda_variants():
     cpu = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "gpu.count=0", "--set", "autoscaling.metric=cpu")
-    [dep] = by_kind(cpu, "Deployment")
-    spec = dep["spec"]["template"]["spec"]
-    assert "nvidia.com/gpu" not in json.dumps(spec["containers"]) and "nodeSelector" not in spec
+    for dep in by_kind(cpu, "Deployment"):
+        spec = dep["spec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in json.dumps(spec["containers"]) and "nodeSelector" not in spec
     assert by_kind(cpu, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     keda = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "autoscaling.keda.enabled=true")
-    [so] = by_kind(keda, "ScaledObject")
-    assert not by_kind(keda, "HorizontalPodAutoscaler") and len(so["spec"]["triggers"]) == 3
-    assert 'model_name="transformer"' in so["spec"]["triggers"][2]["metadata"]["query"]
+    sos = by_group(keda, "ScaledObject")
+    assert not by_kind(keda, "HorizontalPodAutoscaler") and set(sos) == set(GROUPS)
+    [trigger] = sos["transformer"]["spec"]["triggers"]
+    query = trigger["metadata"]["query"]
+    assert 'model_name="transformer"' in query and 'pod=~"torchserve-models-transformer-[a-z0-9]+-[a-z0-9]+"' in query
     queue = k8s_tool.template(k8s_tool.KUBE_VERSIONS[0], "--set", "autoscaling.metric=queueLatency")
-    [hpa] = by_kind(queue, "HorizontalPodAutoscaler")
+    hpa = by_kind(queue, "HorizontalPodAutoscaler")[0]
     assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == ["torchserve_queue_latency_ms"]
     assert "replicas" not in by_kind(keda, "Deployment")[0]["spec"]
 
@@ -122,8 +159,12 @@ def config_lines(conf: str) -> dict[str, str]:
 
 def test_load_models_names_each_archive_file():
     """TorchServe reads a bare load_models entry as a file name: nothing loaded in the pod."""
-    [cm] = by_kind(k8s_tool.template(), "ConfigMap")
-    loads = config_lines(cm["data"]["config.properties"])["load_models"].split(",")
+    cms = by_group(k8s_tool.template(), "ConfigMap")
+    assert {g: config_lines(cm["data"]["config.properties"])["load_models"] for g, cm in cms.items()} == {
+        g: f"{g}={g}.mar" for g in GROUPS
+    }
+    [one] = by_kind(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "allInOnePod=true"), "ConfigMap")
+    loads = config_lines(one["data"]["config.properties"])["load_models"].split(",")
     assert loads == ["cnn=cnn.mar", "lstm=lstm.mar", "transformer=transformer.mar"]
 
 
@@ -132,7 +173,7 @@ def test_the_pods_and_make_serve_start_from_one_settings_file(tmp_path):
     from scripts import serve
 
     base = config_lines(serve.BASE_CONFIG.read_text())
-    [cm] = by_kind(k8s_tool.template(), "ConfigMap")
+    cm = by_group(k8s_tool.template(), "ConfigMap")["cnn"]
     pod = config_lines(cm["data"]["config.properties"])
     cfg = serve.ServerConfig(run_dir=tmp_path, model_store=tmp_path)
     local = config_lines(serve.write_config(cfg, {"cnn": tmp_path / "cnn.mar"}).read_text())
@@ -160,17 +201,16 @@ def test_the_pods_and_make_serve_start_from_one_settings_file(tmp_path):
 
 
 def test_the_container_runs_under_an_init_that_forwards_sigterm():
-    [dep] = by_kind(k8s_tool.template(), "Deployment")
-    [ts] = dep["spec"]["template"]["spec"]["containers"]
-    assert ts["command"][:6] == ["dumb-init", "--", "python3", "/opt/torchserve-k8s/pod.py", "serve", "--"]
-    assert "--foreground" not in ts["command"]
+    for dep in by_kind(k8s_tool.template(), "Deployment"):
+        [ts] = dep["spec"]["template"]["spec"]["containers"]
+        assert ts["command"][:6] == ["dumb-init", "--", "python3", "/opt/torchserve-k8s/pod.py", "serve", "--"]
+        assert "--foreground" not in ts["command"]
     dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["dumb-init", "--"]' in dockerfile and "ARG BASE_IMAGE=" in dockerfile
 
 
 def test_the_helm_test_pod_is_no_endpoint_no_pdb_member_and_has_its_own_policy():
     docs = k8s_tool.template(tests=True)
-    [dep] = by_kind(docs, "Deployment")
     [test_pod] = by_kind(docs, "Pod")
     labels = test_pod["metadata"]["labels"]
     for obj in [*by_kind(docs, "Service"), *by_kind(docs, "PodDisruptionBudget")]:
@@ -179,14 +219,16 @@ def test_the_helm_test_pod_is_no_endpoint_no_pdb_member_and_has_its_own_policy()
         assert not all(labels.get(k) == v for k, v in sel.items()), obj["metadata"]["name"]
     policies = {p["metadata"]["name"]: p["spec"]["podSelector"]["matchLabels"] for p in by_kind(docs, "NetworkPolicy")}
     matching = [n for n, sel in policies.items() if all(labels.get(k) == v for k, v in sel.items())]
-    assert matching == [f"{dep['metadata']['name']}-test-predict"]
-    # It reaches the Service through the variables Kubernetes injects: no cluster DNS needed.
-    assert "_SERVICE_HOST)" in " ".join(test_pod["spec"]["containers"][0]["command"])
+    assert matching == [test_pod["metadata"]["name"]]
+    # It calls helmTest.model (lstm) on its group's Service, through the variables Kubernetes
+    # injects: no cluster DNS needed.
+    assert "$(TORCHSERVE_MODELS_LSTM_SERVICE_HOST)" in " ".join(test_pod["spec"]["containers"][0]["command"])
+    assert "served by no group" in render_error("helmTest.model=resnet")
 
 
 def test_notes_send_the_digit_with_a_content_type():
     notes = (k8s_tool.CHART / "templates" / "NOTES.txt").read_text()
-    [cnn] = [line for line in notes.splitlines() if "/predictions/cnn" in line]
+    [cnn] = [line for line in notes.splitlines() if line.strip().startswith('"cnn"')]
     assert "Content-Type: image/png" in cnn or " -T " in cnn
 
 
@@ -200,27 +242,100 @@ def test_notes_send_the_digit_with_a_content_type():
 )
 def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
     docs = k8s_tool.template(version)
-    assert by_kind(docs, "HorizontalPodAutoscaler")[0]["apiVersion"] == hpa
-    assert by_kind(docs, "PodDisruptionBudget")[0]["apiVersion"] == pdb
+    assert {d["apiVersion"] for d in by_kind(docs, "HorizontalPodAutoscaler")} == {hpa}
+    assert {d["apiVersion"] for d in by_kind(docs, "PodDisruptionBudget")} == {pdb}
 
 
 def test_autoscaling_follows_the_served_models_and_the_uid_can_be_left_to_the_platform():
-    two = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "models.names={cnn,lstm}")
-    [hpa] = by_kind(two, "HorizontalPodAutoscaler")
+    one = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "models.names={cnn,lstm}", "--set", "allInOnePod=true")
+    [hpa] = by_kind(one, "HorizontalPodAutoscaler")
     assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == [
         "cnn",
         "lstm",
     ]
-    proc = subprocess.run(
-        [k8s_tool.tool("helm"), "template", "x", str(k8s_tool.CHART), "--set", "models.names={cnn,resnet}"],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode != 0 and "targetRequestsPerSecond has no entry for model resnet" in proc.stderr
+    assert [d["metadata"]["name"] for d in by_kind(one, "Deployment")] == ["torchserve-models-all"]
+    error = render_error("models.names={cnn,resnet}", "allInOnePod=true", "helmTest.model=cnn")
+    assert "targetRequestsPerSecond has no entry for model resnet" in error
     openshift = json.dumps(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "podSecurity.runAsUser=null"))
     assert "runAsUser" not in openshift and "fsGroup" not in openshift and '"runAsNonRoot": true' in openshift
-    [dep] = by_kind(k8s_tool.template(), "Deployment")
+    dep = by_kind(k8s_tool.template(), "Deployment")[0]
     assert dep["metadata"]["labels"]["app.kubernetes.io/version"] == "0.1.0"  # the image's version
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        (["groups.empty.models={}"], "groups.empty: lists no models"),
+        (["groups.vision.models={resnet}"], "groups.vision: model resnet is not in models.names"),
+        (["groups.both.models={cnn,lstm}"], "groups.cnn: model cnn is already served by group both"),
+        (["groups.Big.models={cnn}"], "groups.Big: a group name is a DNS label"),
+        (["groups=null"], "groups: no group"),
+    ],
+)
+def test_a_bad_group_is_refused_at_render_time_in_one_line_naming_it(values, message):
+    first = render_error(*values).splitlines()[0]  # helm adds a hint about --debug below it
+    assert message in first, first
+
+
+def test_a_group_sets_its_own_gpus_bounds_and_version_and_a_canary_shares_its_services():
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1],
+        *("--set", "groups.cnn.gpu.count=0"),
+        *("--set", "groups.transformer.gpu.resourceName=nvidia.com/mig-1g.10gb"),
+        *("--set", "groups.transformer.autoscaling.maxReplicas=16"),
+        *("--set", "groups.lstm.canary.enabled=true", "--set", "groups.lstm.canary.replicas=2"),
+        *("--set", "groups.lstm.canary.modelSource.type=url"),
+        *("--set", "groups.lstm.canary.modelSource.url=https://models.example.com/v2"),
+    )
+    deps = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    limits = {n: d["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] for n, d in deps.items()}
+    assert "nvidia.com/gpu" not in limits["torchserve-models-cnn"]
+    assert limits["torchserve-models-transformer"]["nvidia.com/mig-1g.10gb"] == "1"
+    assert "nvidia.com/gpu" not in limits["torchserve-models-transformer"]
+    assert limits["torchserve-models-lstm"]["nvidia.com/gpu"] == "1"
+    assert by_group(docs, "HorizontalPodAutoscaler")["transformer"]["spec"]["maxReplicas"] == 16
+    stable, canary = deps["torchserve-models-lstm"], deps["torchserve-models-lstm-canary"]
+    assert canary["spec"]["replicas"] == 2 and "replicas" not in stable["spec"]  # the HPA owns the stable count
+    assert stable["spec"]["selector"]["matchLabels"]["torchserve-models/track"] == "stable"
+    assert canary["spec"]["selector"]["matchLabels"]["torchserve-models/track"] == "canary"
+
+    def source(dep):
+        return {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["initContainers"][0]["env"]}
+
+    assert source(stable)["MODEL_SOURCE"] == "/opt/model-store"
+    assert source(canary)["MODEL_SOURCE"] == "https://models.example.com/v2"
+    # The group's Services select both tracks: the canary's share is its share of the pods.
+    for svc in by_kind(docs, "Service"):
+        if svc["metadata"]["labels"].get("torchserve-models/group") == "lstm":
+            for dep in (stable, canary):
+                labels = dep["spec"]["template"]["metadata"]["labels"]
+                assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
+    # The HPA scales the stable Deployment; the PDB guards both.
+    assert (
+        by_group(docs, "HorizontalPodAutoscaler")["lstm"]["spec"]["scaleTargetRef"]["name"]
+        == stable["metadata"]["name"]
+    )
+    pdb = by_group(docs, "PodDisruptionBudget")["lstm"]["spec"]["selector"]["matchLabels"]
+    assert "torchserve-models/track" not in pdb
+
+
+def test_the_ingress_routes_each_model_to_its_group_and_grpc_per_group_host():
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1], "--set", "ingress.enabled=true", "--set", "ingress.grpc.enabled=true"
+    )
+    ingresses = {i["metadata"]["name"]: i for i in by_kind(docs, "Ingress")}
+    paths = {
+        p["path"]: p["backend"]["service"]["name"]
+        for r in ingresses["torchserve-models"]["spec"]["rules"]
+        for p in r["http"]["paths"]
+    }
+    assert paths["/predictions/cnn"] == paths["/explanations/cnn"] == "torchserve-models-cnn"
+    assert paths["/predictions/transformer"] == "torchserve-models-transformer"
+    grpc = ingresses["torchserve-models-lstm-grpc"]
+    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    [rule] = grpc["spec"]["rules"]
+    assert rule["host"] == "lstm.grpc.models.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["port"]["name"] == "grpc"
 
 
 def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_path, monkeypatch):
@@ -229,13 +344,13 @@ def test_plain_manifests_build_with_kustomize_and_a_drifted_copy_is_caught(tmp_p
     )
     assert out.returncode == 0, out.stderr
     kinds = [line.split(": ")[1] for line in out.stdout.splitlines() if line.startswith("kind: ")]
-    assert kinds.count("Namespace") == 1 and "Deployment" in kinds and "HorizontalPodAutoscaler" in kinds
+    assert kinds.count("Namespace") == 1 and kinds.count("Deployment") == 3 and "HorizontalPodAutoscaler" in kinds
     copy = tmp_path / "manifests"
     shutil.copytree(k8s_tool.MANIFESTS, copy)
-    dep = copy / "deployment-torchserve-models.yaml"
+    dep = copy / "deployment-torchserve-models-lstm.yaml"
     dep.write_text(dep.read_text().replace("maxUnavailable: 0", "maxUnavailable: 1"))
     monkeypatch.setattr(k8s_tool, "MANIFESTS", copy)
-    assert k8s_tool.out_of_sync() == ["k8s/manifests/deployment-torchserve-models.yaml: differs from the chart"]
+    assert k8s_tool.out_of_sync() == ["k8s/manifests/deployment-torchserve-models-lstm.yaml: differs from the chart"]
 
 
 # ----------------------------------------------------------------------------- pod.py fetch
@@ -589,7 +704,11 @@ def test_deploy_loads_manifests_into_another_namespace():
     docs = deploy.load_manifests(namespace="team-a")
     assert docs[0]["kind"] == "Namespace" and docs[0]["metadata"]["name"] == "team-a"
     assert all(d["metadata"].get("namespace", "team-a") == "team-a" for d in docs)
-    assert deploy.gpu_request(deploy.deployment_of(docs)) == 1
+    deps = deploy.deployments_of(docs)
+    assert [deploy.served_models(d) for d in deps] == [["cnn"], ["lstm"], ["transformer"]]
+    assert [deploy.gpu_requests(d) for d in deps] == [{"nvidia.com/gpu": 1}] * 3
+    mig = deploy.render_chart([], ["groups.cnn.gpu.resourceName=nvidia.com/mig-1g.10gb"], "1.33.0", [])
+    assert deploy.gpu_requests(deploy.deployments_of(mig)[0]) == {"nvidia.com/mig-1g.10gb": 1}
     assert deploy.load_manifests()[1]["metadata"]["namespace"] == "ml-serving"
 
 

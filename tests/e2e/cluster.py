@@ -43,8 +43,12 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": self.kubeconfig}
 
-    def run(self, cmd: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
+    def run(
+        self, cmd: list[str], timeout: float = 120, check: bool = True, input_: str | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT, input=input_
+        )
         if check and proc.returncode != 0:
             raise StepFailed(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -104,6 +108,53 @@ class Cluster:
             if pattern in cmdline and uid in cgroup.replace("_", "-"):
                 return int(proc.name)
         raise StepFailed(f"no process matching {pattern!r} in pod {pod['metadata']['name']}")
+
+    def host_volume(self, namespace: str, claim: str, path: Path) -> Callable[[], None]:
+        """A claim ``claim`` in ``namespace`` bound to a hostPath volume of ``path`` on the node (this
+        machine), statically: the cluster has no provisioner. Creates the namespace; returns the
+        volume's removal."""
+        for p in (path, *path.rglob("*")):
+            p.chmod(0o755 if p.is_dir() else 0o644)  # the pods run as a non-root user
+        volume = f"{namespace}-{claim}"
+        items = [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": volume},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "manual",
+                    "hostPath": {"path": str(path), "type": "Directory"},
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": namespace},
+                "spec": {
+                    "accessModes": ["ReadOnlyMany"],
+                    "storageClassName": "manual",
+                    "volumeName": volume,
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        ]
+        if self.run([self.kubectl_bin, "get", "namespace", namespace], check=False).returncode != 0:
+            self.kubectl("create", "namespace", namespace, namespaced=False)
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        self.run([self.kubectl_bin, "apply", "-f", "-"], input_=manifest)
+        self.wait(
+            f"the claim {claim} bound to its volume",
+            lambda: (
+                self.run(
+                    [self.kubectl_bin, "-n", namespace, "get", "pvc", claim, "-o", "jsonpath={.status.phase}"]
+                ).stdout
+                == "Bound"
+            ),
+            60,
+        )
+        return lambda: self.run([self.kubectl_bin, "delete", "-f", "-", "--wait=false"], input_=manifest, check=False)
 
     # ------------------------------------------------------------------------- evidence
 

@@ -1,5 +1,8 @@
 """The chart on a real single-node Kubernetes: install, serve, roll, drain, restart, test, deploy, uninstall.
 
+The release runs the chart's default groups, one Deployment per model; the tests that roll, drain or
+restart a pod do it to the lstm group while the others keep serving.
+
 Run by `make e2e-k8s` (k8s/cluster/e2e.sh), which starts the cluster and imports the image; the
 tests run in file order and share one release. Every wait is bounded; a failure prints the step's
 events, pod logs and component logs (tests/e2e/conftest.py).
@@ -21,16 +24,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.client import Client, Settings
-from scripts.demo import sample_inputs
+from scripts.client import Client, ModelNotFound, Settings
+from scripts.data import sample_inputs
 from scripts.inprocess import load_handler, run_batch
 from tests.e2e.cluster import ROOT, Cluster, Load
 
 RELEASE = "ts"
 VALUES = Path(__file__).with_name("values.yaml")
-SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
-DEPLOYMENT = f"{RELEASE}-torchserve-models"
-MODELS = ["cnn", "lstm", "transformer"]
+RELEASE_SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+GROUPS = {"cnn": ["cnn"], "lstm": ["lstm"], "transformer": ["transformer"]}  # the chart's default
+MODELS = [m for models in GROUPS.values() for m in models]
+GROUP = "lstm"  # the group the roll, drain and restart tests act on
+SELECTOR = f"{RELEASE_SELECTOR},torchserve-models/group={GROUP}"
+DEPLOYMENT = f"{RELEASE}-torchserve-models-{GROUP}"
+
+
+def group_of(model: str) -> str:
+    return next(g for g, models in GROUPS.items() if model in models)
+
+
+def service(group: str) -> str:
+    return f"{RELEASE}-torchserve-models-{group}"
+
+
 READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
 DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
 GRACE_S = DRAIN["timeoutSeconds"] + DRAIN["settleSeconds"] + 20  # the chart's terminationGracePeriodSeconds
@@ -49,16 +65,22 @@ def release(cluster: Cluster):
     cluster.kubectl("create", "namespace", cluster.namespace, namespaced=False)
     t0 = time.monotonic()
     cluster.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(cluster))
-    pod = cluster.wait(
-        "a serving pod Ready (every model with a READY worker)", lambda: cluster.ready_pods(SELECTOR), READY_BOUND_S
-    )[0]
-    print(f"helm install -> pod Ready in {time.monotonic() - t0:.0f}s (bound {READY_BOUND_S}s)")
-    yield pod
+
+    def every_group_ready():
+        ready = {p["metadata"]["labels"]["torchserve-models/group"]: p for p in cluster.ready_pods(RELEASE_SELECTOR)}
+        return ready if set(ready) == set(GROUPS) else None
+
+    pods = cluster.wait("a Ready pod in every group (each model with a READY worker)", every_group_ready, READY_BOUND_S)
+    print(
+        f"helm install -> a pod Ready in each of {len(pods)} groups in {time.monotonic() - t0:.0f}s (bound {READY_BOUND_S}s)"
+    )
+    yield pods
     # Uninstall is asserted by test_uninstall_leaves_nothing; this is the cleanup if a test failed before it.
     cluster.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", check=False)
 
 
 def service_settings(cluster: Cluster, name: str = DEPLOYMENT) -> Settings:
+    """Client settings for a group's Service (its ClusterIP), no tokens (the chart's default)."""
     ip = cluster.json("get", "service", name)["spec"]["clusterIP"]
     return Settings(
         host=ip,
@@ -70,31 +92,28 @@ def service_settings(cluster: Cluster, name: str = DEPLOYMENT) -> Settings:
 
 
 def test_every_model_ready_and_objects_accepted(cluster, release):
-    pod = release["metadata"]["name"]
-    # Readiness is the probe's verdict; ask the same tool inside the pod for each model by name.
-    out = cluster.kubectl(
-        "exec", pod, "-c", "torchserve", "--", "python3", "/opt/torchserve-k8s/pod.py", "ready", "--models", *MODELS
-    )
-    assert out.strip() == "ready"
-    # The HPA and PDB were accepted in the API versions the chart picked for this cluster
-    # (1.20: autoscaling/v2beta2 and policy/v1beta1, which have no v2 and v1).
-    manifest = {
-        d["kind"]: d["apiVersion"] for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d
-    }
+    manifest = [d for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d]
+    versions = {d["kind"]: d["apiVersion"] for d in manifest}
     served = set(cluster.kubectl("api-versions", namespaced=False).split())
-    assert {manifest["HorizontalPodAutoscaler"], manifest["PodDisruptionBudget"]} <= served
-    hpa = cluster.json(
-        "get", "horizontalpodautoscalers." + ".".join(manifest["HorizontalPodAutoscaler"].split("/")[::-1]), DEPLOYMENT
-    )
-    pdb = cluster.json(
-        "get", "poddisruptionbudgets." + ".".join(manifest["PodDisruptionBudget"].split("/")[::-1]), DEPLOYMENT
-    )
-    assert hpa["spec"]["minReplicas"] == 1 and {
-        m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]
-    } == set(MODELS)
-    assert pdb["spec"]["maxUnavailable"] == 1
-    config = cluster.json("get", "configmap", f"{DEPLOYMENT}-config")["data"]["config.properties"]
-    assert "load_models=cnn=cnn.mar,lstm=lstm.mar,transformer=transformer.mar" in config
+    # The HPAs and PDBs were accepted in the API versions the chart picked for this cluster
+    # (1.20: autoscaling/v2beta2 and policy/v1beta1, which have no v2 and v1).
+    assert {versions["HorizontalPodAutoscaler"], versions["PodDisruptionBudget"]} <= served
+    hpa_kind = "horizontalpodautoscalers." + ".".join(versions["HorizontalPodAutoscaler"].split("/")[::-1])
+    pdb_kind = "poddisruptionbudgets." + ".".join(versions["PodDisruptionBudget"].split("/")[::-1])
+    for group, models in GROUPS.items():
+        # Readiness is the probe's verdict; ask the same tool inside the group's pod for its models by name.
+        pod = release[group]["metadata"]["name"]
+        out = cluster.kubectl(
+            "exec", pod, "-c", "torchserve", "--", "python3", "/opt/torchserve-k8s/pod.py", "ready", "--models", *models
+        )
+        assert out.strip() == "ready"
+        # Each group scales on its own models' request rates only, and has its own PDB and settings.
+        hpa = cluster.json("get", hpa_kind, service(group))
+        assert hpa["spec"]["scaleTargetRef"]["name"] == service(group) and hpa["spec"]["minReplicas"] == 1
+        assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == models
+        assert cluster.json("get", pdb_kind, service(group))["spec"]["maxUnavailable"] == 1
+        config = cluster.json("get", "configmap", f"{service(group)}-config")["data"]["config.properties"]
+        assert f"load_models={','.join(f'{m}={m}.mar' for m in models)}\n" in config
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +123,25 @@ def inputs():
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_predictions_through_the_service_equal_the_in_process_handler(cluster, release, inputs, transport):
-    with Client(transport, service_settings(cluster)) as client:
-        for model in MODELS:
-            _, payload = inputs[model]
-            handler, ctx = load_handler(model, ROOT / "checkpoints" / model / "checkpoint.pt")
-            answers, statuses, _ = run_batch(handler, ctx, [{"body": payload}])
-            assert statuses[0][0] == 200
+    for model in MODELS:
+        _, payload = inputs[model]
+        handler, ctx = load_handler(model, ROOT / "checkpoints" / model / "checkpoint.pt")
+        answers, statuses, _ = run_batch(handler, ctx, [{"body": payload}])
+        assert statuses[0][0] == 200
+        with Client(transport, service_settings(cluster, service(group_of(model)))) as client:
             assert client.predict(model, payload) == answers[0], f"{transport} {model}"
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_each_group_answers_only_its_own_models_and_404_for_the_others(cluster, release, inputs, transport):
+    for group in GROUPS:
+        with Client(transport, service_settings(cluster, service(group))) as client:
+            for model in MODELS:
+                if model in GROUPS[group]:
+                    continue
+                with pytest.raises(ModelNotFound) as e:
+                    client.predict(model, inputs[model][1])
+                assert e.value.status == 404 and model in str(e.value), str(e.value)
 
 
 def test_management_api_is_not_reachable_from_outside_the_pod(cluster, release):
@@ -126,10 +157,8 @@ def test_management_api_is_not_reachable_from_outside_the_pod(cluster, release):
 
 
 def good_requests(inputs) -> list[tuple[str, bytes, str]]:
-    return [
-        ("lstm", json.dumps(inputs["lstm"][1]).encode(), "application/json"),
-        ("cnn", inputs["cnn"][1], "image/png"),
-    ]
+    """The lstm group's requests, as a client sends them."""
+    return [("lstm", json.dumps(inputs["lstm"][1]).encode(), "application/json")]
 
 
 def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
@@ -285,13 +314,19 @@ def deploy_tool(namespace: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", "scripts.deploy", "--namespace", namespace, "--values", str(VALUES), *flags]
 
 
-def test_deploy_tool_applies_waits_and_smoke_tests(cluster):
+def test_deploy_tool_applies_waits_and_smoke_tests_every_group(cluster):
     ns = "e2e-deploy"
-    cmd = deploy_tool(ns, *image_values(cluster), "--timeout", str(READY_BOUND_S))
+    groups = ["--set", "models.names={cnn,lstm}", "--set", "groups.transformer=null"]  # two groups
+    cmd = deploy_tool(ns, *image_values(cluster), *groups, "--timeout", str(READY_BOUND_S))
     try:
         proc = cluster.run([*cmd, "apply"], timeout=READY_BOUND_S + 120)
-        assert re.search(r"rollout done in \d+s: 1 pods Ready", proc.stdout), proc.stdout
-        assert re.search(r'smoke: lstm on \S+ -> \{"label": "(fresh|rotten)"', proc.stdout), proc.stdout
+        for group in ("cnn", "lstm"):
+            assert re.search(rf"rollout of torchserve-models-{group} done in \d+s: 1 pods Ready", proc.stdout), (
+                proc.stdout
+            )
+        # Each group's own models, each with its own kind of input.
+        assert re.search(r'smoke: lstm on \S+-lstm-\S+ -> \{"label": "(fresh|rotten)"', proc.stdout), proc.stdout
+        assert re.search(r'smoke: cnn on \S+-cnn-\S+ -> \{"\d": ', proc.stdout), proc.stdout
     finally:
         cluster.run([*cmd, "delete"], timeout=180, check=False)
     cluster.wait(
@@ -304,7 +339,7 @@ def test_deploy_tool_applies_waits_and_smoke_tests(cluster):
 def test_deploy_tool_names_a_missing_image_in_one_line(cluster):
     ns = "e2e-missing"
     image = ["--set", "image.repository=localhost/no-such-image", "--set", "image.tag=0.0.0"]
-    cmd = deploy_tool(ns, *image, "--timeout", "120")
+    cmd = deploy_tool(ns, *image, "--set", "allInOnePod=true", "--timeout", "120")
     try:
         proc = cluster.run([*cmd, "apply"], timeout=200, check=False)
         assert proc.returncode == 1
@@ -314,7 +349,7 @@ def test_deploy_tool_names_a_missing_image_in_one_line(cluster):
         cluster.run([*cmd, "delete"], timeout=180, check=False)
 
 
-def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(cluster, tmp_path):
+def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(cluster):
     """The archives come from a volume (models.source.type=pvc) where lstm.mar has one byte flipped."""
     ns = "e2e-badsum"
     # A hostPath volume on the node (this machine), bound statically: the cluster has no provisioner.
@@ -325,48 +360,10 @@ def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(c
     data = bytearray((good / "lstm.mar").read_bytes())
     data[len(data) // 2] ^= 0x40
     (store / "lstm.mar").write_bytes(bytes(data))
-    for path in (store, *store.iterdir()):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    volume = [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": "e2e-bad-models"},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "manual",
-                "hostPath": {"path": str(store), "type": "Directory"},
-            },
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "bad-models", "namespace": ns},
-            "spec": {
-                "accessModes": ["ReadOnlyMany"],
-                "storageClassName": "manual",
-                "volumeName": "e2e-bad-models",
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    ]
-    manifest = tmp_path / "volume.json"
-    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": volume}))
-    cluster.kubectl("create", "namespace", ns, namespaced=False)
-    cluster.kubectl("apply", "-f", str(manifest), namespaced=False)
-    cluster.wait(
-        "the claim bound to its volume",
-        lambda: (
-            cluster.run(
-                [cluster.kubectl_bin, "-n", ns, "get", "pvc", "bad-models", "-o", "jsonpath={.status.phase}"]
-            ).stdout
-            == "Bound"
-        ),
-        60,
-    )
+    remove_volume = cluster.host_volume(ns, "bad-models", store)
     source = ["--set", "models.source.type=pvc", "--set", "models.source.pvc.claimName=bad-models"]
-    cmd = deploy_tool(ns, *image_values(cluster), *source, "--set", "models.names={lstm}", "--timeout", "120")
+    one = ["--set", "models.names={lstm}", "--set", "allInOnePod=true"]
+    cmd = deploy_tool(ns, *image_values(cluster), *source, *one, "--timeout", "120")
     try:
         proc = cluster.run([*cmd, "apply"], timeout=200, check=False)
         assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -375,4 +372,4 @@ def test_an_archive_failing_its_checksum_stops_the_pod_with_one_line_naming_it(c
         assert re.search(r"lstm\.mar: sha256 [0-9a-f]{64} does not match the manifest's", first), first
     finally:
         cluster.run([*cmd, "delete"], timeout=180, check=False)
-        cluster.kubectl("delete", "-f", str(manifest), "--wait=false", namespaced=False, check=False)
+        remove_volume()

@@ -83,3 +83,126 @@ seccompProfile:
 {{- end -}}
 {{- $t -}}
 {{- end -}}
+
+{{/* The serving groups, each resolved against the release-wide values, as JSON:
+name -> {models, replicaCount, resources, gpu, minReplicas, maxReplicas, maxUnavailable, source,
+image, canary}. A key a group sets replaces the release-wide value of the same name. Refuses, in
+one line naming the group: a group with no models, a model not in models.names, a model in two
+groups. allInOnePod replaces the groups with one, "all", serving every model in each pod. */}}
+{{- define "tsm.groups" -}}
+{{- $v := .Values -}}
+{{- $groups := $v.groups | default dict -}}
+{{- if $v.allInOnePod }}{{ $groups = dict "all" (dict "models" $v.models.names) }}{{ end -}}
+{{- if not $groups }}{{ fail "groups: no group, so no model would be served (set groups, or allInOnePod=true)" }}{{ end -}}
+{{- $owner := dict -}}
+{{- $out := dict -}}
+{{- range $name, $g := $groups -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,28}[a-z0-9])?$" $name) -}}
+{{- fail (printf "groups.%s: a group name is a DNS label of at most 30 characters (a-z, 0-9, -)" $name) -}}
+{{- end -}}
+{{- $g = $g | default dict -}}
+{{- $models := compact ($g.models | default list) -}}
+{{- if not $models }}{{ fail (printf "groups.%s: lists no models" $name) }}{{ end -}}
+{{- range $m := $models -}}
+{{- if not (has $m $v.models.names) -}}
+{{- fail (printf "groups.%s: model %s is not in models.names (the archives in the model source's manifest.json)" $name $m) -}}
+{{- end -}}
+{{- if hasKey $owner $m }}{{ fail (printf "groups.%s: model %s is already served by group %s" $name $m (get $owner $m)) }}{{ end -}}
+{{- $_ := set $owner $m $name -}}
+{{- end -}}
+{{- $source := dict
+  "type" (dig "modelSource" "type" $v.models.source.type $g)
+  "url" (dig "modelSource" "url" $v.models.source.url $g)
+  "imagePath" (dig "modelSource" "imagePath" $v.models.source.imagePath $g)
+  "pvc" (dig "modelSource" "pvc" $v.models.source.pvc $g)
+  "bearerTokenSecret" (dig "modelSource" "bearerTokenSecret" $v.models.source.bearerTokenSecret $g) -}}
+{{- $image := dict
+  "repository" (dig "image" "repository" $v.image.repository $g)
+  "tag" (dig "image" "tag" $v.image.tag $g)
+  "digest" (dig "image" "digest" $v.image.digest $g)
+  "pullPolicy" (dig "image" "pullPolicy" $v.image.pullPolicy $g) -}}
+{{- $canary := dict
+  "enabled" (dig "canary" "enabled" false $g)
+  "replicas" (dig "canary" "replicas" 1 $g)
+  "source" (dict
+    "type" (dig "canary" "modelSource" "type" $source.type $g)
+    "url" (dig "canary" "modelSource" "url" $source.url $g)
+    "imagePath" (dig "canary" "modelSource" "imagePath" $source.imagePath $g)
+    "pvc" (dig "canary" "modelSource" "pvc" $source.pvc $g)
+    "bearerTokenSecret" (dig "canary" "modelSource" "bearerTokenSecret" $source.bearerTokenSecret $g))
+  "image" (dict
+    "repository" (dig "canary" "image" "repository" $image.repository $g)
+    "tag" (dig "canary" "image" "tag" $image.tag $g)
+    "digest" (dig "canary" "image" "digest" $image.digest $g)
+    "pullPolicy" (dig "canary" "image" "pullPolicy" $image.pullPolicy $g)) -}}
+{{- $_ := set $out $name (dict
+  "models" $models
+  "replicaCount" (dig "replicaCount" $v.replicaCount $g)
+  "resources" (dig "resources" $v.resources $g)
+  "gpu" (dict "count" (dig "gpu" "count" $v.gpu.count $g) "resourceName" (dig "gpu" "resourceName" $v.gpu.resourceName $g))
+  "minReplicas" (dig "autoscaling" "minReplicas" $v.autoscaling.minReplicas $g)
+  "maxReplicas" (dig "autoscaling" "maxReplicas" $v.autoscaling.maxReplicas $g)
+  "maxUnavailable" (dig "podDisruptionBudget" "maxUnavailable" $v.podDisruptionBudget.maxUnavailable $g)
+  "source" $source
+  "image" $image
+  "canary" $canary) -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* <fullname>-<group>: a group's Deployment, Services, HPA, PDB and ConfigMap. */}}
+{{- define "tsm.groupName" -}}
+{{- printf "%s-%s" (include "tsm.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of one group's pods, every track (the group's Services select these). */}}
+{{- define "tsm.groupSelectorLabels" -}}
+{{ include "tsm.selectorLabels" (index . 0) }}
+torchserve-models/group: {{ index . 1 }}
+{{- end -}}
+
+{{/* An image reference from a resolved {repository, tag, digest}. */}}
+{{- define "tsm.imageRef" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" .repository .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* config.properties of a pod serving the given models: files/config.properties with the pod's
+own settings replacing the keys they name. */}}
+{{- define "tsm.configProperties" -}}
+{{- $root := index . 0 -}}{{- $models := index . 1 -}}
+{{- $base := $root.Files.Get "files/config.properties" -}}
+{{- $mgmt := ternary "0.0.0.0" "127.0.0.1" $root.Values.torchserve.exposeManagementApi -}}
+{{- $vmargs := regexReplaceAll "-Xmx[^ ]+" (regexFind "(?m)^vmargs=.*$" $base | trimPrefix "vmargs=") (printf "-Xmx%s" $root.Values.torchserve.jvmHeap) -}}
+{{- $loads := list -}}
+{{- range ($models | sortAlpha) }}{{ $loads = append $loads (printf "%s=%s.mar" . .) }}{{ end -}}
+{{- $pod := dict
+  "inference_address" "http://0.0.0.0:8080"
+  "grpc_inference_address" "0.0.0.0"
+  "grpc_inference_port" "7070"
+  "management_address" (printf "http://%s:8081" $mgmt)
+  "grpc_management_address" $mgmt
+  "grpc_management_port" "7071"
+  "metrics_address" "http://0.0.0.0:8082"
+  "model_store" "/home/model-server/model-store"
+  "load_models" (join "," $loads)
+  "disable_token_authorization" (toString (not $root.Values.torchserve.tokenAuth))
+  "job_queue_size" (toString $root.Values.torchserve.jobQueueSize)
+  "vmargs" (trim (printf "%s %s" $vmargs $root.Values.torchserve.jvmOptions))
+-}}
+{{- $pod = mergeOverwrite $pod ($root.Values.torchserve.extraConfig | default dict) -}}
+{{- range splitList "\n" $base }}
+{{- if not (hasKey $pod (trim (first (splitList "=" .)))) }}
+{{ . }}
+{{- end }}
+{{- end }}
+# Set by the chart for the pod. Inference and gRPC listen on all interfaces (the Service and
+# NetworkPolicy decide who reaches them); management stays on localhost, for the probes and
+# preStop inside the pod. load_models takes name=file entries: a bare name is read as a file.
+{{- range $k, $v := $pod }}
+{{ $k }}={{ $v }}
+{{- end }}
+{{- end -}}
