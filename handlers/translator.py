@@ -1,8 +1,9 @@
 """TorchServe handler for the English->Spanish Transformer translator.
 
-Accepts per request: raw UTF-8 text, or JSON {"text": str | [str], "max_length": N}.
-Answers {"translation": "..."} per text (a list when a list was sent). The whole batch is
-decoded greedily together, each row stopping at its own <eos> or max_length.
+Accepts per request: raw UTF-8 text, or JSON {"text": str | [str], "max_length": N, "beam": K}.
+Answers {"translation": "..."} per text (a list when a list was sent). The batch is decoded
+together with the key/value cache, each row stopping at its own <eos> or max_length: greedily, or
+with beam search for the requests that ask for a beam (up to the model config's max_beam).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, positive_int, text_field
-from models.text import Vocab, pad_batch, tokenize
+from models.text import PAD_ID, Vocab, pad_batch, tokenize
 
 
 class TranslatorHandler(CheckpointHandler):
@@ -19,6 +20,8 @@ class TranslatorHandler(CheckpointHandler):
         "max_chars": 1000,  # longer text gets 413
         "max_texts": 16,  # texts in one request's list
         "max_length": None,  # default output tokens; None = the model's limit
+        "beam": 1,  # beam width unless the request sets "beam"; 1 = greedy
+        "max_beam": 5,  # the widest beam a request may ask for (cost grows with it)
     }
 
     def setup(self, ckpt: dict) -> None:
@@ -29,10 +32,13 @@ class TranslatorHandler(CheckpointHandler):
     def parse(self, payload: Any):
         limit = self.max_len - 1
         max_length = self.options["max_length"] or limit
+        beam = self.options["beam"]
         if isinstance(payload, dict) and "max_length" in payload:
             max_length = positive_int(payload["max_length"], "max_length", limit)
-        texts, many = text_field(payload, self.options["max_texts"], frozenset({"max_length"}))
-        return [(self.check(t), max_length) for t in texts], many
+        if isinstance(payload, dict) and "beam" in payload:
+            beam = positive_int(payload["beam"], "beam", self.options["max_beam"])
+        texts, many = text_field(payload, self.options["max_texts"], frozenset({"max_length", "beam"}))
+        return [(self.check(t), max_length, beam) for t in texts], many
 
     def check(self, text: str) -> list[int]:
         if len(text) > self.options["max_chars"]:
@@ -45,13 +51,23 @@ class TranslatorHandler(CheckpointHandler):
         return self.src_vocab.encode(text, self.max_len, bos_eos=True)
 
     def preprocess(self, items):
-        return pad_batch([ids for ids, _ in items]).to(self.device)
+        return pad_batch([ids for ids, _, _ in items]).to(self.device)
 
     def inference(self, batch, items=None):
-        return self.model.greedy_decode(batch, max_length=max(n for _, n in items))
+        """One decode per beam width in the batch (usually one: greedy); rows back in item order."""
+        out: list[list[int]] = [[] for _ in items]
+        for beam in sorted({k for _, _, k in items}):
+            rows = [i for i, (_, _, k) in enumerate(items) if k == beam]
+            src = batch[rows]
+            src = src[:, : int((src != PAD_ID).sum(1).max())]  # drop the columns only other rows needed
+            length = max(items[i][1] for i in rows)
+            if beam == 1:
+                ids = self.model.greedy_decode(src, max_length=length)
+            else:
+                ids = self.model.beam_decode(src, beam=beam, max_length=length)
+            for i, row in zip(rows, ids.cpu().tolist(), strict=True):
+                out[i] = row
+        return out
 
     def postprocess(self, ids, items=None):
-        return [
-            {"translation": self.tgt_vocab.decode(row[:n])}
-            for row, (_, n) in zip(ids.cpu().tolist(), items, strict=True)
-        ]
+        return [{"translation": self.tgt_vocab.decode(row[:n])} for row, (_, n, _) in zip(ids, items, strict=True)]

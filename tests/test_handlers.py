@@ -110,6 +110,27 @@ def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_
     assert expected[0].startswith(answers[2]["translation"].rstrip(".,;:"))
 
 
+def test_translator_beam_requests_share_a_batch_with_greedy_ones(handlers, tiny_checkpoints):
+    handler, ctx = handlers["transformer"]
+    model, ckpt = direct_model(tiny_checkpoints["transformer"])
+    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
+    texts = ["In the beginning God created the heavens and the earth.", "The Lord is my shepherd."]
+    with torch.no_grad():
+        beams = model.beam_decode(pad_batch([src.encode(t, 64, bos_eos=True) for t in texts]), beam=3)
+    expected = [tgt.decode(row) for row in beams.tolist()]
+    alone, _, _ = run_batch(handler, ctx, [{"body": {"text": texts[0]}}])
+    requests = [
+        {"body": {"text": texts[0], "beam": 3}},
+        {"body": {"text": texts[0]}},
+        {"body": {"text": texts[1], "beam": 3}},
+    ]
+    answers, statuses, _ = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [200] * 3
+    # Each request answered as its own beam width decodes it, whatever else is in the batch.
+    assert [answers[0]["translation"], answers[2]["translation"]] == expected
+    assert answers[1] == alone[0]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -160,7 +181,10 @@ BAD = {
         ({"body": {"text": "hello", "max_length": 0}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": "5"}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": 10_000}}, 400, "'max_length' must be at most"),
-        ({"body": {"text": "hello", "temperature": 1}}, 400, "keys 'max_length', 'text'"),
+        ({"body": {"text": "hello", "temperature": 1}}, 400, "keys 'beam', 'max_length', 'text'"),
+        ({"body": {"text": "hello", "beam": 0}}, 400, "'beam' must be a positive integer"),
+        ({"body": {"text": "hello", "beam": 6}}, 400, "'beam' must be at most 5"),
+        ({"body": {"text": "hello", "beam": "4"}}, 400, "'beam' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": "\u00e9"}}, 400, "'max_length' must be a positive integer"),
     ],
 }

@@ -88,3 +88,57 @@ def test_a_checkpoint_names_only_networks_of_the_models_package(path):
     with pytest.raises(ValueError, match="network"):
         resolve_network(path)
     assert resolve_network("models.cnn:CNNClassifier") is CNNClassifier
+
+
+def _translator(seed: int = 0) -> Translator:
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(src_vocab_size=40, tgt_vocab_size=50, d_model=32, nhead=4, dim_feedforward=64, max_len=20)
+    return build_model(Translator, config_to_dict(cfg)).eval()
+
+
+def test_the_cached_decode_step_equals_the_full_decoder():
+    model = _translator()
+    src = torch.tensor([[BOS_ID, 5, 6, 7, EOS_ID], [BOS_ID, 8, EOS_ID, PAD_ID, PAD_ID]])
+    tgt = torch.tensor([[BOS_ID, 9, 10, 11], [BOS_ID, 12, 13, 14]])
+    memory, src_mask = model.encode(src)
+    full = model.decode(tgt, memory, src_mask)  # (B, T, V): every position at once
+    cache = model.start_cache(memory, src_mask)
+    for t in range(tgt.size(1)):
+        torch.testing.assert_close(model.decode_step(tgt[:, t], cache), full[:, t], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_with_the_cache_equals_greedy_without_and_beam_1_is_greedy(seed):
+    model = _translator(seed)
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, 40, (6, 9), generator=g)
+    src[:, 0] = BOS_ID
+    src[3:, 5:] = PAD_ID  # rows of different lengths in one batch
+    cached, uncached = model.greedy_decode(src), model.greedy_decode(src, cache=False)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(model.beam_decode(src, beam=1), cached)
+
+
+def test_beam_search_is_batched_and_finds_at_least_greedys_score():
+    model = _translator(3)
+    src = torch.randint(4, 40, (4, 7), generator=torch.Generator().manual_seed(3))
+    src[:, 0] = BOS_ID
+
+    def logprob(row_src, ids):
+        # The sequence's log-probability under the model (teacher forcing), up to its <eos>.
+        ids = ids.tolist()
+        ids = ids[: ids.index(EOS_ID) + 1] if EOS_ID in ids else [i for i in ids if i != PAD_ID]
+        tgt = torch.tensor([[BOS_ID, *ids]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(row_src[None], tgt[:, :-1]), -1)[0]
+        return float(logp.gather(1, tgt[0, 1:, None]).sum())
+
+    greedy = model.greedy_decode(src, max_length=8)
+    beam = model.beam_decode(src, beam=4, max_length=8, alpha=0.0)
+    assert beam.shape[0] == 4 and beam.shape[1] <= 8
+    for i in range(4):
+        assert logprob(src[i], beam[i]) >= logprob(src[i], greedy[i]) - 1e-4
+        # Each row alone decodes as it does in the batch.
+        assert torch.equal(
+            model.beam_decode(src[i : i + 1], beam=4, max_length=8, alpha=0.0)[0, : beam.shape[1]], beam[i]
+        )

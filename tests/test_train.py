@@ -100,3 +100,20 @@ def test_bad_arguments_exit_non_zero_with_one_line_and_no_traceback(argv, messag
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_the_cached_greedy_decode_equals_the_uncached_one_on_the_test_split(tiny_checkpoints):
+    from scripts import registry
+    from scripts.data import load_dataset
+    from scripts.tasks import TaskOptions
+
+    ckpt = registry.load_checkpoint(tiny_checkpoints["transformer"])
+    args = ckpt["train_args"]
+    ds = load_dataset("transformer", args["data"], seed=args["seed"], limit=args["limit"])
+    task = registry.get("transformer").task(ds, ckpt, TaskOptions.from_args(args))
+    model = checkpoint.rebuild(ckpt)
+    rows = 0
+    for src, _, _ in task.batches("test", 32, None):
+        assert torch.equal(model.greedy_decode(src), model.greedy_decode(src, cache=False))
+        rows += len(src)
+    assert rows == len(ds.splits["test"]) > 0
