@@ -35,7 +35,7 @@ VARIANT ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo lint test-fast test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo explain lint test-fast test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -95,6 +95,10 @@ stop: install ## stop TorchServe and wait until no process of it is left
 
 status: install ## list the served models, versions and worker states
 	$(SERVE) status
+
+explain: protos ## why a served model answered as it did: MODEL=... and FILE=path | TEXT="..."; cnn writes explain-cnn.png (TRANSPORT=rest|grpc)
+	TS_KEY_FILE=$(RUN_DIR)/key_file.json $(PY) -m scripts.client --transport $(TRANSPORT) explain $(MODEL) \
+	  $(if $(FILE),--file "$(FILE)",--text "$(TEXT)") $(if $(filter cnn,$(MODEL)),--heatmap explain-$(MODEL).png)
 
 predict: protos ## one prediction: MODEL=... and TEXT="..." | FILE=path | JSON='{...}' (TRANSPORT=rest|grpc)
 	TS_KEY_FILE=$(RUN_DIR)/key_file.json $(PY) -m scripts.client --transport $(TRANSPORT) predict $(MODEL) \

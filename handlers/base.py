@@ -153,6 +153,12 @@ def text_field(payload: Any, max_texts: int, extra_keys: frozenset = frozenset()
     return [decode_text(payload)], False
 
 
+class TokenIds(list):
+    """A text's token ids, and the words they came from (explanations name the words as sent)."""
+
+    words: list[str]
+
+
 def _keys(obj: dict, most: int = 5, width: int = 40) -> str:
     """A few of the keys a client sent, each cut short, for an error message."""
     keys = [k if len(k) <= width else k[:width] + "..." for k in sorted(obj)[:most]]
@@ -254,6 +260,17 @@ class CheckpointHandler(BaseHandler):
 
     # -- the batch path -----------------------------------------------------------------------
 
+    def explain_items(self, items: list[Any]) -> list[Any]:
+        """One explanation per parsed item (a request to /explanations, or with "explain": true)."""
+        raise InvalidInput(f"{type(self).__name__} has no explanations", 501)
+
+    def explanation_allowed(self) -> None:
+        """Explanations need gradients or attention weights of the eager model."""
+        if self.options["optimize"] != "none":
+            raise InvalidInput(
+                f"no explanations from the optimised variant (optimize: {self.options['optimize']})", 501
+            )
+
     def predict_items(self, items: list[Any]) -> list[Any]:
         """preprocess -> inference -> postprocess for already-parsed items (one forward)."""
         with torch.inference_mode(), self._autocast():
@@ -281,8 +298,8 @@ class CheckpointHandler(BaseHandler):
         self.context = context
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(data)
-        groups: list[tuple[int, int, bool]] = []  # (request index, item count, request sent a list)
-        items: list[Any] = []
+        groups: list[tuple[int, int, bool, bool]] = []  # (request index, item count, sent a list, explain)
+        items: dict[bool, list[Any]] = {False: [], True: []}  # predictions, explanations
         for i, request in enumerate(data):
             try:
                 if _is_form(context, i):
@@ -292,7 +309,9 @@ class CheckpointHandler(BaseHandler):
                         "text/plain or application/json, or use curl -T",
                         415,
                     )
-                parsed, many = self.parse(maybe_json(request_payload(request or {})))
+                payload = maybe_json(request_payload(request or {}))
+                explain = _wants_explanation(context, i, payload)
+                parsed, many = self.parse(payload)
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
                 continue
@@ -302,13 +321,28 @@ class CheckpointHandler(BaseHandler):
                     context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500)
                 )
                 continue
-            groups.append((i, len(parsed), many))
-            items.extend(parsed)
-        answers = self.predict_items(items) if items else []
-        pos = 0
-        for i, n, many in groups:
-            out = answers[pos : pos + n]
-            pos += n
+            groups.append((i, len(parsed), many, explain))
+            items[explain].extend(parsed)
+        answers = {False: self.predict_items(items[False]) if items[False] else [], True: []}
+        if items[True]:
+            try:
+                answers[True] = self.explain_items(items[True])
+            except InvalidInput as e:  # explanations refused as a whole (e.g. an optimised variant)
+                failed = e
+            except Exception as e:  # an explainer bug fails the explanations, never the predictions
+                logger.exception("explanations failed")
+                failed = InvalidInput(f"could not explain ({type(e).__name__})", 500)
+            else:
+                failed = None
+            if failed is not None:
+                for i, _, _, explain in groups:
+                    if explain:
+                        results[i] = self._fail(context, i, failed)
+                groups = [g for g in groups if not g[3]]
+        pos = {False: 0, True: 0}
+        for i, n, many, explain in groups:
+            out = answers[explain][pos[explain] : pos[explain] + n]
+            pos[explain] += n
             results[i] = _json(out if many else out[0])
             context.set_response_content_type(i, "application/json; charset=utf-8")
         for i in range(len(data)):
@@ -406,6 +440,18 @@ class CompiledForward(torch.nn.Module):
 def _json(answer: Any) -> bytes:
     """UTF-8 JSON (Spanish stays readable; TorchServe's own encoding escapes it to ASCII)."""
     return json.dumps(answer, ensure_ascii=False).encode("utf-8")
+
+
+def _wants_explanation(context, idx: int, payload: Any) -> bool:
+    """A request to /explanations/<model> (TorchServe sets the request header explain=True), or a
+    JSON body with "explain": true, which also works over gRPC: TorchServe 0.12's gRPC API has no
+    explanations call. The key is removed before the handler parses the body."""
+    asked = False
+    if isinstance(payload, dict) and "explain" in payload:
+        asked = payload.pop("explain")
+        if not isinstance(asked, bool):
+            raise InvalidInput(f"'explain' must be true or false, got {safe_message(repr(asked), 40)}")
+    return asked or str(context.get_request_header(idx, "explain")) == "True"
 
 
 def _is_form(context, idx: int) -> bool:

@@ -26,6 +26,7 @@ class ImageClassifierHandler(CheckpointHandler):
         "max_bytes": 10 * 1024 * 1024,  # encoded image size limit
         "max_pixels": 4096 * 4096,  # decoded size limit: refuses decompression bombs before decoding
         "invert_light": True,  # invert dark-on-light images to MNIST's light-on-dark
+        "explain_steps": 32,  # Integrated Gradients steps per explained image (its cost: steps x a forward+backward)
     }
 
     def setup(self, ckpt: dict) -> None:
@@ -34,13 +35,18 @@ class ImageClassifierHandler(CheckpointHandler):
         self.mean, self.std, self.size = pre["mean"], pre["std"], pre["image_size"]
 
     def parse(self, payload: Any):
-        topk = self.options["topk"]
+        topk, heatmap = self.options["topk"], False
         if isinstance(payload, dict):
-            unknown = set(payload) - {"data", "topk"}
+            unknown = set(payload) - {"data", "topk", "heatmap"}
             if "data" not in payload or unknown:
-                raise InvalidInput('JSON body must be {"data": <base64 image>, "topk": <int, optional>}')
+                raise InvalidInput(
+                    'JSON body must be {"data": <base64 image>, "topk": <int, optional>, "heatmap": <bool, optional>}'
+                )
             if "topk" in payload:
                 topk = positive_int(payload["topk"], "topk", len(self.labels))
+            heatmap = payload.get("heatmap", False)
+            if not isinstance(heatmap, bool):
+                raise InvalidInput("'heatmap' must be true or false")
             payload = payload["data"]
             if not isinstance(payload, str):
                 raise InvalidInput("'data' must be a base64 string")
@@ -50,7 +56,7 @@ class ImageClassifierHandler(CheckpointHandler):
             payload = b64decode(bytes(payload).strip())  # base64 sent as a raw body
         elif not isinstance(payload, (bytes, bytearray)):
             raise InvalidInput(f"expected an image, got JSON {type(payload).__name__}")
-        return [(self.decode_image(bytes(payload)), topk)], False
+        return [(self.decode_image(bytes(payload)), topk, heatmap)], False
 
     def decode_image(self, raw: bytes) -> np.ndarray:
         if not raw:
@@ -74,7 +80,7 @@ class ImageClassifierHandler(CheckpointHandler):
             raise InvalidInput(f"not a readable image ({type(e).__name__})") from None
 
     def preprocess(self, items):
-        x = normalize(np.stack([pixels for pixels, _ in items]), self.mean, self.std)
+        x = normalize(np.stack([pixels for pixels, _, _ in items]), self.mean, self.std)
         return torch.from_numpy(x).to(self.device)
 
     def inference(self, batch, items=None):
@@ -82,9 +88,34 @@ class ImageClassifierHandler(CheckpointHandler):
 
     def postprocess(self, probs, items=None):
         out = []
-        for row, (_, k) in zip(probs.cpu(), items, strict=True):
+        for row, (_, k, _) in zip(probs.cpu(), items, strict=True):
             p, idx = row.topk(k)
             out.append({self.labels[i]: round(float(v), 6) for v, i in zip(p.tolist(), idx.tolist(), strict=True)})
+        return out
+
+    def explain_items(self, items):
+        """The predicted label, and Integrated Gradients of its logit per pixel (28x28, the model's
+        input), plus a PNG heatmap (base64) when the request sets "heatmap": true."""
+        from handlers.explain import heatmap_png, image_attributions
+
+        self.explanation_allowed()
+        x = self.preprocess(items)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(x).float(), dim=-1)
+        target = probs.argmax(-1)
+        black = (0.0 - self.mean) / self.std  # the baseline: a black image, normalised like the inputs
+        attr = image_attributions(self.model, x, target, black, self.options["explain_steps"])[:, 0].cpu().numpy()
+        out = []
+        for (pixels, _, heatmap), t, p, a in zip(items, target.tolist(), probs.cpu(), attr, strict=True):
+            answer = {
+                "label": self.labels[t],
+                "probability": round(float(p[t]), 6),
+                "method": f"integrated gradients, {self.options['explain_steps']} steps, black baseline",
+                "attributions": np.round(a, 5).tolist(),
+            }
+            if heatmap:
+                answer["heatmap_png"] = heatmap_png(pixels, a)
+            out.append(answer)
         return out
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, text_field
-from models.text import PAD_ID, Vocab, pad_batch
+from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, TokenIds, text_field
+from models.text import PAD_ID, UNK_ID, Vocab, pad_batch, tokenize
 
 
 class TextClassifierHandler(CheckpointHandler):
@@ -19,6 +19,7 @@ class TextClassifierHandler(CheckpointHandler):
     defaults = {
         "max_chars": 5000,  # longer text gets 413; the model reads at most the checkpoint's max_tokens
         "max_texts": 64,  # texts in one request's list
+        "explain_steps": 32,  # Integrated Gradients steps per explained text (its cost: steps x a forward+backward)
     }
 
     def setup(self, ckpt: dict) -> None:
@@ -35,13 +36,39 @@ class TextClassifierHandler(CheckpointHandler):
             raise PayloadTooLarge(f"text is {len(text)} characters, the limit is {self.options['max_chars']}")
         if not text.strip():
             raise InvalidInput("empty text")
-        return self.vocab.encode(text, self.max_tokens) or [PAD_ID]  # punctuation-only text still runs
+        ids = TokenIds(self.vocab.encode(text, self.max_tokens) or [PAD_ID])  # punctuation-only text still runs
+        ids.words = tokenize(text)[: self.max_tokens]  # as sent, where the vocabulary has <unk>
+        return ids
 
     def preprocess(self, items):
         return pad_batch(items).to(self.device)
 
     def inference(self, batch, items=None):
         return torch.softmax(self.model(batch).float(), dim=-1)
+
+    def explain_items(self, items):
+        """The predicted label, and each token's Integrated Gradients attribution to its logit
+        (positive: pushed towards the label), over the words the model read."""
+        from handlers.explain import token_attributions
+
+        self.explanation_allowed()
+        ids = self.preprocess(items)
+        with torch.inference_mode():
+            probs = torch.softmax(self.model(ids).float(), dim=-1)
+        target = probs.argmax(-1)
+        attr = token_attributions(self.model, self.model.embed, ids, target, UNK_ID, self.options["explain_steps"])
+        out = []
+        for row, t, p, a in zip(items, target.tolist(), probs.cpu(), attr.cpu().tolist(), strict=True):
+            tokens = row.words
+            out.append(
+                {
+                    "label": self.labels[t],
+                    "probability": round(float(p[t]), 6),
+                    "method": f"layer integrated gradients on the embeddings, {self.options['explain_steps']} steps, <unk> baseline",
+                    "tokens": [[tok, round(score, 5)] for tok, score in zip(tokens, a, strict=False)],
+                }
+            )
+        return out
 
     def postprocess(self, probs, items=None):
         return [

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, positive_int, text_field
-from models.text import PAD_ID, Vocab, pad_batch, tokenize
+from models.text import EOS_ID, PAD_ID, Vocab, pad_batch, tokenize
 
 
 class TranslatorHandler(CheckpointHandler):
@@ -67,6 +69,28 @@ class TranslatorHandler(CheckpointHandler):
                 ids = self.model.beam_decode(src, beam=beam, max_length=length)
             for i, row in zip(rows, ids.cpu().tolist(), strict=True):
                 out[i] = row
+        return out
+
+    def explain_items(self, items):
+        """The greedy translation and its alignment: for each produced target token, the last
+        decoder layer's attention over the source tokens (averaged over heads; each row sums to 1)."""
+        self.explanation_allowed()
+        src = self.preprocess(items)
+        with torch.inference_mode():
+            ids, align = self.model.greedy_decode(src, max_length=max(n for _, n, _ in items), alignment=True)
+        out = []
+        for (src_ids, n, _), row, a in zip(items, ids.cpu().tolist(), align.cpu(), strict=True):
+            row = row[:n]
+            produced = row[: row.index(EOS_ID)] if EOS_ID in row else row
+            out.append(
+                {
+                    "translation": self.tgt_vocab.decode(row),
+                    "method": "cross-attention of the last decoder layer, averaged over heads (greedy decode)",
+                    "source_tokens": [self.src_vocab.itos[i] for i in src_ids],
+                    "target_tokens": [self.tgt_vocab.itos[i] for i in produced],
+                    "alignment": [[round(float(v), 4) for v in a[t, : len(src_ids)]] for t in range(len(produced))],
+                }
+            )
         return out
 
     def postprocess(self, ids, items=None):

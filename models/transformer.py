@@ -133,7 +133,8 @@ class Translator(nn.Module):
         d = self.config.d_model
         pos = cache["step"]
         x = self.tgt_embed(token[:, None]) * self.scale + self.pos.pe[pos : pos + 1].to(self.tgt_embed.weight.dtype)
-        for layer, c in zip(self.transformer.decoder.layers, cache["layers"], strict=True):
+        layers = self.transformer.decoder.layers
+        for n, (layer, c) in enumerate(zip(layers, cache["layers"], strict=True)):
             sa = layer.self_attn
             q, k, v = F.linear(x, sa.in_proj_weight, sa.in_proj_bias).split(d, dim=-1)
             k, v = self._heads(k), self._heads(v)
@@ -142,8 +143,14 @@ class Translator(nn.Module):
             att = F.scaled_dot_product_attention(self._heads(q), c["k"], c["v"])  # the prefix only: causal
             x = layer.norm1(x + sa.out_proj(self._merge(att)))
             ca = layer.multihead_attn
-            q = F.linear(x, ca.in_proj_weight[:d], ca.in_proj_bias[:d])
-            att = F.scaled_dot_product_attention(self._heads(q), c["mem_k"], c["mem_v"], attn_mask=cache["src_mask"])
+            q = self._heads(F.linear(x, ca.in_proj_weight[:d], ca.in_proj_bias[:d]))
+            if "align" in cache and n == len(layers) - 1:
+                # The last layer's attention over the source, averaged over heads: the alignment.
+                probs = (q @ c["mem_k"].transpose(-1, -2) / math.sqrt(q.size(-1)) + cache["src_mask"]).softmax(-1)
+                cache["align"].append(probs.mean(1)[:, 0])  # (B, S)
+                att = probs @ c["mem_v"]
+            else:
+                att = F.scaled_dot_product_attention(q, c["mem_k"], c["mem_v"], attn_mask=cache["src_mask"])
             x = layer.norm2(x + ca.out_proj(self._merge(att)))
             x = layer.norm3(x + layer.linear2(layer.activation(layer.linear1(x))))
         if self.transformer.decoder.norm is not None:
@@ -170,11 +177,15 @@ class Translator(nn.Module):
         return min(max_length or self.config.max_len - 1, self.config.max_len - 1)
 
     @torch.no_grad()
-    def greedy_decode(self, src: torch.Tensor, max_length: int | None = None, cache: bool = True) -> torch.Tensor:
+    def greedy_decode(
+        self, src: torch.Tensor, max_length: int | None = None, cache: bool = True, alignment: bool = False
+    ):
         """Batched greedy decoding: src (B, S) -> ids (B, <=max_length) without <bos>.
 
         Each row stops at its own <eos>; finished rows are padded with pad_id. ``cache=False``
         recomputes the whole prefix each step (the reference the cached decode is tested against).
+        ``alignment=True`` also returns the last decoder layer's cross-attention for each produced
+        token, averaged over heads: (B, T, S), each row a distribution over the source positions.
         """
         c = self.config
         limit = self._limit(max_length)
@@ -182,7 +193,9 @@ class Translator(nn.Module):
         b = src.size(0)
         ys = torch.full((b, 1), c.bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(b, dtype=torch.bool, device=src.device)
-        state = self.start_cache(memory, src_mask) if cache else None
+        state = self.start_cache(memory, src_mask) if cache or alignment else None
+        if alignment:
+            state["align"] = []
         for _ in range(limit):
             if state is not None:
                 logits = self.decode_step(ys[:, -1], state)
@@ -194,6 +207,8 @@ class Translator(nn.Module):
             done |= nxt == c.eos_id
             if bool(done.all()):
                 break
+        if alignment:
+            return ys[:, 1:], torch.stack(state["align"], dim=1)
         return ys[:, 1:]
 
     @torch.no_grad()

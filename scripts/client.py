@@ -3,6 +3,7 @@
   python -m scripts.client predict cnn --file digit.png
   python -m scripts.client --transport grpc predict lstm --text "a warm, funny film"
   python -m scripts.client predict transformer --json '{"text": "God is love.", "max_length": 12}'
+  python -m scripts.client explain cnn --file digit.png --heatmap explain-cnn.png    # make explain
   python -m scripts.client health | models | describe lstm | scale lstm --min 1 --max 2 | metrics
 
 As a library:
@@ -28,6 +29,7 @@ target with per-request balancing over the pods its DNS name lists:
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -185,9 +187,11 @@ class RestTransport:
     def describe(self, model: str, version: str | None = None) -> list[dict]:
         return self._call("GET", "management", f"/models/{model}" + (f"/{version}" if version else "")).json()
 
-    def predict(self, model: str, data: Any, version: str | None = None) -> tuple[bytes, dict]:
+    def predict(
+        self, model: str, data: Any, version: str | None = None, api: str = "predictions"
+    ) -> tuple[bytes, dict]:
         body, ctype = encode_payload(data)
-        path = f"/predictions/{model}" + (f"/{version}" if version else "")
+        path = f"/{api}/{model}" + (f"/{version}" if version else "")
         resp = self._call("POST", "inference", path, data=body, headers={"Content-Type": ctype})
         return resp.content, dict(resp.headers)
 
@@ -315,6 +319,7 @@ class Client:
                 setattr(self.settings, key, value)
         if transport not in ("rest", "grpc"):
             raise CLIError(f"transport must be rest or grpc, not {transport!r}")
+        self.kind = transport
         self.transport = RestTransport(self.settings) if transport == "rest" else GrpcTransport(self.settings)
         self.last_headers: dict = {}
 
@@ -342,6 +347,24 @@ class Client:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             return raw
+
+    def explain(self, model: str, data: Any, version: str | None = None, **options) -> Any:
+        """Why the model answered as it did (handlers/explain.py): per-pixel or per-token attributions,
+        or the translator's alignment. ``data`` as for predict; ``options`` go into the JSON body
+        (cnn: ``heatmap=True``). REST calls /explanations/<model>; over gRPC, whose TorchServe API has
+        no explanations call, the body says "explain": true."""
+        if isinstance(data, (bytes, bytearray)):
+            doc = {"data": base64.b64encode(bytes(data)).decode()}
+        elif isinstance(data, str):
+            doc = {"text": data}
+        else:
+            doc = dict(data)
+        doc.update(options)
+        if self.kind == "rest":
+            raw, self.last_headers = self.transport.predict(model, doc, version, api="explanations")
+        else:
+            raw, self.last_headers = self.transport.predict(model, {**doc, "explain": True}, version)
+        return json.loads(raw)
 
     def predict_file(self, model: str, path: str | Path, version: str | None = None) -> Any:
         try:
@@ -410,6 +433,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", help="send this text")
     src.add_argument("--json", help="send this JSON document")
     pr.add_argument("--version", default=None, help="model version (default: the server's default version)")
+    ex = sub.add_parser("explain", help="why the model answered as it did (attributions or alignment)")
+    ex.add_argument("model")
+    exsrc = ex.add_mutually_exclusive_group(required=True)
+    exsrc.add_argument("--file", type=Path, help="explain this file's bytes (an image)")
+    exsrc.add_argument("--text", help="explain this text")
+    ex.add_argument("--heatmap", type=Path, default=None, help="cnn: write the attribution heatmap PNG here")
     sc = sub.add_parser("scale", help="set a model's worker count")
     sc.add_argument("model")
     sc.add_argument("--min", type=int, required=True, help="minimum workers")
@@ -457,6 +486,22 @@ def main(argv: list[str] | None = None) -> int:
                 out = c.predict(args.model, doc, args.version)
             else:
                 out = c.predict(args.model, args.text, args.version)
+        elif args.command == "explain":
+            if args.file is not None:
+                try:
+                    data = args.file.read_bytes()
+                except OSError as e:
+                    raise CLIError(f"{args.file}: {e.strerror}") from None
+            else:
+                data = args.text
+            out = c.explain(args.model, data, **({"heatmap": True} if args.heatmap else {}))
+            if args.heatmap:
+                if "heatmap_png" not in out:
+                    raise CLIError(f"{args.model} answered no heatmap (only the image classifier draws one)")
+                args.heatmap.write_bytes(base64.b64decode(out.pop("heatmap_png")))
+                print(f"wrote {args.heatmap}", file=sys.stderr)
+            if "attributions" in out:  # 28 rows of 28 numbers: the picture says it better
+                out["attributions"] = f"{len(out['attributions'])}x{len(out['attributions'][0])} values"
         elif args.command == "scale":
             out = c.scale(args.model, args.min, args.max)
         else:

@@ -312,3 +312,90 @@ def test_the_threads_option_sets_torch_threads_and_refuses_bad_values(tiny_check
     for bad in (-1, "2", True, 1.5):
         with pytest.raises(ValueError, match="threads must be an integer >= 0"):
             load_handler("lstm", tiny_checkpoints["lstm"], {"threads": bad})
+
+
+# ----------------------------------------------------------------------------- explanations
+
+EXPLAIN = {"explain": "True"}  # the request header TorchServe sets on /explanations/<model>
+
+
+def test_cnn_attributions_sit_on_the_strokes_and_add_up_to_the_logit(handlers, tiny_checkpoints, digits):
+    handler, ctx = handlers["cnn"]
+    x, _ = digits
+    requests = [{"body": png(img)} for img in x[:3]] + [
+        {"body": {"data": base64.b64encode(png(x[3])).decode(), "heatmap": True}}
+    ]
+    answers, statuses, _ = run_batch(handler, ctx, requests, [EXPLAIN] * 4)
+    assert [s for s, _ in statuses] == [200] * 4
+    predictions, _, _ = run_batch(handler, ctx, [{"body": png(img)} for img in x[:4]])
+    model, ckpt = direct_model(tiny_checkpoints["cnn"])
+    pre = ckpt["preprocess"]
+    for img, answer, predicted in zip(x[:4], answers, predictions, strict=True):
+        attr = np.array(answer["attributions"])
+        assert attr.shape == (28, 28) and answer["label"] == max(predicted, key=predicted.get)
+        strokes = img > 0
+        # The baseline is a black image: the background carries nothing, the drawn strokes everything.
+        assert np.abs(attr[~strokes]).sum() < 1e-6 * np.abs(attr).sum() + 1e-9
+        assert np.abs(attr[strokes]).sum() > 0
+        # Integrated Gradients' completeness: the attributions sum to the logit's change from black.
+        with torch.no_grad():
+            inp = torch.from_numpy(normalize(img[None], pre["mean"], pre["std"]))
+            black = torch.full_like(inp, (0 - pre["mean"]) / pre["std"])
+            label = ckpt["labels"].index(answer["label"])
+            delta = float(model(inp)[0, label] - model(black)[0, label])
+        assert attr.sum() == pytest.approx(delta, rel=0.1, abs=0.05)
+    heatmap = Image.open(io.BytesIO(base64.b64decode(answers[3]["heatmap_png"])))
+    assert heatmap.size == (224, 224) and "heatmap_png" not in answers[0]
+
+
+def test_lstm_token_scores_point_the_way_the_answer_moves(handlers):
+    handler, ctx = handlers["lstm"]
+    text = "a gripping , beautifully acted film with a dull and far too long ending"
+    [answer], [status], _ = run_batch(handler, ctx, [{"body": {"text": text}}], [EXPLAIN])
+    assert status[0] == 200, status
+    tokens = answer["tokens"]
+    assert [t for t, _ in tokens] == text.split()
+    label = answer["label"]
+    top = max(range(len(tokens)), key=lambda i: tokens[i][1])
+    assert tokens[top][1] > 0
+    # Replacing the word that pushed most towards the label (with an unknown word: the baseline)
+    # lowers the label's probability.
+    words = text.split()
+    words[top] = "qqqqqq"
+    [before, after], _, _ = run_batch(handler, ctx, [{"body": text}, {"body": " ".join(words)}])
+    assert after["probabilities"][label] < before["probabilities"][label]
+
+
+def test_translator_alignment_is_a_distribution_over_the_source_per_target_token(handlers):
+    handler, ctx = handlers["transformer"]
+    text = "In the beginning God created the heavens and the earth."
+    # Over gRPC there is no explanations call: the body asks with "explain": true, as here.
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": {"text": text, "explain": True}}, {"body": text}])
+    assert [s for s, _ in statuses] == [200, 200]
+    explained, predicted = answers
+    assert explained["translation"] == predicted["translation"]
+    align = np.array(explained["alignment"])
+    assert explained["source_tokens"][0] == "<bos>" and explained["source_tokens"][-1] == "<eos>"
+    assert align.shape == (len(explained["target_tokens"]), len(explained["source_tokens"]))
+    assert np.allclose(align.sum(1), 1.0, atol=1e-3)
+
+
+def test_explanations_follow_the_bad_input_rules_and_leave_predictions_alone(handlers):
+    handler, ctx = handlers["lstm"]
+    requests = [
+        {"body": {"text": "a warm film", "explain": True}},
+        {"body": {"text": "a warm film", "explain": "yes"}},
+        {"body": {"text": ""}},
+        {"body": "a warm film"},
+    ]
+    answers, statuses, _ = run_batch(handler, ctx, requests, [{}, {}, EXPLAIN, {}])
+    assert [s for s, _ in statuses] == [200, 400, 400, 200]
+    assert "tokens" in answers[0] and "'explain' must be true or false" in statuses[1][1]
+    assert answers[3]["label"] in ("rotten", "fresh") and "tokens" not in answers[3]
+
+
+def test_an_optimised_variant_refuses_explanations_with_501(tiny_checkpoints):
+    handler, ctx = load_handler("lstm", tiny_checkpoints["lstm"], {"optimize": "int8"})
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": "a warm film"}, {"body": "a warm film"}], [EXPLAIN, {}])
+    assert statuses[0][0] == 501 and "optimised variant" in statuses[0][1]
+    assert statuses[1][0] == 200

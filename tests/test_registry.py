@@ -4,6 +4,8 @@ lists (the Makefile's MODELS, the model configs) follow it."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import subprocess
 
 import pytest
@@ -24,6 +26,10 @@ def test_every_entry_is_complete_and_consistent(name):
     # The handler exists in the archive's packages and serves the entry's task.
     assert entry.handler_file.is_file() and entry.handler_file.parent == ROOT / "handlers"
     assert entry.handler_class().task == entry.task.name
+    # TorchServe refuses a handler file that defines more than one class (imported ones are fine).
+    module = importlib.import_module(entry.handler.partition(":")[0])
+    own = [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__]
+    assert own == [entry.handler_class()], own
     # A TorchServe model config, and a bundled dataset with a reader.
     assert isinstance(yaml.safe_load(entry.config_path.read_text())["batchSize"], int)
     assert entry.dataset in data.PINNED

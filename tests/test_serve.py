@@ -431,3 +431,48 @@ def test_make_serve_cli_round_trip_without_auth(archive_store, tmp_path):
         stopped = run("stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert run("status").returncode == 1
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_explanations_over_the_wire(server, transport, digit):
+    """REST on /explanations/<model>; gRPC, which has no explanations call in TorchServe 0.12, with
+    "explain": true in the body. Both give the same explanation."""
+    with Client(transport, settings(server)) as c:
+        cnn = c.explain("cnn", digit, heatmap=True)
+        assert len(cnn["attributions"]) == 28 and cnn["heatmap_png"]
+        lstm = c.explain("lstm", "a warm, funny film")
+        assert [t for t, _ in lstm["tokens"]] == ["a", "warm", ",", "funny", "film"]
+        translation = c.explain("transformer", "God is love.")
+        assert len(translation["alignment"]) == len(translation["target_tokens"])
+        with pytest.raises(BadInput, match="'explain' must be true or false"):
+            c.predict("lstm", {"text": "x", "explain": 1})
+
+
+def test_make_explain_writes_the_heatmap(server, digit, tmp_path):
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit)
+    out = tmp_path / "heat.png"
+    cfg = settings(server)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.client",
+            "--inference-port",
+            str(cfg.ports["inference"]),
+            "--key-file",
+            str(cfg.key_file),
+            "explain",
+            "cnn",
+            "--file",
+            str(image),
+            "--heatmap",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (224, 224) and '"label"' in proc.stdout
