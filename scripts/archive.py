@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import registry
+from . import pod, registry
 from .common import ROOT, CLIError, git_commit, run_cli, sha256_file
 
 PACKAGES = ("models", "handlers")  # code every archive carries, .py files only
@@ -211,9 +211,9 @@ def verify(store: Path, models: list[str] | None = None) -> list[str]:
     if not path.is_file():
         return [f"{path}: not found"]
     try:
-        archives = json.loads(path.read_text())["archives"]
-    except (ValueError, KeyError) as e:
-        return [f"{path}: unreadable ({e})"]
+        archives = pod.manifest_entries(path.read_bytes(), str(path))
+    except pod.PodError as e:
+        return [str(e)]
     problems = []
     for name in models or sorted(archives):
         if name not in archives:

@@ -122,8 +122,9 @@ def _read_capped(src, limit: int, deadline: float, what: str, sink=None) -> tupl
     return size, head
 
 
-def _entries(raw: bytes, where: str) -> dict[str, dict]:
-    """The manifest's archives, each checked: a plain .mar file name, a size and a sha256."""
+def manifest_entries(raw: bytes, where: str) -> dict[str, dict]:
+    """The manifest's archives, each checked: a plain .mar file name, a size and a sha256. The one
+    check of manifest.json: the init container's fetch and `make archive`'s verify both use it."""
     try:
         archives = json.loads(raw)["archives"]
         if not isinstance(archives, dict):
@@ -159,7 +160,7 @@ def fetch(
     where = f"{source}/{MANIFEST}"
     with _open(source, MANIFEST, timeout) as f:
         _, raw = _read_capped(f, MANIFEST_MAX_BYTES, time.monotonic() + deadline_s, where)
-    archives = _entries(raw, where)
+    archives = manifest_entries(raw, where)
     names = models or sorted(archives)
     missing = [m for m in names if m not in archives]
     if missing:

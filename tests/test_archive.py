@@ -130,3 +130,9 @@ def test_verify_refuses_a_flipped_byte_and_a_truncated_archive(store, tmp_path):
     assert any("lstm.mar: size" in p for p in problems)
     proc = make("verify-archives", f"STORE={s}")
     assert proc.returncode != 0 and "cnn.mar: sha256" in proc.stderr
+    # The manifest itself is checked as the pods' init container checks it (scripts/pod.py).
+    manifest = json.loads((s / "manifest.json").read_text())
+    manifest["archives"]["cnn"]["file"] = "../cnn.mar"
+    (s / "manifest.json").write_text(json.dumps(manifest))
+    [problem] = archive.verify(s)
+    assert "entry 'cnn' needs a plain file name ending in .mar" in problem
