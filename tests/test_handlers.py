@@ -93,14 +93,22 @@ def test_text_handler_matches_the_model_and_batching_does_not_change_answers(han
     assert alone[0] == answers[1]
 
 
+TEXTS = ["In the beginning God created the heavens and the earth.", "The Lord is my shepherd."]
+
+
+def direct_translations(path, beam: int = 1) -> list[str]:
+    """TEXTS translated by the checkpoint's model called directly, greedily or with a beam."""
+    model, ckpt = direct_model(path)
+    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
+    batch = pad_batch([src.encode(t, 64, bos_eos=True) for t in TEXTS])
+    with torch.no_grad():
+        out = model.greedy_decode(batch) if beam == 1 else model.beam_decode(batch, beam=beam)
+    return [tgt.decode(row) for row in out.tolist()]
+
+
 def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_checkpoints):
     handler, ctx = handlers["transformer"]
-    model, ckpt = direct_model(tiny_checkpoints["transformer"])
-    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
-    texts = ["In the beginning God created the heavens and the earth.", "The Lord is my shepherd."]
-    with torch.no_grad():
-        out = model.greedy_decode(pad_batch([src.encode(t, 64, bos_eos=True) for t in texts]))
-    expected = [tgt.decode(row) for row in out.tolist()]
+    texts, expected = TEXTS, direct_translations(tiny_checkpoints["transformer"])
     answers, statuses, _ = run_batch(
         handler, ctx, [{"body": texts[0]}, {"body": {"text": texts[1]}}, {"body": {"text": texts[0], "max_length": 3}}]
     )
@@ -112,12 +120,7 @@ def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_
 
 def test_translator_beam_requests_share_a_batch_with_greedy_ones(handlers, tiny_checkpoints):
     handler, ctx = handlers["transformer"]
-    model, ckpt = direct_model(tiny_checkpoints["transformer"])
-    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
-    texts = ["In the beginning God created the heavens and the earth.", "The Lord is my shepherd."]
-    with torch.no_grad():
-        beams = model.beam_decode(pad_batch([src.encode(t, 64, bos_eos=True) for t in texts]), beam=3)
-    expected = [tgt.decode(row) for row in beams.tolist()]
+    texts, expected = TEXTS, direct_translations(tiny_checkpoints["transformer"], beam=3)
     alone, _, _ = run_batch(handler, ctx, [{"body": {"text": texts[0]}}])
     requests = [
         {"body": {"text": texts[0], "beam": 3}},
