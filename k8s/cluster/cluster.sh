@@ -197,6 +197,9 @@ up() {
   for s in "${SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s")" >> "$STATE/host.saved"; done
   [ -e /var/log/pods ] || echo "created=/var/log/pods" >> "$STATE/host.saved"
   [ -e /var/log/containers ] || echo "created=/var/log/containers" >> "$STATE/host.saved"
+  # containerd names each pod sandbox's network namespace cni-<uuid>: `down` removes the ones that
+  # were not there before, which a pod still terminating at teardown leaves behind.
+  ip netns list 2>/dev/null | awk '$1 ~ /^cni-/ {print $1}' > "$STATE/netns.before"
 
   ip netns add "$NETNS"
   ip -n "$NETNS" link set lo up
@@ -295,6 +298,12 @@ down() {
     find "${h}kubepods" -depth -type d -exec rmdir {} \; 2>/dev/null || true
   done
   ip netns list 2>/dev/null | grep -qw "$NETNS" && ip netns delete "$NETNS"
+  if [ -f "$STATE/netns.before" ]; then
+    local ns
+    for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^cni-/ {print $1}'); do
+      grep -qx "$ns" "$STATE/netns.before" || ip netns delete "$ns" 2>/dev/null || true
+    done
+  fi
   if [ -f "$STATE/host.saved" ]; then
     while IFS='=' read -r key value; do
       case $key in
