@@ -118,9 +118,11 @@ def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: li
 
     from .inprocess import load_handler
 
-    # The limit gets every core, however the served workers split them (handler option threads).
+    # The limit gets every core, however the served workers split them (handler option threads),
+    # and the device the served workers use: TorchServe gives each worker a GPU when there is one.
     threads = torch.get_num_threads()
-    handler, ctx = load_handler(model, checkpoint, {"threads": os.cpu_count() or 1})
+    gpu = 0 if torch.cuda.is_available() else None
+    handler, ctx = load_handler(model, checkpoint, {"threads": os.cpu_count() or 1}, gpu=gpu)
     try:
         return _limit(handler, ctx, inputs, batch_sizes, repeats)
     finally:
@@ -132,16 +134,20 @@ def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> 
 
     from .inprocess import run_batch
 
-    out = {}
+    # GPU work is asynchronous: a timer must wait for it, or it times the launches only.
+    sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
+    out = {"device": str(handler.device)}
     for bs in batch_sizes:
         reqs = [{"body": inputs[i % len(inputs)]} for i in range(bs)]
         parsed = [item for r in reqs for item in handler.parse(r["body"])[0]]
         with torch.inference_mode():
             batch = handler.preprocess(parsed)
             handler.inference(batch, parsed)  # warm-up
+            sync()
             t = time.perf_counter()
             for _ in range(repeats):
                 handler.inference(batch, parsed)
+            sync()
             forward = (time.perf_counter() - t) / repeats
         run_batch(handler, ctx, reqs)
         t = time.perf_counter()

@@ -11,15 +11,18 @@ import json
 from . import registry
 
 
-def make_context(model: str, model_dir, handler_overrides: dict | None = None, batch_size: int = 8):
-    """TorchServe's own Context and RequestProcessor classes, as a worker builds them."""
+def make_context(
+    model: str, model_dir, handler_overrides: dict | None = None, batch_size: int = 8, gpu: int | None = None
+):
+    """TorchServe's own Context and RequestProcessor classes, as a worker builds them. ``gpu``: the
+    GPU the worker is given (TorchServe's gpu_id), None for a CPU worker."""
     import yaml
     from ts.context import Context
 
     config = yaml.safe_load(registry.get(model).config_path.read_text())
     config["handler"] = {**config.get("handler", {}), **(handler_overrides or {})}
     manifest = {"model": {"modelName": model, "modelVersion": "1.0", "serializedFile": "checkpoint.pt"}}
-    ctx = Context(model, str(model_dir), manifest, batch_size, None, "0.12.0", model_yaml_config=config)
+    ctx = Context(model, str(model_dir), manifest, batch_size, gpu, "0.12.0", model_yaml_config=config)
     return ctx
 
 
@@ -37,8 +40,8 @@ def run_batch(handler, ctx, requests: list[dict], request_headers: list[dict] | 
     return answers, statuses, headers
 
 
-def load_handler(model: str, checkpoint_path, handler_overrides: dict | None = None):
+def load_handler(model: str, checkpoint_path, handler_overrides: dict | None = None, gpu: int | None = None):
     handler = registry.get(model).handler_class()()
-    ctx = make_context(model, checkpoint_path.parent, handler_overrides)
+    ctx = make_context(model, checkpoint_path.parent, handler_overrides, gpu=gpu)
     handler.initialize(ctx)
     return handler, ctx

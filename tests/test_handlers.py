@@ -402,3 +402,20 @@ def test_an_optimised_variant_refuses_explanations_with_501(tiny_checkpoints):
     answers, statuses, _ = run_batch(handler, ctx, [{"body": "a warm film"}, {"body": "a warm film"}], [EXPLAIN, {}])
     assert statuses[0][0] == 501 and "optimised variant" in statuses[0][1]
     assert statuses[1][0] == 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("model", ["cnn", "lstm", "transformer"])
+def test_a_handler_on_the_gpu_answers_as_on_the_cpu(tiny_checkpoints, model, digits):
+    body = png(digits[0][0]) if model == "cnn" else "God is love, a warm and funny film."
+    cpu, _, _ = run_batch(*load_handler(model, tiny_checkpoints[model]), [{"body": body}])
+    handler, ctx = load_handler(model, tiny_checkpoints[model], gpu=0)
+    assert handler.device.type == "cuda"
+    gpu, statuses, _ = run_batch(handler, ctx, [{"body": body}])
+    assert statuses[0][0] == 200
+    if model == "transformer":
+        assert gpu == cpu
+    else:
+        flat = lambda a: a if model == "cnn" else a["probabilities"]  # noqa: E731
+        assert flat(gpu[0]).keys() == flat(cpu[0]).keys()
+        assert all(abs(flat(gpu[0])[k] - flat(cpu[0])[k]) < 1e-3 for k in flat(cpu[0]))
