@@ -71,27 +71,53 @@ class RawRest:
         return payload
 
 
-def run_level(client, model: str, inputs: list, concurrency: int, requests: int) -> dict:
+def run_level(
+    client,
+    model: str,
+    inputs: list,
+    concurrency: int,
+    requests: int,
+    min_seconds: float = 0.0,
+    max_seconds: float = 600.0,
+) -> dict:
+    """``concurrency`` clients sending until at least ``requests`` are sent and ``min_seconds`` have
+    passed (a level of a few hundred requests lasts a fraction of a second on a fast host, too short
+    to trust), and never past ``max_seconds``."""
+    import threading
+
     from .client import ClientError
 
     latencies, errors = [], {}
-
-    def one(i):
-        t = time.perf_counter()
-        try:
-            client.predict(model, inputs[i % len(inputs)])
-            latencies.append(time.perf_counter() - t)
-        except (ClientError, OSError) as e:
-            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-
+    lock, sent = threading.Lock(), [0]
     t0 = time.perf_counter()
+
+    def next_index() -> int | None:
+        with lock:
+            elapsed = time.perf_counter() - t0
+            if elapsed > max_seconds or (sent[0] >= requests and elapsed >= min_seconds):
+                return None
+            sent[0] += 1
+            return sent[0] - 1
+
+    def worker() -> None:
+        while (i := next_index()) is not None:
+            t = time.perf_counter()
+            try:
+                client.predict(model, inputs[i % len(inputs)])
+                latencies.append(time.perf_counter() - t)
+            except (ClientError, OSError) as e:
+                with lock:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(requests)))
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
     wall = time.perf_counter() - t0
     ms = [1000 * v for v in latencies]
     return {
         "concurrency": concurrency,
-        "requests": requests,
+        "requests": sent[0],
+        "seconds": wall,
         "ok": len(ms),
         "errors": errors,
         "throughput_rps": len(ms) / wall,
@@ -99,6 +125,19 @@ def run_level(client, model: str, inputs: list, concurrency: int, requests: int)
         "p95_ms": percentile(ms, 95) if ms else None,
         "p99_ms": percentile(ms, 99) if ms else None,
     }
+
+
+def saturated(cpu_seconds_used: dict[str, float], wall: float, cores: int) -> str:
+    """Which side ran out of CPU first in a level: "client" (this one Python process, which the GIL
+    keeps to about one core), "server" (frontend and workers together, on every core), or "neither"
+    (something else bounds it: batching delays, the GPU, the network)."""
+    client = cpu_seconds_used["client"] / wall
+    server = (cpu_seconds_used["frontend"] + cpu_seconds_used["workers"]) / wall
+    if client >= 0.85:
+        return "client"
+    if server + client >= 0.85 * cores:
+        return "server"
+    return "neither"
 
 
 def queue_counters(metrics_text: str) -> tuple[float, float]:
@@ -201,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         help="requests per level (default: 300 and at least 20 per client, so ramp-up and ramp-down "
         "are a small part of each level; quick: 40 and at least 10 per client)",
     )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=None,
+        help="each level also lasts at least this long (default: 2; quick: 0.5)",
+    )
     p.add_argument("--transports", nargs="+", default=["rest", "grpc"], help="(default: rest grpc)")
     p.add_argument(
         "--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)"
@@ -221,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.requests
         return max(40, 10 * level) if args.quick else max(300, 20 * level)
 
+    min_seconds = args.min_seconds if args.min_seconds is not None else (0.5 if args.quick else 2.0)
     repeats = 5 if args.quick else 20
     warmup = 20 if args.quick else 100
 
@@ -282,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                         for level in levels:
                             q0, r0 = queue_counters(c.metrics())
                             cpu0 = cpu_seconds(serve.running_pid(cfg))
-                            row = run_level(load, m, inputs[m], level, n_requests(level))
+                            row = run_level(load, m, inputs[m], level, n_requests(level), min_seconds)
                             cpu1 = cpu_seconds(serve.running_pid(cfg))
+                            used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+                            row["saturated"] = saturated(used, row["seconds"], os.cpu_count() or 1)
                             q1, r1 = queue_counters(c.metrics())
                             row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
                             row["cpu_ms_per_request"] = {
@@ -292,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                             rows.append(row)
                             print(
                                 f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
-                                f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}",
+                                f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}  "
+                                f"({row['seconds']:.1f} s, CPU-bound: {row['saturated']})",
                                 flush=True,
                             )
                         served[transport] = rows
@@ -340,8 +389,8 @@ def write(result: dict, out: Path) -> None:
         f"Cold start to every model READY: {result['cold_start_s']:.1f} s; frontend RSS "
         f"{result['rss_loaded']['frontend_mib']:.0f} MiB; workers {', '.join(f'{w:.0f}' for w in result['rss_loaded']['workers_mib'])} MiB",
         "",
-        "| model | transport | concurrency | req/s | p50 ms | p95 ms | p99 ms | queue ms/req | CPU ms/req: frontend / workers / client | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | transport | concurrency | req/s | p50 ms | p95 ms | p99 ms | queue ms/req | CPU ms/req: frontend / workers / client | CPU-bound | s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in result["models"].items():
         for transport, rows in r["served"].items():
@@ -350,7 +399,8 @@ def write(result: dict, out: Path) -> None:
                 lines.append(
                     f"| {m} | {transport} | {row['concurrency']} | {row['throughput_rps']:.1f} | {row['p50_ms']:.1f} | "
                     f"{row['p95_ms']:.1f} | {row['p99_ms']:.1f} | {row['queue_ms_per_request']:.1f} | "
-                    f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f} | {sum(row['errors'].values())} |"
+                    f"{cpu['frontend']:.2f} / {cpu['workers']:.2f} / {cpu['client']:.2f} | {row['saturated']} | "
+                    f"{row['seconds']:.1f} | {sum(row['errors'].values())} |"
                 )
     lines += [
         "",
