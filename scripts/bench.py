@@ -71,18 +71,11 @@ class RawRest:
         return payload
 
 
-def run_level(
-    client,
-    model: str,
-    inputs: list,
-    concurrency: int,
-    requests: int,
-    min_seconds: float = 0.0,
-    max_seconds: float = 600.0,
+def _drive(
+    client, model: str, inputs: list, concurrency: int, requests: int, min_seconds: float, max_seconds: float
 ) -> dict:
-    """``concurrency`` clients sending until at least ``requests`` are sent and ``min_seconds`` have
-    passed (a level of a few hundred requests lasts a fraction of a second on a fast host, too short
-    to trust), and never past ``max_seconds``."""
+    """Send from ``concurrency`` threads until ``requests`` are sent and ``min_seconds`` have passed
+    (never past ``max_seconds``); the raw latencies (ms), errors and wall time."""
     import threading
 
     from .client import ClientError
@@ -104,7 +97,7 @@ def run_level(
             t = time.perf_counter()
             try:
                 client.predict(model, inputs[i % len(inputs)])
-                latencies.append(time.perf_counter() - t)
+                latencies.append(1000 * (time.perf_counter() - t))
             except (ClientError, OSError) as e:
                 with lock:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
@@ -112,11 +105,19 @@ def run_level(
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
-    wall = time.perf_counter() - t0
-    ms = [1000 * v for v in latencies]
+    return {"ms": latencies, "errors": errors, "sent": sent[0], "wall": time.perf_counter() - t0}
+
+
+def _summary(concurrency: int, parts: list[dict]) -> dict:
+    ms = [v for p in parts for v in p["ms"]]
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, n in p["errors"].items():
+            errors[k] = errors.get(k, 0) + n
+    wall = max(p["wall"] for p in parts)
     return {
         "concurrency": concurrency,
-        "requests": sent[0],
+        "requests": sum(p["sent"] for p in parts),
         "seconds": wall,
         "ok": len(ms),
         "errors": errors,
@@ -127,13 +128,59 @@ def run_level(
     }
 
 
-def saturated(cpu_seconds_used: dict[str, float], wall: float, cores: int) -> str:
-    """Which side ran out of CPU first in a level: "client" (this one Python process, which the GIL
-    keeps to about one core), "server" (frontend and workers together, on every core), or "neither"
-    (something else bounds it: batching delays, the GPU, the network)."""
+def run_level(
+    client,
+    model: str,
+    inputs: list,
+    concurrency: int,
+    requests: int,
+    min_seconds: float = 0.0,
+    max_seconds: float = 600.0,
+) -> dict:
+    """``concurrency`` clients in this process sending until at least ``requests`` are sent and
+    ``min_seconds`` have passed (a level of a few hundred requests lasts a fraction of a second on a
+    fast host, too short to trust), and never past ``max_seconds``."""
+    return _summary(concurrency, [_drive(client, model, inputs, concurrency, requests, min_seconds, max_seconds)])
+
+
+def _drive_in_child(
+    settings, transport: str, model: str, inputs: list, concurrency: int, requests: int, min_seconds: float
+):
+    """One load-generator process: its own connections, its part of the level, its own CPU time."""
+    from .client import Client
+
+    cpu0 = time.process_time()
+    with Client(transport, settings) as c:
+        load = RawRest(settings) if transport == "rest" else c
+        part = _drive(load, model, inputs, concurrency, requests, min_seconds, 600.0)
+    part["cpu_s"] = time.process_time() - cpu0
+    return part
+
+
+def run_level_processes(
+    pool, settings, transport: str, model: str, inputs: list, concurrency: int, requests: int, min_seconds: float
+) -> tuple[dict, float]:
+    """The level split over the load-generator processes of ``pool`` (clients and requests shared
+    out evenly): the summary, and the CPU seconds those processes spent."""
+    n = min(pool._processes, concurrency)  # noqa: SLF001 - a pool's size, as it was made
+    shares = [concurrency // n + (i < concurrency % n) for i in range(n)]
+    futures = [
+        pool.apply_async(
+            _drive_in_child, (settings, transport, model, inputs, c, -(-requests * c // concurrency), min_seconds)
+        )
+        for c in shares
+    ]
+    parts = [f.get(timeout=900) for f in futures]
+    return _summary(concurrency, parts), sum(p["cpu_s"] for p in parts)
+
+
+def saturated(cpu_seconds_used: dict[str, float], wall: float, cores: int, client_processes: int = 1) -> str:
+    """Which side ran out of CPU first in a level: "client" (the load generator: each of its Python
+    processes is held to about one core by the GIL), "server" (frontend and workers together, on
+    every core), or "neither" (something else bounds it: batching delays, the GPU, the network)."""
     client = cpu_seconds_used["client"] / wall
     server = (cpu_seconds_used["frontend"] + cpu_seconds_used["workers"]) / wall
-    if client >= 0.85:
+    if client >= 0.85 * min(client_processes, cores):
         return "client"
     if server + client >= 0.85 * cores:
         return "server"
@@ -246,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="each level also lasts at least this long (default: 2; quick: 0.5)",
     )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="load-generator processes sharing each level's clients: one Python process is held to about "
+        "one core (its GIL), which a fast server outruns (default: %(default)s)",
+    )
     p.add_argument("--transports", nargs="+", default=["rest", "grpc"], help="(default: rest grpc)")
     p.add_argument(
         "--slo-ms", type=float, default=100.0, help="p99 latency objective for capacity (default: %(default)s)"
@@ -287,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "levels": levels,
         "requests_per_level": {level: n_requests(level) for level in levels},
+        "client_processes": args.client_processes,
         "slo_ms": args.slo_ms,
         "models": {},
     }
@@ -315,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         serve.start(cfg)
         result["cold_start_s"] = time.perf_counter() - t
+        pool = None
+        if args.client_processes > 1:
+            import multiprocessing
+
+            # spawn, not fork: a forked copy of this process would share its gRPC channels' threads.
+            pool = multiprocessing.get_context("spawn").Pool(args.client_processes)
         try:
             result["rss_idle"] = rss_mib(serve.running_pid(cfg))
             settings = Settings(host=cfg.host, ports=dict(cfg.ports), key_file=cfg.key_file, timeout=60)
@@ -328,10 +389,19 @@ def main(argv: list[str] | None = None) -> int:
                         for level in levels:
                             q0, r0 = queue_counters(c.metrics())
                             cpu0 = cpu_seconds(serve.running_pid(cfg))
-                            row = run_level(load, m, inputs[m], level, n_requests(level), min_seconds)
+                            if pool is None:
+                                row = run_level(load, m, inputs[m], level, n_requests(level), min_seconds)
+                                children_cpu = 0.0
+                            else:
+                                row, children_cpu = run_level_processes(
+                                    pool, settings, transport, m, inputs[m], level, n_requests(level), min_seconds
+                                )
                             cpu1 = cpu_seconds(serve.running_pid(cfg))
+                            cpu1["client"] += children_cpu
                             used = {k: cpu1[k] - cpu0[k] for k in cpu0}
-                            row["saturated"] = saturated(used, row["seconds"], os.cpu_count() or 1)
+                            row["saturated"] = saturated(
+                                used, row["seconds"], os.cpu_count() or 1, args.client_processes
+                            )
                             q1, r1 = queue_counters(c.metrics())
                             row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
                             row["cpu_ms_per_request"] = {
@@ -348,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                 result["models"][m]["served"] = served
             result["rss_loaded"] = rss_mib(serve.running_pid(cfg))
         finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
             serve.stop(cfg)
 
     for m in args.models:

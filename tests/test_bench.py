@@ -15,6 +15,8 @@ def test_which_side_saturated():
     assert bench.saturated({"client": 0.95, "frontend": 0.2, "workers": 0.3}, 1.0, 2) == "client"
     assert bench.saturated({"client": 0.3, "frontend": 0.4, "workers": 1.1}, 1.0, 2) == "server"
     assert bench.saturated({"client": 0.1, "frontend": 0.1, "workers": 0.2}, 1.0, 16) == "neither"
+    # Two generator processes can use two cores before the client is the limit.
+    assert bench.saturated({"client": 1.0, "frontend": 0.5, "workers": 1.0}, 1.0, 16, client_processes=2) == "neither"
 
 
 def test_percentile_and_queue_counters():
@@ -50,6 +52,8 @@ def test_a_tiny_bench_run_writes_its_figures(archive_store, tmp_path):
                 str(out),
                 "--min-seconds",
                 "0.5",
+                "--client-processes",
+                "2",
                 "--quick",
             ]
         )
