@@ -325,19 +325,18 @@ class CheckpointHandler(BaseHandler):
             items[explain].extend(parsed)
         answers = {False: self.predict_items(items[False]) if items[False] else [], True: []}
         if items[True]:
+            refused: InvalidInput | None = None
             try:
                 answers[True] = self.explain_items(items[True])
             except InvalidInput as e:  # explanations refused as a whole (e.g. an optimised variant)
-                failed = e
+                refused = e
             except Exception as e:  # an explainer bug fails the explanations, never the predictions
                 logger.exception("explanations failed")
-                failed = InvalidInput(f"could not explain ({type(e).__name__})", 500)
-            else:
-                failed = None
-            if failed is not None:
+                refused = InvalidInput(f"could not explain ({type(e).__name__})", 500)
+            if refused is not None:
                 for i, _, _, explain in groups:
                     if explain:
-                        results[i] = self._fail(context, i, failed)
+                        results[i] = self._fail(context, i, refused)
                 groups = [g for g in groups if not g[3]]
         pos = {False: 0, True: 0}
         for i, n, many, explain in groups:
@@ -356,7 +355,7 @@ class CheckpointHandler(BaseHandler):
             logging.INFO if failed else logging.DEBUG,
             "batch_size=%d items=%d failed=%d ms=%.1f",
             len(data),
-            len(items),
+            len(items[False]) + len(items[True]),
             failed,
             ms,
         )

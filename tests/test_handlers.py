@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -419,3 +420,16 @@ def test_a_handler_on_the_gpu_answers_as_on_the_cpu(tiny_checkpoints, model, dig
         flat = lambda a: a if model == "cnn" else a["probabilities"]  # noqa: E731
         assert flat(gpu[0]).keys() == flat(cpu[0]).keys()
         assert all(abs(flat(gpu[0])[k] - flat(cpu[0])[k]) < 1e-3 for k in flat(cpu[0]))
+
+
+def test_the_batch_log_line_counts_the_items(handlers, caplog):
+    handler, ctx = handlers["lstm"]
+    caplog.set_level(logging.DEBUG, logger="handlers.base")
+    run_batch(
+        handler,
+        ctx,
+        [{"body": {"text": ["a warm film", "a dull film"]}}, {"body": "fine"}, {"body": ""}],
+        [{}, EXPLAIN, {}],
+    )
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch_size=")]
+    assert line.startswith("batch_size=3 items=3 failed=1 ")  # 2 texts + 1 explained text; the empty one refused
