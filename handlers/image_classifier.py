@@ -101,7 +101,7 @@ class ImageClassifierHandler(CheckpointHandler):
         self.explanation_allowed()
         x = self.preprocess(items)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(x).float(), dim=-1)
+            probs = self.inference(x)
         target = probs.argmax(-1)
         black = (0.0 - self.mean) / self.std  # the baseline: a black image, normalised like the inputs
         attr = image_attributions(self.model, x, target, black, self.options["explain_steps"])[:, 0].cpu().numpy()

@@ -54,7 +54,7 @@ class TextClassifierHandler(CheckpointHandler):
         self.explanation_allowed()
         ids = self.preprocess(items)
         with torch.inference_mode():
-            probs = torch.softmax(self.model(ids).float(), dim=-1)
+            probs = self.inference(ids)
         target = probs.argmax(-1)
         attr = token_attributions(self.model, self.model.embed, ids, target, UNK_ID, self.options["explain_steps"])
         out = []
