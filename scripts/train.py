@@ -165,16 +165,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens",
         type=int,
-        default=20,
+        default=TaskOptions.max_tokens,
         help="transformer: keep pairs with at most N tokens per side (default: %(default)s)",
     )
     p.add_argument(
-        "--vocab-size", type=int, default=8000, help="transformer: per-language vocabulary size (default: %(default)s)"
+        "--vocab-size",
+        type=int,
+        default=TaskOptions.vocab_size,
+        help="transformer: per-language vocabulary size (default: %(default)s)",
     )
     p.add_argument(
         "--bleu-samples",
         type=int,
-        default=500,
+        default=TaskOptions.bleu_samples,
         help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar (default: shown)")
