@@ -40,11 +40,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The image reference: digest when given, else the pinned tag. */}}
 {{- define "tsm.image" -}}
-{{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
-{{- else -}}
-{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
-{{- end -}}
+{{- include "tsm.imageRef" .Values.image -}}
 {{- end -}}
 
 {{/* The in-pod tool (scripts/pod.py) as the image installs it. */}}
