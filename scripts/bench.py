@@ -128,6 +128,11 @@ def _summary(concurrency: int, parts: list[dict]) -> dict:
     }
 
 
+def load_generator(transport: str, client, settings):
+    """What sends a level's requests: the lean RawRest for REST, the client itself for gRPC."""
+    return RawRest(settings) if transport == "rest" else client
+
+
 def run_level(
     client,
     model: str,
@@ -151,7 +156,7 @@ def _drive_in_child(
 
     cpu0 = time.process_time()
     with Client(transport, settings) as c:
-        load = RawRest(settings) if transport == "rest" else c
+        load = load_generator(transport, c, settings)
         part = _drive(load, model, inputs, concurrency, requests, min_seconds, 600.0)
     part["cpu_s"] = time.process_time() - cpu0
     return part
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 served = {}
                 for transport in args.transports:
                     with Client(transport, settings) as c:
-                        load = RawRest(settings) if transport == "rest" else c
+                        load = load_generator(transport, c, settings)
                         run_level(load, m, inputs[m], 4, warmup)  # warm-up: JIT, caches, allocator
                         rows = []
                         for level in levels:
