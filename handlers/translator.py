@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, positive_int, text_field
-from models.text import EOS_ID, PAD_ID, Vocab, pad_batch, tokenize
+from handlers.checkpoint import CheckpointError
+from models.text import EOS_ID, PAD_ID, SubwordTokenizer, pad_batch
 
 
 class TranslatorHandler(CheckpointHandler):
@@ -27,8 +28,12 @@ class TranslatorHandler(CheckpointHandler):
     }
 
     def setup(self, ckpt: dict) -> None:
-        self.src_vocab = Vocab(ckpt["vocab"]["src"])
-        self.tgt_vocab = Vocab(ckpt["vocab"]["tgt"])
+        if "tokenizer" not in ckpt:
+            raise CheckpointError(
+                f"{ckpt['model_name']}: no subword tokenizer (an older word-level translator); train it again"
+            )
+        # The checkpoint's own sentencepiece model: the pieces it was trained on, for both sides.
+        self.tokenizer = SubwordTokenizer(ckpt["tokenizer"])
         self.max_len = ckpt["config"]["max_len"]  # positions, <bos>/<eos> included
 
     def parse(self, payload: Any):
@@ -47,10 +52,12 @@ class TranslatorHandler(CheckpointHandler):
             raise PayloadTooLarge(f"text is {len(text)} characters, the limit is {self.options['max_chars']}")
         if not text.strip():
             raise InvalidInput("empty text")
-        n = len(tokenize(text))
-        if n > self.max_len - 2:
-            raise PayloadTooLarge(f"text is {n} tokens, this model translates at most {self.max_len - 2}")
-        return self.src_vocab.encode(text, self.max_len, bos_eos=True)
+        ids = self.tokenizer.encode(text, bos_eos=True)
+        if len(ids) > self.max_len:
+            raise PayloadTooLarge(
+                f"text is {len(ids) - 2} subword tokens, this model translates at most {self.max_len - 2}"
+            )
+        return ids
 
     def preprocess(self, items):
         return pad_batch([ids for ids, _, _ in items]).to(self.device)
@@ -84,14 +91,14 @@ class TranslatorHandler(CheckpointHandler):
             produced = row[: row.index(EOS_ID)] if EOS_ID in row else row
             out.append(
                 {
-                    "translation": self.tgt_vocab.decode(row),
+                    "translation": self.tokenizer.decode(row),
                     "method": "cross-attention of the last decoder layer, averaged over heads (greedy decode)",
-                    "source_tokens": [self.src_vocab.itos[i] for i in src_ids],
-                    "target_tokens": [self.tgt_vocab.itos[i] for i in produced],
+                    "source_tokens": [self.tokenizer.piece(i) for i in src_ids],
+                    "target_tokens": [self.tokenizer.piece(i) for i in produced],
                     "alignment": [[round(float(v), 4) for v in a[t, : len(src_ids)]] for t in range(len(produced))],
                 }
             )
         return out
 
     def postprocess(self, ids, items=None):
-        return [{"translation": self.tgt_vocab.decode(row[:n])} for row, (_, n, _) in zip(ids, items, strict=True)]
+        return [{"translation": self.tokenizer.decode(row[:n])} for row, (_, n, _) in zip(ids, items, strict=True)]

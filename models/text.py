@@ -60,8 +60,13 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.itos)
 
+    def ids(self, tokens: Iterable[str]) -> list[int]:
+        """Already tokenized text -> ids (<unk> for tokens outside the vocabulary)."""
+        get = self.stoi.get
+        return [get(tok, UNK_ID) for tok in tokens]
+
     def encode(self, text: str, max_len: int | None = None, bos_eos: bool = False) -> list[int]:
-        ids = [self.stoi.get(tok, UNK_ID) for tok in tokenize(text)]
+        ids = self.ids(tokenize(text))
         if bos_eos:
             body = ids if max_len is None else ids[: max_len - 2]
             return [BOS_ID, *body, EOS_ID]
@@ -85,3 +90,82 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tens
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+class SubwordTokenizer:
+    """A sentencepiece unigram model, one vocabulary for both languages (Kudo, 2018).
+
+    Its serialized model travels inside the checkpoint as bytes, so checkpoints still load with
+    ``weights_only=True`` and archives stay self-contained. Ids 0-3 are the shared specials, so
+    padding, <bos> and <eos> mean the same in every model. Rare words split into pieces, so normal
+    text never maps to <unk>.
+    """
+
+    def __init__(self, model: bytes):
+        import sentencepiece as spm
+
+        self.model = bytes(model)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        except RuntimeError:
+            raise ValueError("not a sentencepiece model") from None
+        specials = tuple(self.sp.id_to_piece(i) for i in range(len(SPECIALS)))
+        if specials != SPECIALS:
+            raise ValueError(f"subword model must start with {SPECIALS}, got {specials}")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, seed: int = 0) -> SubwordTokenizer:
+        """Learn a unigram vocabulary of ``vocab_size`` pieces from ``texts`` (deterministic)."""
+        import io
+
+        import sentencepiece as spm
+
+        out = io.BytesIO()
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(list(texts)),
+            model_writer=out,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            character_coverage=1.0,  # every character of the corpus: accents, ¿ and ¡ included
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece=PAD,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            hard_vocab_limit=False,  # a small corpus may hold fewer pieces than asked for
+            num_threads=1,  # the same pieces on every machine
+            minloglevel=2,
+        )
+        return cls(out.getvalue())
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def pieces(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def count(self, text: str) -> int:
+        return len(self.sp.encode(text))
+
+    def encode(self, text: str, max_len: int | None = None, bos_eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        if bos_eos:
+            body = ids if max_len is None else ids[: max_len - 2]
+            return [BOS_ID, *body, EOS_ID]
+        return ids if max_len is None else ids[:max_len]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        out = []
+        for i in ids:
+            if i == EOS_ID:
+                break
+            if i not in (PAD_ID, BOS_ID) and 0 <= i < len(self):
+                out.append(i)
+        return self.sp.decode(out)
+
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(i)

@@ -23,6 +23,9 @@ class TransformerConfig:
     dim_feedforward: int = 512  # width of each position-wise feed-forward block
     dropout: float = 0.1
     max_len: int = 64  # longest sequence, in tokens with <bos>/<eos>, for positions and decoding
+    # One matrix for the source and target embeddings and the output projection (Press & Wolf,
+    # 2017): a joint subword vocabulary makes it possible, and it halves the parameters.
+    tie_embeddings: bool = False
     pad_id: int = PAD_ID
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
@@ -70,6 +73,15 @@ class Translator(nn.Module):
         self.transformer.encoder.use_nested_tensor = False
         self.out = nn.Linear(c.d_model, c.tgt_vocab_size)
         self.scale = math.sqrt(c.d_model)
+        if c.tie_embeddings:
+            if c.src_vocab_size != c.tgt_vocab_size:
+                raise ValueError("tie_embeddings needs one vocabulary: src_vocab_size == tgt_vocab_size")
+            # Scaled so that the tied output layer starts with unit-scale logits.
+            nn.init.normal_(self.src_embed.weight, std=c.d_model**-0.5)
+            with torch.no_grad():
+                self.src_embed.weight[c.pad_id].zero_()
+            self.tgt_embed.weight = self.src_embed.weight
+            self.out.weight = self.src_embed.weight
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # src: (B, S) -> memory (B, S, D) and its padding mask (B, S)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image import normalize
-from models.text import PAD_ID, Vocab, pad_batch, tokenize
+from models.text import EOS_ID, PAD_ID, SubwordTokenizer, Vocab, pad_batch, tokenize
 
 from .common import CLIError
 
@@ -29,15 +29,18 @@ if TYPE_CHECKING:
 class TaskOptions:
     """The training options a task reads (the translator's); the rest are the loop's."""
 
-    max_tokens: int = 20  # translation: keep pairs with at most this many tokens per side
-    vocab_size: int = 8000  # translation: per-language vocabulary size
-    bleu_samples: int = 500  # translation: validation sentences decoded for BLEU per epoch
+    max_tokens: int = 96  # translation: train on pairs of at most this many subword tokens per side
+    vocab_size: int = 8000  # translation: pieces in the joint (source and target) subword vocabulary
+    batch_tokens: int = 4000  # translation: source + target tokens per training batch, padding included
+    bleu_samples: int = 500  # translation: validation pairs decoded for BLEU after each epoch
+    eval_beam: int = 5  # translation: the test split is also decoded with this beam (1: greedy only)
 
     @classmethod
     def from_args(cls, args) -> TaskOptions:
         """From train's flags, or a checkpoint's train_args (a dict)."""
         get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
-        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+        given = {f: get(f, None) for f in cls.__dataclass_fields__}
+        return cls(**{f: v for f, v in given.items() if v is not None})
 
 
 class Task:
@@ -61,6 +64,10 @@ class Task:
 
     def batches(self, split: str, batch_size: int, rng: np.random.Generator | None):
         raise NotImplementedError
+
+    def n_batches(self, split: str, batch_size: int, rng: np.random.Generator | None) -> int:
+        """How many batches ``batches`` yields with these arguments (the LR schedule's length)."""
+        return math.ceil(len(self.ds.splits[split]) / batch_size)
 
     def loss(self, model, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -183,53 +190,74 @@ class TextTask(ClassifierTask):
 
 
 class TranslationTask(Task):
+    """Translation with a joint subword vocabulary, trained on token-bounded batches.
+
+    Training and validation keep the pairs whose sides both fit in ``max_tokens`` subword tokens.
+    The test split is kept whole (test_all; a longer source is truncated to the model's length)
+    and also reported on test20, its pairs of at most 20 words per side.
+    """
+
     name, data_kind = "translation", "pairs"
-    primary, score = "loss", "bleu"
-    higher_is_better = False
+    primary, score = "bleu", "bleu"  # the checkpoint is chosen by validation BLEU, not loss
 
     def __init__(self, ds, saved=None, options=TaskOptions()):
         super().__init__(ds, saved, options)
         self.max_tokens = options.max_tokens
-        # Keep pairs whose sides both fit; the splits are filtered the same way, test included.
-        fits = [
-            len(tokenize(s)) <= self.max_tokens and len(tokenize(t)) <= self.max_tokens
-            for s, t in zip(ds.x, ds.y, strict=True)
-        ]
-        ds.splits = {k: v[[fits[i] for i in v]] for k, v in ds.splits.items()}
-        if min(len(v) for v in ds.splits.values()) == 0:
-            raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
         if saved:
-            self.src_vocab, self.tgt_vocab = Vocab(saved["vocab"]["src"]), Vocab(saved["vocab"]["tgt"])
+            self.tokenizer = SubwordTokenizer(saved["tokenizer"])
         else:
             src, tgt = ds.take("train")
-            self.src_vocab = Vocab.build(src, max_size=options.vocab_size, min_freq=2)
-            self.tgt_vocab = Vocab.build(tgt, max_size=options.vocab_size, min_freq=2)
+            self.tokenizer = SubwordTokenizer.train([*src, *tgt], options.vocab_size)
         limit = self.max_tokens + 2
-        self.src = [self.src_vocab.encode(s, limit, bos_eos=True) for s in ds.x]
-        self.tgt = [self.tgt_vocab.encode(t, limit, bos_eos=True) for t in ds.y]
+        src = [self.tokenizer.encode(s, bos_eos=True) for s in ds.x]
+        tgt = [self.tokenizer.encode(t, bos_eos=True) for t in ds.y]
+        fits = np.array([len(a) <= limit and len(b) <= limit for a, b in zip(src, tgt, strict=True)])
+        for split in ("train", "val"):
+            ds.splits[split] = ds.splits[split][fits[ds.splits[split]]]
+        if min(len(v) for v in ds.splits.values()) == 0:
+            raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
+        # The model's positions end at ``limit``: longer test pairs are cut there (a handful).
+        self.src = [ids if len(ids) <= limit else [*ids[: limit - 1], EOS_ID] for ids in src]
+        self.tgt = [ids if len(ids) <= limit else [*ids[: limit - 1], EOS_ID] for ids in tgt]
+        test = ds.splits["test"]
+        self.test20 = test[[len(tokenize(ds.x[i])) <= 20 and len(tokenize(ds.y[i])) <= 20 for i in test]]
 
     def config_fields(self):
-        return {
-            "src_vocab_size": len(self.src_vocab),
-            "tgt_vocab_size": len(self.tgt_vocab),
-            "max_len": self.max_tokens + 2,
-        }
+        n = len(self.tokenizer)
+        return {"src_vocab_size": n, "tgt_vocab_size": n, "max_len": self.max_tokens + 2, "tie_embeddings": True}
 
-    def batches(self, split, batch_size, rng):
+    def _size(self, i: int) -> int:
+        return len(self.src[i]) + len(self.tgt[i])
+
+    def plan(self, split: str, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+        """Batches of similar lengths, each at most ``batch_size`` pairs and ``batch_tokens`` tokens
+        (padding included); in a seeded random order for training, by length otherwise."""
         idx = self.ds.splits[split]
         if rng is not None:
-            # Bucket by length so batches carry little padding, then shuffle the batches.
             idx = rng.permutation(idx)
-            pools = [
-                sorted(idx[i : i + batch_size * 50], key=lambda j: len(self.src[j]))
-                for i in range(0, len(idx), batch_size * 50)
-            ]
-            groups = [np.array(p[i : i + batch_size]) for p in pools for i in range(0, len(p), batch_size)]
-            order = rng.permutation(len(groups))
-            groups = [groups[i] for i in order]
+            # Sort within large random pools, so batches carry little padding yet differ each epoch.
+            pool = batch_size * 50
+            idx = np.concatenate([sorted(idx[i : i + pool], key=self._size) for i in range(0, len(idx), pool)])
         else:
-            groups = list(_chunks(idx, batch_size, None))
-        for g in groups:
+            idx = np.array(sorted(idx, key=self._size), dtype=np.int64)
+        groups, start, widest = [], 0, 0
+        for end, i in enumerate(idx):
+            widest = max(widest, len(self.src[i]), len(self.tgt[i]))
+            if end > start and (
+                (end - start + 1) * 2 * widest > self.options.batch_tokens or end - start == batch_size
+            ):
+                groups.append(idx[start:end])
+                start, widest = end, max(len(self.src[i]), len(self.tgt[i]))
+        groups.append(idx[start:])
+        if rng is not None:
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+        return groups
+
+    def n_batches(self, split, batch_size, rng):
+        return len(self.plan(split, batch_size, rng))
+
+    def batches(self, split, batch_size, rng):
+        for g in self.plan(split, batch_size, rng):
             yield pad_batch([self.src[i] for i in g]), pad_batch([self.tgt[i] for i in g]), g
 
     def loss(self, model, batch, reduction="mean"):
@@ -244,32 +272,43 @@ class TranslationTask(Task):
             reduction=reduction,
         )
 
-    @torch.no_grad()
-    def evaluate(self, model, split, device):
+    def bleu(self, model, idx: np.ndarray, device, beam: int = 1) -> float:
+        """Corpus BLEU (sacrebleu, lower-cased) of the pairs ``idx``, decoded greedily or with a beam."""
         import sacrebleu
 
-        total, tokens = 0.0, 0
         hyps, refs = [], []
-        budget = None if split == "test" else self.options.bleu_samples
-        for src, tgt, g in self.batches(split, 128, None):
+        order = sorted(idx, key=lambda i: len(self.src[i]))
+        rows = 64 if beam == 1 else max(1, 64 // beam)
+        for n in range(0, len(order), rows):
+            g = order[n : n + rows]
+            src = pad_batch([self.src[i] for i in g]).to(device)
+            out = model.greedy_decode(src) if beam == 1 else model.beam_decode(src, beam=beam)
+            hyps += [self.tokenizer.decode(o) for o in out.tolist()]
+            refs += [self.ds.y[i] for i in g]
+        return sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+
+    @torch.no_grad()
+    def evaluate(self, model, split, device):
+        total, tokens = 0.0, 0
+        for src, tgt, g in self.batches(split, 256, None):
             src, tgt = src.to(device), tgt.to(device)
             total += self.loss(model, (src, tgt, g), reduction="sum").item()
             tokens += (tgt[:, 1:] != PAD_ID).sum().item()
-            if budget is None or len(hyps) < budget:
-                out = model.greedy_decode(src).tolist()
-                hyps += [self.tgt_vocab.decode(o) for o in out]
-                refs += [self.ds.y[i] for i in g]
-        if budget is not None:
-            hyps, refs = hyps[:budget], refs[:budget]
         loss = total / max(tokens, 1)
-        bleu = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bleu": bleu}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        if split != "test":  # a fixed seeded sample of validation pairs, decoded greedily
+            out["bleu"] = self.bleu(model, self.ds.splits[split][: self.options.bleu_samples], device)
+            return out
+        out["bleu"] = self.bleu(model, self.ds.splits["test"], device)  # test_all
+        out["bleu20"] = self.bleu(model, self.test20, device)
+        if self.options.eval_beam > 1:
+            k = self.options.eval_beam
+            out[f"bleu_beam{k}"] = self.bleu(model, self.ds.splits["test"], device, beam=k)
+            out[f"bleu20_beam{k}"] = self.bleu(model, self.test20, device, beam=k)
+        return out
 
     def extras(self):
-        return {
-            "vocab": {"src": list(self.src_vocab.itos), "tgt": list(self.tgt_vocab.itos)},
-            "preprocess": {"max_tokens": self.max_tokens},
-        }
+        return {"tokenizer": self.tokenizer.model, "preprocess": {"max_tokens": self.max_tokens}}
 
     @staticmethod
     def request_inputs(ds, n):

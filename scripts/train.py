@@ -48,11 +48,10 @@ def to_device(batch, device):
 
 def train_one_epoch(model, task, optimizer, scheduler, scaler, device, epoch, args, writer, step):
     model.train()
-    rng = np.random.default_rng(args.seed + epoch)
-    n_batches = math.ceil(len(task.ds.splits["train"]) / args.batch_size)
+    n_batches = task.n_batches("train", args.batch_size, np.random.default_rng(args.seed + epoch))
     running, seen = 0.0, 0
     bar = tqdm(
-        task.batches("train", args.batch_size, rng),
+        task.batches("train", args.batch_size, np.random.default_rng(args.seed + epoch)),
         total=n_batches,
         desc=f"epoch {epoch}/{args.epochs}",
         leave=False,
@@ -97,6 +96,37 @@ def make_scheduler(optimizer, total_steps: int):
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """A CPU copy of the state dict in which tied weights stay one tensor, so they are saved once."""
+    copies: dict = {}
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride(), t.device)
+        if key not in copies:
+            copies[key] = t.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
+def network_config(config_cls: type, task, overrides: list[str] | None) -> dict:
+    """The network config: its defaults, then the fields the data decides, then ``--set``."""
+    config = config_to_dict(task.config(config_cls))
+    decided = task.config_fields()
+    for item in overrides or []:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in config:
+            known = ", ".join(k for k in config if k not in decided)
+            raise CLIError(f"--set {item}: expected FIELD=VALUE with FIELD one of {known}")
+        if name in decided:
+            raise CLIError(f"--set {item}: {name} comes from the data ({decided[name]})")
+        kind = type(config[name])
+        try:
+            config[name] = {"true": True, "false": False}[raw.lower()] if kind is bool else kind(raw)
+        except (KeyError, ValueError):
+            raise CLIError(f"--set {item}: {name} must be {kind.__name__}") from None
+    return config
 
 
 def plain_args(args: argparse.Namespace) -> dict:
@@ -166,13 +196,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--max-tokens",
         type=int,
         default=TaskOptions.max_tokens,
-        help="transformer: keep pairs with at most N tokens per side (default: %(default)s)",
+        help="transformer: train on pairs of at most N subword tokens per side (default: %(default)s)",
     )
     p.add_argument(
         "--vocab-size",
         type=int,
         default=TaskOptions.vocab_size,
-        help="transformer: per-language vocabulary size (default: %(default)s)",
+        help="transformer: pieces in the joint subword vocabulary (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help=f"transformer: tokens per training batch, padding included; --batch-size caps its pairs (default: {per_model('batch_tokens')})",
+    )
+    p.add_argument(
+        "--eval-beam",
+        type=int,
+        default=TaskOptions.eval_beam,
+        help="transformer: the test split is also decoded with this beam; 1 = greedy only (default: %(default)s)",
     )
     p.add_argument(
         "--bleu-samples",
@@ -180,13 +222,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=TaskOptions.bleu_samples,
         help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)",
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=None,
+        metavar="FIELD=VALUE",
+        help="network config fields to change, e.g. --set d_model=128 dim_feedforward=256 (default: the "
+        "config's own; fields the data decides, such as vocabulary sizes, can't be set)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bar (default: shown)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs (default: written)")
     return p
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left unset: the --quick preset first, then the model's full-run defaults.
+    """Fill the flags left unset: the --quick preset first, then the model's full-run defaults
+    (on a GPU, its GPU defaults over them).
 
     A flag given on the command line always wins, --quick or not."""
     parser = get_args_parser()
@@ -195,12 +246,15 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         for key, value in entry.quick.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)
-    for key, value in {"epochs": 10, "batch_size": 64, "lr": 1e-3, **entry.train}.items():
+    defaults = {"epochs": 10, "batch_size": 64, "lr": 1e-3, **entry.train}
+    if pick_device(args.device).type == "cuda":
+        defaults.update(entry.train_cuda)
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.output_dir is None:
         args.output_dir = ROOT / "checkpoints" / args.model
-    for name in ("epochs", "batch_size", "lr", "limit", "max_tokens", "bleu_samples"):
+    for name in ("epochs", "batch_size", "lr", "limit", "max_tokens", "bleu_samples", "batch_tokens", "eval_beam"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -226,13 +280,16 @@ def main(argv: list[str] | None = None) -> int:
         raise CLIError(f"--resume {args.resume}: data differs from the run it continues (fingerprint mismatch)")
     entry = registry.get(args.model)
     task = entry.task(ds, resumed, TaskOptions.from_args(args))
-    config_dict = resumed["config"] if resumed else config_to_dict(task.config(entry.network.config_cls))
+    config_dict = resumed["config"] if resumed else network_config(entry.network.config_cls, task, args.set)
     model = build_model(entry.network, config_dict).to(device)
     n_params = sum(p.numel() for p in model.parameters())
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(ds.splits["train"]) / args.batch_size)
-    scheduler = make_scheduler(optimizer, args.epochs * steps_per_epoch)
+    steps = sum(
+        task.n_batches("train", args.batch_size, np.random.default_rng(args.seed + e))
+        for e in range(1, args.epochs + 1)
+    )
+    scheduler = make_scheduler(optimizer, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     start_epoch, step, best, best_state, best_val, best_epoch = 1, 0, None, None, None, None
     if resumed is not None:
@@ -288,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         improved = best is None or (value > best if task.higher_is_better else value < best)
         if improved:
             best, best_val, best_epoch = value, val, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(model)
         if writer is not None:
             writer.add_scalar("train/loss", train_loss, epoch)
             for k, v in val.items():
@@ -303,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 **base,
                 "epoch": epoch,
                 "step": step,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "state_dict": snapshot(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "best": {"value": best, "epoch": best_epoch, "state_dict": best_state},

@@ -27,8 +27,11 @@ def png(pixels: np.ndarray, mode: str = "L") -> bytes:
 
 def tiny_train(model: str, out, *extra: str) -> dict:
     """Train a tiny configuration (1 epoch on a subset, 1 thread) and return the saved checkpoint."""
-    # The translator keeps only its short pairs (about 30%), so it needs more to have some in each split.
     limit = {"transformer": "1500"}.get(model, "400")
+    # A small subword vocabulary, short pairs and greedy-only test decoding keep the translator tiny.
+    small = {
+        "transformer": ["--max-tokens", "48", "--vocab-size", "500", "--eval-beam", "1", "--set", "d_model=64"]
+    }.get(model, [])
     argv = [
         "--model",
         model,
@@ -44,6 +47,7 @@ def tiny_train(model: str, out, *extra: str) -> dict:
         str(out),
         "--bleu-samples",
         "20",
+        *small,
         *extra,
     ]
     assert train.main(argv) == 0

@@ -12,7 +12,7 @@ from PIL import Image
 
 from handlers import checkpoint
 from models.image import normalize
-from models.text import Vocab, pad_batch
+from models.text import SubwordTokenizer, Vocab, pad_batch
 from scripts.data import load_dataset
 from tests.helpers import load_handler, png, run_batch
 
@@ -100,11 +100,11 @@ TEXTS = ["In the beginning God created the heavens and the earth.", "The Lord is
 def direct_translations(path, beam: int = 1) -> list[str]:
     """TEXTS translated by the checkpoint's model called directly, greedily or with a beam."""
     model, ckpt = direct_model(path)
-    src, tgt = Vocab(ckpt["vocab"]["src"]), Vocab(ckpt["vocab"]["tgt"])
-    batch = pad_batch([src.encode(t, 64, bos_eos=True) for t in TEXTS])
+    tokenizer = SubwordTokenizer(ckpt["tokenizer"])
+    batch = pad_batch([tokenizer.encode(t, bos_eos=True) for t in TEXTS])
     with torch.no_grad():
         out = model.greedy_decode(batch) if beam == 1 else model.beam_decode(batch, beam=beam)
-    return [tgt.decode(row) for row in out.tolist()]
+    return [tokenizer.decode(row) for row in out.tolist()]
 
 
 def test_translator_matches_greedy_decode_and_honours_max_length(handlers, tiny_checkpoints):
@@ -181,7 +181,7 @@ BAD = {
         ({"body": b""}, 400, "empty text"),
         ({"body": b"\xc3\x28 bad utf-8"}, 400, "not valid UTF-8"),
         ({"body": "word " * 300}, 413, "1500 characters"),
-        ({"body": "word " * 40}, 413, "40 tokens"),
+        ({"body": "word " * 60}, 413, "subword tokens, this model translates at most 48"),
         ({"body": {"text": "hello", "max_length": 0}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": "5"}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": 10_000}}, 400, "'max_length' must be at most"),

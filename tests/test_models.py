@@ -142,3 +142,19 @@ def test_beam_search_is_batched_and_finds_at_least_greedys_score():
         assert torch.equal(
             model.beam_decode(src[i : i + 1], beam=4, max_length=8, alpha=0.0)[0, : beam.shape[1]], beam[i]
         )
+
+
+def test_tied_embeddings_share_one_matrix_and_survive_a_weights_only_round_trip(tmp_path):
+    cfg = TransformerConfig(src_vocab_size=30, tgt_vocab_size=30, d_model=32, nhead=4, dim_feedforward=64, max_len=16)
+    model = build_model(Translator, config_to_dict(dataclasses.replace(cfg, tie_embeddings=True))).eval()
+    untied = build_model(Translator, config_to_dict(cfg))
+    assert model.src_embed.weight is model.tgt_embed.weight is model.out.weight
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(untied) - n(model) == 2 * 30 * 32
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    again = build_model(Translator, config_to_dict(dataclasses.replace(cfg, tie_embeddings=True)))
+    again.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    src = torch.randint(4, 30, (2, 7))
+    torch.testing.assert_close(again.eval()(src, src), model(src, src), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one vocabulary"):
+        Translator(dataclasses.replace(cfg, tgt_vocab_size=40, tie_embeddings=True))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from handlers import checkpoint
-from models.text import Vocab, pad_batch
+from models.text import SubwordTokenizer, Vocab, pad_batch
 from scripts import train
 from scripts.common import ROOT
 from tests.helpers import tiny_train
@@ -20,8 +20,8 @@ def _inputs(ckpt: dict) -> tuple:
     if ckpt["model_name"] == "lstm":
         v = Vocab(ckpt["vocab"])
         return (pad_batch([v.encode("a gripping, funny film"), v.encode("dull and far too long")]),)
-    v = Vocab(ckpt["vocab"]["src"])
-    return (pad_batch([v.encode("in the beginning", 8, bos_eos=True), v.encode("god said", 8, bos_eos=True)]),)
+    t = SubwordTokenizer(ckpt["tokenizer"])
+    return (pad_batch([t.encode("In the beginning", 8, bos_eos=True), t.encode("God said", 8, bos_eos=True)]),)
 
 
 @pytest.mark.parametrize("model", ["cnn", "lstm", "transformer"])
@@ -33,9 +33,13 @@ def test_tiny_run_writes_a_self_describing_checkpoint_that_rebuilds_identically(
         assert key in ckpt, key
     assert ckpt["versions"]["torch"] == torch.__version__
     assert len(ckpt["data"]["fingerprint"]) == 64 and ckpt["epoch"] == 1
-    assert set(ckpt["metrics"]["test"]) >= ({"accuracy"} if model != "transformer" else {"loss", "bleu", "perplexity"})
+    assert set(ckpt["metrics"]["test"]) >= (
+        {"accuracy"} if model != "transformer" else {"loss", "bleu", "bleu20", "perplexity"}
+    )
     if model == "transformer":
-        assert set(ckpt["vocab"]) == {"src", "tgt"}
+        assert isinstance(ckpt["tokenizer"], bytes) and ckpt["config"]["tie_embeddings"]
+        sd = ckpt["state_dict"]  # the tied matrix is stored once, not three times
+        assert sd["src_embed.weight"].data_ptr() == sd["tgt_embed.weight"].data_ptr() == sd["out.weight"].data_ptr()
     else:
         assert ckpt["labels"]
     # The same weights, rebuilt twice from the stored config, give identical outputs.
@@ -64,6 +68,25 @@ def test_resume_continues_from_last_and_refuses_another_model(tmp_path):
         train.main(["--model", "lstm", "--resume", str(out / "last.pt"), "--output-dir", str(tmp_path / "x")])
 
 
+def test_set_changes_network_fields_and_refuses_what_the_data_decides(tmp_path):
+    from models.transformer import TransformerConfig
+    from scripts.data import load_dataset
+    from scripts.tasks import TaskOptions, TranslationTask
+
+    task = TranslationTask(load_dataset("transformer", limit=300), None, TaskOptions(vocab_size=200))
+    cfg = train.network_config(TransformerConfig, task, ["d_model=64", "num_encoder_layers=3", "dropout=0.3"])
+    assert (cfg["d_model"], cfg["num_encoder_layers"], cfg["dropout"]) == (64, 3, 0.3)
+    assert cfg["src_vocab_size"] == len(task.tokenizer)
+    for bad, message in [
+        ("src_vocab_size=10", "comes from the data"),
+        ("d_model=wide", "must be int"),
+        ("width=3", "expected FIELD=VALUE"),
+        ("d_model", "expected FIELD=VALUE"),
+    ]:
+        with pytest.raises(train.CLIError, match=message):
+            train.network_config(TransformerConfig, task, [bad])
+
+
 def test_quick_fills_only_what_the_command_line_left_unset():
     quick = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "lstm", "--quick"]))
     assert (quick.epochs, quick.limit, quick.batch_size) == (2, 4000, 64)
@@ -73,8 +96,8 @@ def test_quick_fills_only_what_the_command_line_left_unset():
         )
     )
     assert (mine.epochs, mine.limit, mine.bleu_samples) == (5, 300, 7)
-    full = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "transformer"]))
-    assert (full.epochs, full.limit, full.lr, full.bleu_samples) == (12, None, 7e-4, 500)
+    full = train.resolve_defaults(train.get_args_parser().parse_args(["--model", "transformer", "--device", "cpu"]))
+    assert (full.epochs, full.limit, full.lr, full.bleu_samples, full.batch_tokens) == (4, None, 1e-3, 500, 4000)
 
 
 @pytest.mark.parametrize(
@@ -117,3 +140,26 @@ def test_the_cached_greedy_decode_equals_the_uncached_one_on_the_test_split(tiny
         assert torch.equal(model.greedy_decode(src), model.greedy_decode(src, cache=False))
         rows += len(src)
     assert rows == len(ds.splits["test"]) > 0
+
+
+def test_translation_batches_are_token_bounded_cover_each_pair_once_and_keep_the_test_split_whole():
+    import numpy as np
+
+    from scripts.data import load_dataset
+    from scripts.tasks import TaskOptions, TranslationTask
+
+    ds = load_dataset("transformer", limit=600)
+    test_before = ds.splits["test"].copy()
+    task = TranslationTask(ds, None, TaskOptions(max_tokens=40, vocab_size=300, batch_tokens=600))
+    assert np.array_equal(ds.splits["test"], test_before)  # test_all: every pair, long ones cut
+    assert all(len(task.src[i]) <= 42 and len(task.tgt[i]) <= 42 for i in ds.splits["train"])
+    assert set(task.test20) <= set(test_before) and len(task.test20) > 0
+    for rng in (np.random.default_rng(1), None):
+        plan = task.plan("train", 16, rng)
+        assert sorted(np.concatenate(plan).tolist()) == sorted(ds.splits["train"].tolist())
+        for g in plan:
+            widest = max(max(len(task.src[i]), len(task.tgt[i])) for i in g)
+            assert len(g) <= 16 and (len(g) == 1 or len(g) * 2 * widest <= 600)
+    assert task.n_batches("train", 16, np.random.default_rng(1)) == len(
+        task.plan("train", 16, np.random.default_rng(1))
+    )
