@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -170,6 +171,8 @@ class CheckpointHandler(BaseHandler):
 
     task: str = ""  # the checkpoint task this handler serves (a checkpoint for another is refused)
     busy_dir: str | None = None  # set by initialize from TS_BUSY_DIR
+    # A profiler (scripts/bench.py) sets a StageClock to have the batch path timed stage by stage.
+    stages: StageClock | None = None
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
     common_defaults: dict[str, Any] = {  # options every handler takes
         "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
@@ -273,10 +276,14 @@ class CheckpointHandler(BaseHandler):
 
     def predict_items(self, items: list[Any]) -> list[Any]:
         """preprocess -> inference -> postprocess for already-parsed items (one forward)."""
+        clock = self.stages or _no_clock
         with torch.inference_mode(), self._autocast():
-            batch = self.preprocess(items)
-            output = self.inference(batch, items)
-        return self.postprocess(output, items)
+            with clock("preprocess"):
+                batch = self.preprocess(items)
+            with clock("inference"):
+                output = self.inference(batch, items)
+        with clock("postprocess"):
+            return self.postprocess(output, items)
 
     def _autocast(self):
         if self.device.type == "cuda" and self.autocast_dtype is not None:
@@ -296,6 +303,7 @@ class CheckpointHandler(BaseHandler):
 
     def _handle(self, data: list[dict], context) -> list[Any]:
         self.context = context
+        clock = self.stages or _no_clock
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(data)
         groups: list[tuple[int, int, bool, bool]] = []  # (request index, item count, sent a list, explain)
@@ -309,9 +317,10 @@ class CheckpointHandler(BaseHandler):
                         "text/plain or application/json, or use curl -T",
                         415,
                     )
-                payload = maybe_json(request_payload(request or {}))
-                explain = _wants_explanation(context, i, payload)
-                parsed, many = self.parse(payload)
+                with clock("parse"):
+                    payload = maybe_json(request_payload(request or {}))
+                    explain = _wants_explanation(context, i, payload)
+                    parsed, many = self.parse(payload)
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
                 continue
@@ -339,11 +348,12 @@ class CheckpointHandler(BaseHandler):
                         results[i] = self._fail(context, i, refused)
                 groups = [g for g in groups if not g[3]]
         pos = {False: 0, True: 0}
-        for i, n, many, explain in groups:
-            out = answers[explain][pos[explain] : pos[explain] + n]
-            pos[explain] += n
-            results[i] = _json(out if many else out[0])
-            context.set_response_content_type(i, "application/json; charset=utf-8")
+        with clock("serialise"):
+            for i, n, many, explain in groups:
+                out = answers[explain][pos[explain] : pos[explain] + n]
+                pos[explain] += n
+                results[i] = _json(out if many else out[0])
+                context.set_response_content_type(i, "application/json; charset=utf-8")
         for i in range(len(data)):
             context.set_response_header(i, "X-Batch-Size", str(len(data)))
             context.set_response_header(i, "X-Model-Version", self.version)
@@ -434,6 +444,37 @@ class CompiledForward(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.runner(x)
+
+
+class StageClock:
+    """CPU and wall seconds spent in each stage of the batch path: parse (body -> items, image
+    decoding included), preprocess (tensor assembly and the copy to the device), inference,
+    postprocess (model output -> answers) and serialise (answers -> JSON bytes).
+
+    CPU time is the whole process's (torch's intra-op threads included). On CUDA each stage waits
+    for the GPU before its wall clock stops, so work is charged to the stage that queued it.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        self.cpu: collections.Counter = collections.Counter()
+        self.wall: collections.Counter = collections.Counter()
+        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync is not None:
+                self._sync()
+            self.cpu[stage] += time.process_time() - cpu
+            self.wall[stage] += time.perf_counter() - wall
+
+
+@contextlib.contextmanager
+def _no_clock(stage: str):
+    yield
 
 
 def _json(answer: Any) -> bytes:

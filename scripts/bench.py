@@ -250,8 +250,43 @@ def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> 
             "forward_items_per_s": bs / forward,
             "handler_ms": 1000 * full,
             "handler_items_per_s": bs / full,
+            **stage_profile(handler, ctx, reqs, repeats),
         }
     return out
+
+
+STAGES = ("parse", "preprocess", "inference", "postprocess", "serialise")
+
+
+def stage_profile(handler, ctx, reqs: list[dict], repeats: int) -> dict:
+    """CPU and wall ms per request in each stage of the handler's batch path (handlers.base.StageClock),
+    with the torch threads of one served worker (its model config's ``threads``), so that CPU time is
+    what a worker spends, not idle threads spinning."""
+    import torch
+    import yaml
+
+    from handlers.base import StageClock
+
+    from .inprocess import run_batch
+
+    config = yaml.safe_load(registry.get(ctx.model_name).config_path.read_text())
+    threads = (config.get("handler") or {}).get("threads") or os.cpu_count() or 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    run_batch(handler, ctx, reqs)  # warm-up at this thread count
+    handler.stages = clock = StageClock(handler.device)
+    try:
+        for _ in range(repeats):
+            run_batch(handler, ctx, reqs)
+    finally:
+        handler.stages = None
+        torch.set_num_threads(before)
+    n = repeats * len(reqs)
+    return {
+        "stage_threads": threads,
+        "stage_cpu_ms": {k: 1000 * clock.cpu[k] / n for k in STAGES},
+        "stage_wall_ms": {k: 1000 * clock.wall[k] / n for k in STAGES},
+    }
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
@@ -317,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         help="checkpoints for the archive timing and the in-process limit (default: checkpoints)",
     )
     p.add_argument("--output", type=Path, default=RESULTS, help="results folder (default: bench/results)")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="only the in-process limit and the handler path's cost by stage, no server: seconds (default: off)",
+    )
     args = p.parse_args(argv)
     levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
 
@@ -351,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "models": {},
     }
     inputs = {m: request_inputs(m, 64) for m in args.models}
+    if args.stages:
+        return write_stages(result, args, inputs, repeats)
 
     # Archive build time, into a scratch store (the real one is what we serve).
     with tempfile.TemporaryDirectory() as tmp:
@@ -493,6 +535,7 @@ def write(result: dict, out: Path) -> None:
             f"| {m} | {bs} | {r['limit'][bs]['forward_items_per_s']:.0f} | {r['limit'][bs]['handler_items_per_s']:.0f} | "
             f"{r['served_over_limit']:.2f} | {r['overhead_c1_p50_ms']:.1f} ms | {r['archive_s']:.1f} s | {r['mar_mib']:.1f} MiB | {cap_s} |"
         )
+    lines += ["", *stage_table(result)]
     targets = hpa_targets(result)
     if targets:
         sets = " ".join(f"--set autoscaling.targetRequestsPerSecond.{m}={t}" for m, t in targets.items())
@@ -513,6 +556,45 @@ def write(result: dict, out: Path) -> None:
     plot(result, Path(f"{stem}.png"))
     print("\n".join(lines))
     print(f"\nwrote {stem}.json, .md, .png")
+
+
+def stage_table(result: dict) -> list[str]:
+    lines = [
+        "Handler path by stage at the config's batch size, with one served worker's torch threads: CPU ms "
+        "per request (wall ms in brackets; CPU counts every thread of the process):",
+        "",
+        f"| model | device | batch | {' | '.join(STAGES)} | handler items/s | forward share |",
+        "|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+    ]
+    for m, r in result["models"].items():
+        row = r["limit"][str(r["batch_size"])]
+        cells = " | ".join(f"{row['stage_cpu_ms'][k]:.3f} ({row['stage_wall_ms'][k]:.3f})" for k in STAGES)
+        lines.append(
+            f"| {m} | {r['limit']['device']} | {r['batch_size']} | {cells} | {row['handler_items_per_s']:.0f} | "
+            f"{row['forward_ms'] / row['handler_ms']:.0%} |"
+        )
+    return lines
+
+
+def write_stages(result: dict, args, inputs: dict, repeats: int) -> int:
+    """``--stages``: the in-process limit and the stage profile of each model, no server."""
+    for m in args.models:
+        bs = registry.get(m).batch_size
+        limit = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs[m], [bs], repeats)
+        result["models"][m] = {"batch_size": bs, "limit": limit}
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = args.output / (result["started"].replace(":", "").replace("-", "") + "-stages")
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Handler stages {result['started']}, {result['machine']['cpus']} CPUs, torch {result['machine']['torch']}, "
+        f"CUDA {result['machine']['cuda']}",
+        "",
+        *stage_table(result),
+    ]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {stem}.json, .md")
+    return 0
 
 
 def hpa_targets(result: dict, headroom: float = 0.7) -> dict[str, int]:

@@ -184,3 +184,28 @@ def test_soak_judges_failures_outside_the_kill_window():
     assert not late["passed"] and late["failures"] == {"good:lstm grpc 500": 1}
     restarted = judge(records, before, {"lstm": {8, 10}, "cnn": {11}}, kill, "lstm", 10.0, {"deep_json": "lstm"})
     assert not restarted["passed"] and restarted["unexpected_restarts"] == {"cnn": [9]}
+
+
+def test_stages_profile_the_handler_path_without_a_server(tiny_checkpoints, tmp_path):
+    ckpts = tiny_checkpoints["cnn"].parent.parent
+    argv = [
+        "--stages",
+        "--quick",
+        "--models",
+        *registry.names(),
+        "--checkpoints",
+        str(ckpts),
+        "--output",
+        str(tmp_path),
+    ]
+    assert bench.main(argv) == 0
+    [js] = tmp_path.glob("*-stages.json")
+    result = json.loads(js.read_text())
+    for m, r in result["models"].items():
+        row = r["limit"][str(registry.get(m).batch_size)]
+        assert set(row["stage_cpu_ms"]) == set(bench.STAGES) == set(row["stage_wall_ms"])
+        # Every stage ran and took time; together they are the handler path (which has a little more).
+        assert all(v > 0 for v in row["stage_wall_ms"].values()), (m, row)
+        assert sum(row["stage_wall_ms"].values()) <= row["handler_ms"] / registry.get(m).batch_size * 1.5
+    md = next(tmp_path.glob("*-stages.md")).read_text()
+    assert "| cnn | cpu |" in md and "parse | preprocess | inference | postprocess | serialise" in md
