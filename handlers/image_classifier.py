@@ -26,6 +26,9 @@ class ImageClassifierHandler(CheckpointHandler):
         "max_bytes": 10 * 1024 * 1024,  # encoded image size limit
         "max_pixels": 4096 * 4096,  # decoded size limit: refuses decompression bombs before decoding
         "invert_light": True,  # invert dark-on-light images to MNIST's light-on-dark
+        # NHWC tensors: convolutions and pooling ran 1.5-2x faster than NCHW on CPU (README,
+        # Performance). Ignored by the aoti variant, which keeps the layout it was compiled for.
+        "channels_last": True,
         "explain_steps": 32,  # Integrated Gradients steps per explained image (its cost: steps x a forward+backward)
     }
 
@@ -33,6 +36,10 @@ class ImageClassifierHandler(CheckpointHandler):
         self.labels = list(ckpt["labels"])
         pre = ckpt["preprocess"]
         self.mean, self.std, self.size = pre["mean"], pre["std"], pre["image_size"]
+        self.memory_format = torch.contiguous_format
+        if self.options["channels_last"] and self.options["optimize"] != "aoti":
+            self.memory_format = torch.channels_last
+            self.model = self.model.to(memory_format=self.memory_format)
 
     def parse(self, payload: Any):
         topk, heatmap = self.options["topk"], False
@@ -81,17 +88,18 @@ class ImageClassifierHandler(CheckpointHandler):
 
     def preprocess(self, items):
         x = normalize(np.stack([pixels for pixels, _, _ in items]), self.mean, self.std)
-        return torch.from_numpy(x).to(self.device)
+        return torch.from_numpy(x).to(self.device).contiguous(memory_format=self.memory_format)
 
     def inference(self, batch, items=None):
         return torch.softmax(self.model(batch).float(), dim=-1)
 
     def postprocess(self, probs, items=None):
-        out = []
-        for row, (_, k, _) in zip(probs.cpu(), items, strict=True):
-            p, idx = row.topk(k)
-            out.append({self.labels[i]: round(float(v), 6) for v, i in zip(p.tolist(), idx.tolist(), strict=True)})
-        return out
+        # One top-k for the batch and one copy to Python: per-row tensor calls cost more than the work.
+        p, idx = probs.topk(max(k for _, k, _ in items), dim=-1)
+        return [
+            {self.labels[i]: round(v, 6) for v, i in zip(pr[:k], ir[:k], strict=True)}
+            for pr, ir, (_, k, _) in zip(p.cpu().tolist(), idx.cpu().tolist(), items, strict=True)
+        ]
 
     def explain_items(self, items):
         """The predicted label, and Integrated Gradients of its logit per pixel (28x28, the model's

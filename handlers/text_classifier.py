@@ -36,8 +36,9 @@ class TextClassifierHandler(CheckpointHandler):
             raise PayloadTooLarge(f"text is {len(text)} characters, the limit is {self.options['max_chars']}")
         if not text.strip():
             raise InvalidInput("empty text")
-        ids = TokenIds(self.vocab.encode(text, self.max_tokens) or [PAD_ID])  # punctuation-only text still runs
-        ids.words = tokenize(text)[: self.max_tokens]  # as sent, where the vocabulary has <unk>
+        words = tokenize(text)[: self.max_tokens]
+        ids = TokenIds(self.vocab.ids(words) or [PAD_ID])  # punctuation-only text still runs
+        ids.words = words  # as sent, where the vocabulary has <unk>
         return ids
 
     def preprocess(self, items):
@@ -71,10 +72,11 @@ class TextClassifierHandler(CheckpointHandler):
         return out
 
     def postprocess(self, probs, items=None):
+        # One copy to Python for the batch: per-row tensor calls cost more than the work.
         return [
             {
-                "label": self.labels[int(row.argmax())],
-                "probabilities": {line: round(float(p), 6) for line, p in zip(self.labels, row.tolist(), strict=True)},
+                "label": self.labels[max(range(len(row)), key=row.__getitem__)],
+                "probabilities": {line: round(p, 6) for line, p in zip(self.labels, row, strict=True)},
             }
-            for row in probs.cpu()
+            for row in probs.cpu().tolist()
         ]
