@@ -25,13 +25,15 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 MARS := $(patsubst %,$(STORE)/%.mar,$(MODELS))
-CODE := $(wildcard handlers/*.py models/*.py) scripts/archive.py scripts/registry.py
+CODE := $(wildcard handlers/*.py models/*.py handlers/config/profiles/*.yaml) scripts/archive.py scripts/registry.py
 PROTOS := scripts/grpc_gen/inference_pb2_grpc.py
 K8S_VENV := .venv/k8s
 K8S_STAMP := $(K8S_VENV)/.installed
 IMAGE ?= registry.example.com/ml/torchserve-models:0.1.0
 BENCH ?= full
 VARIANT ?=
+# Serving profile: empty for the configs as they are (2 CPU cores), gpu for GPU nodes (handlers/config/profiles/).
+PROFILE ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
@@ -65,7 +67,7 @@ train-all: install ## train all three models with their full defaults
 train-quick: install ## seconds-long training of every model in MODELS (checkpoints/<model>/)
 	@for m in $(MODELS); do $(PY) -m scripts.train --model $$m --quick --no-progress $(ARGS) || exit 1; done
 
-archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0, VARIANT=int8|aoti), quick-training missing checkpoints
+archive: install $(MARS) ## build model-store/<model>.mar for MODELS (VERSION=1.0, VARIANT=int8|aoti, PROFILE=gpu), quick-training missing checkpoints
 	@$(PY) -m scripts.archive verify --model-store $(STORE) $(addprefix --model ,$(MODELS))
 
 $(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
@@ -73,11 +75,11 @@ $(CHECKPOINT_DIR)/%/checkpoint.pt: | $(STAMP)
 
 $(STORE)/%.mar: $(CHECKPOINT_DIR)/%/checkpoint.pt handlers/config/%.yaml $(CODE) $(STORE)/.version | $(STAMP)
 	$(PY) -m scripts.archive build --model $* --version $(VERSION) --checkpoint $< --export-path $(STORE) \
-	  $(if $(VARIANT),--optimize $(VARIANT))
+	  $(if $(VARIANT),--optimize $(VARIANT)) $(if $(PROFILE),--profile $(PROFILE))
 
-# Rewritten only when VERSION or VARIANT changes, so either rebuilds the archives and nothing else does.
+# Rewritten only when VERSION, VARIANT or PROFILE changes, so each rebuilds the archives and nothing else does.
 $(STORE)/.version: FORCE
-	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION) $(VARIANT)" ] || echo "$(VERSION) $(VARIANT)" > $@
+	@mkdir -p $(STORE); [ "$$(cat $@ 2>/dev/null)" = "$(VERSION) $(VARIANT) $(PROFILE)" ] || echo "$(VERSION) $(VARIANT) $(PROFILE)" > $@
 
 verify-archives: install ## recompute every archive's sha256 and size against model-store/manifest.json
 	$(PY) -m scripts.archive verify --model-store $(STORE)

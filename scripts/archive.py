@@ -81,12 +81,35 @@ def normalise_zip(src: Path, dst: Path, created: str) -> None:
                 zout.writestr(out, data, compresslevel=6)
 
 
-def variant_config(config: Path, optimize: str, tmp: Path) -> Path:
-    """A copy of the model config with handler.optimize set, for an optimised archive."""
+PROFILES = ROOT / "handlers" / "config" / "profiles"
+
+
+def profile_settings(profile: str, model: str) -> dict:
+    """What a serving profile (handlers/config/profiles/<profile>.yaml) changes in a model's config."""
+    import yaml
+
+    path = PROFILES / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+        raise CLIError(f"--profile {profile}: no {path.relative_to(ROOT)} (profiles: {known})")
+    models = yaml.safe_load(path.read_text()).get("models") or {}
+    return models.get(model) or {}
+
+
+def variant_config(
+    config: Path, tmp: Path, model: str, optimize: str | None = None, profile: str | None = None
+) -> Path:
+    """A copy of the model config with a profile's settings and handler.optimize applied."""
     import yaml
 
     values = yaml.safe_load(config.read_text())
-    values.setdefault("handler", {})["optimize"] = optimize
+    for key, value in (profile_settings(profile, model) if profile else {}).items():
+        if key == "handler":
+            values.setdefault("handler", {}).update(value)
+        else:
+            values[key] = value
+    if optimize:
+        values.setdefault("handler", {})["optimize"] = optimize
     out = tmp / config.name
     out.write_text(yaml.safe_dump(values, sort_keys=False))
     return out
@@ -119,7 +142,15 @@ def compile_aoti(model_name: str, ckpt: dict, dest: Path) -> Path:
         return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(dest)))
 
 
-def build(model: str, checkpoint: Path, version: str, export: Path, config: Path, optimize: str | None = None) -> dict:
+def build(
+    model: str,
+    checkpoint: Path,
+    version: str,
+    export: Path,
+    config: Path,
+    optimize: str | None = None,
+    profile: str | None = None,
+) -> dict:
     handler = registry.get(model).handler_file.name
     ckpt = registry.load_checkpoint(checkpoint, model)
     if not config.is_file():
@@ -129,14 +160,14 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
     )
     if archiver is None:
         raise CLIError("torch-model-archiver not found; run `make install`")
-    variant = optimize or _config_optimize(config)
     export.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="archive-") as tmp:
         stage, out = Path(tmp) / "stage", Path(tmp) / "out"
         out.mkdir()
         extra = stage_packages(stage)
-        if optimize:
-            config = variant_config(config, optimize, Path(tmp))
+        if optimize or profile:
+            config = variant_config(config, Path(tmp), model, optimize, profile)
+        variant = _config_optimize(config)
         if variant == "aoti":
             from handlers.base import AOTI_PACKAGE
 
@@ -175,6 +206,7 @@ def build(model: str, checkpoint: Path, version: str, export: Path, config: Path
         "checkpoint_size": checkpoint.stat().st_size,
         "handler": handler,
         "optimize": variant,
+        "profile": profile or "default",
         "metrics": ckpt["metrics"]["test"],
         "data_fingerprint": ckpt["data"]["fingerprint"],
         "versions": {
@@ -271,6 +303,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="optimisation variant written into the archive's config (default: the config's own, none)",
     )
+    b.add_argument(
+        "--profile",
+        default=None,
+        help="serving profile: handlers/config/profiles/<name>.yaml changes workers, batching and handler "
+        "options for that kind of node, e.g. gpu (default: none, the configs as they are: 2 CPU cores)",
+    )
     v = sub.add_parser("verify", help="recompute sha256 and sizes against manifest.json")
     v.add_argument(
         "--model-store", type=Path, default=ROOT / "model-store", help="folder with the archives (default: model-store)"
@@ -286,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         ckpt = args.checkpoint or ROOT / "checkpoints" / args.model / "checkpoint.pt"
         config = args.config or registry.get(args.model).config_path
-        e = build(args.model, ckpt, args.version, args.export_path, config, args.optimize)
+        e = build(args.model, ckpt, args.version, args.export_path, config, args.optimize, args.profile)
         print(
             f"{args.export_path / e['file']}: version {e['version']}, {e['size'] / 1e6:.2f} MB "
             f"(checkpoint {e['checkpoint_size'] / 1e6:.2f} MB), sha256 {e['sha256'][:16]}…"

@@ -195,6 +195,7 @@ VARIANTS = {  # value sets every check also covers, beside the defaults
         "--set",
         "groups.transformer.autoscaling.maxReplicas=16",
     ],
+    "gpu-profile": ["-f", str(CHART / "values-gpu.yaml")],
     "pvc-source-token-auth": [
         "--set",
         "models.source.type=pvc",

@@ -70,6 +70,30 @@ def test_a_new_version_rebuilds(store, tmp_path):
     assert entry["size"] > entry["checkpoint_size"] * 0.5 and entry["metrics"]["accuracy"] >= 0
 
 
+def test_the_gpu_profile_rebuilds_with_its_settings_and_leaves_the_rest_of_the_config(store, tmp_path):
+    import yaml
+
+    ckpts, src = store
+    out = tmp_path / "store"
+    shutil.copytree(src, out)
+    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=transformer", "PROFILE=gpu")
+    assert proc.returncode == 0 and "--profile gpu" in proc.stdout, proc.stderr
+    assert json.loads((out / "manifest.json").read_text())["archives"]["transformer"]["profile"] == "gpu"
+    with zipfile.ZipFile(out / "transformer.mar") as z:
+        served = yaml.safe_load(z.read("transformer.yaml"))
+    base = yaml.safe_load(registry.get("transformer").config_path.read_text())
+    profile = yaml.safe_load((archive.PROFILES / "gpu.yaml").read_text())
+    assert profile["node"] and set(profile["models"]) == set(registry.REGISTRY)
+    changes = profile["models"]["transformer"]
+    assert served == {**base, **changes, "handler": {**base["handler"], **changes["handler"]}}
+    assert served["minWorkers"] != base["minWorkers"] and served["handler"]["max_beam"] == base["handler"]["max_beam"]
+    with pytest.raises(archive.CLIError, match="--profile tpu: no handlers/config/profiles/tpu.yaml"):
+        archive.profile_settings("tpu", "cnn")
+    # Back to no profile: the archive as before, byte for byte.
+    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=transformer").returncode == 0
+    assert sha256_file(out / "transformer.mar") == sha256_file(src / "transformer.mar")
+
+
 def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store, tmp_path):
     """make archive VARIANT=aoti: the forward compiled by AOTInductor (a real C++ build, ~40 s)."""
     from scripts.data import load_dataset
