@@ -38,6 +38,25 @@ def detokenize(tokens: Sequence[str]) -> str:
     return "".join(out)
 
 
+def frame(ids: list[int], max_len: int | None, bos_eos: bool) -> list[int]:
+    """Cut ids to ``max_len``, with <bos> and <eos> around them (inside the limit) when asked."""
+    if bos_eos:
+        body = ids if max_len is None else ids[: max_len - 2]
+        return [BOS_ID, *body, EOS_ID]
+    return ids if max_len is None else ids[:max_len]
+
+
+def content(ids: Iterable[int]) -> list[int]:
+    """The ids a decoder produced, up to the first <eos>, without <pad> and <bos> (and no negatives)."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i not in (PAD_ID, BOS_ID) and i >= 0:
+            out.append(i)
+    return out
+
+
 class Vocab:
     """Token <-> id map with the shared special tokens first."""
 
@@ -66,21 +85,10 @@ class Vocab:
         return [get(tok, UNK_ID) for tok in tokens]
 
     def encode(self, text: str, max_len: int | None = None, bos_eos: bool = False) -> list[int]:
-        ids = self.ids(tokenize(text))
-        if bos_eos:
-            body = ids if max_len is None else ids[: max_len - 2]
-            return [BOS_ID, *body, EOS_ID]
-        return ids if max_len is None else ids[:max_len]
+        return frame(self.ids(tokenize(text)), max_len, bos_eos)
 
     def decode(self, ids: Iterable[int]) -> str:
-        toks = []
-        for i in ids:
-            if i == EOS_ID:
-                break
-            if i in (PAD_ID, BOS_ID):
-                continue
-            toks.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
-        return detokenize(toks)
+        return detokenize([self.itos[i] if i < len(self.itos) else UNK for i in content(ids)])
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tensor:
@@ -152,20 +160,10 @@ class SubwordTokenizer:
         return len(self.sp.encode(text))
 
     def encode(self, text: str, max_len: int | None = None, bos_eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
-        if bos_eos:
-            body = ids if max_len is None else ids[: max_len - 2]
-            return [BOS_ID, *body, EOS_ID]
-        return ids if max_len is None else ids[:max_len]
+        return frame(self.sp.encode(text), max_len, bos_eos)
 
     def decode(self, ids: Iterable[int]) -> str:
-        out = []
-        for i in ids:
-            if i == EOS_ID:
-                break
-            if i not in (PAD_ID, BOS_ID) and 0 <= i < len(self):
-                out.append(i)
-        return self.sp.decode(out)
+        return self.sp.decode([i for i in content(ids) if i < len(self)])
 
     def piece(self, i: int) -> str:
         return self.sp.id_to_piece(i)

@@ -70,15 +70,30 @@ def test_a_new_version_rebuilds(store, tmp_path):
     assert entry["size"] > entry["checkpoint_size"] * 0.5 and entry["metrics"]["accuracy"] >= 0
 
 
-def test_the_gpu_profile_rebuilds_with_its_settings_and_leaves_the_rest_of_the_config(store, tmp_path):
-    import yaml
-
+def rebuild_one(store, tmp_path, model: str, setting: str) -> tuple:
+    """A copy of the store, with ``model`` rebuilt by `make archive <setting>` (e.g. PROFILE=gpu);
+    returns (the copy, its manifest entry for the model)."""
     ckpts, src = store
     out = tmp_path / "store"
     shutil.copytree(src, out)
-    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=transformer", "PROFILE=gpu")
-    assert proc.returncode == 0 and "--profile gpu" in proc.stdout, proc.stderr
-    assert json.loads((out / "manifest.json").read_text())["archives"]["transformer"]["profile"] == "gpu"
+    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", f"MODELS={model}", setting)
+    flag = {"PROFILE": "--profile", "VARIANT": "--optimize"}[setting.split("=")[0]]
+    assert proc.returncode == 0 and f"{flag} {setting.split('=')[1]}" in proc.stdout, proc.stderr
+    return out, json.loads((out / "manifest.json").read_text())["archives"][model]
+
+
+def back_to_default(store, out, model: str) -> None:
+    """`make archive` without the setting rebuilds the archive as it was, byte for byte."""
+    ckpts, src = store
+    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", f"MODELS={model}").returncode == 0
+    assert sha256_file(out / f"{model}.mar") == sha256_file(src / f"{model}.mar")
+
+
+def test_the_gpu_profile_rebuilds_with_its_settings_and_leaves_the_rest_of_the_config(store, tmp_path):
+    import yaml
+
+    out, entry = rebuild_one(store, tmp_path, "transformer", "PROFILE=gpu")
+    assert entry["profile"] == "gpu"
     with zipfile.ZipFile(out / "transformer.mar") as z:
         served = yaml.safe_load(z.read("transformer.yaml"))
     base = yaml.safe_load(registry.get("transformer").config_path.read_text())
@@ -89,9 +104,7 @@ def test_the_gpu_profile_rebuilds_with_its_settings_and_leaves_the_rest_of_the_c
     assert served["minWorkers"] != base["minWorkers"] and served["handler"]["max_beam"] == base["handler"]["max_beam"]
     with pytest.raises(archive.CLIError, match="--profile tpu: no handlers/config/profiles/tpu.yaml"):
         archive.profile_settings("tpu", "cnn")
-    # Back to no profile: the archive as before, byte for byte.
-    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=transformer").returncode == 0
-    assert sha256_file(out / "transformer.mar") == sha256_file(src / "transformer.mar")
+    back_to_default(store, out, "transformer")
 
 
 def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store, tmp_path):
@@ -99,12 +112,9 @@ def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store
     from scripts.data import load_dataset
     from tests.helpers import load_handler, png, run_batch
 
-    ckpts, src = store
-    out = tmp_path / "store"
-    shutil.copytree(src, out)
-    proc = make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn", "VARIANT=aoti")
-    assert proc.returncode == 0 and "--optimize aoti" in proc.stdout, proc.stderr
-    assert json.loads((out / "manifest.json").read_text())["archives"]["cnn"]["optimize"] == "aoti"
+    ckpts, _ = store
+    out, entry = rebuild_one(store, tmp_path, "cnn", "VARIANT=aoti")
+    assert entry["optimize"] == "aoti"
     with zipfile.ZipFile(out / "cnn.mar") as z:
         z.extractall(tmp_path / "cnn")
     x, _ = load_dataset("cnn").take("test")
@@ -117,9 +127,7 @@ def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store
     assert [s for s, _ in sa] == [s for s, _ in sb] == [200] * 5
     for ea, fa in zip(a, b, strict=True):
         assert list(ea) == list(fa) and max(abs(ea[k] - fa[k]) for k in ea) < 1e-4, (ea, fa)
-    # Back to no variant: rebuilt as the eager archive, byte for byte.
-    assert make("archive", f"CHECKPOINT_DIR={ckpts}", f"STORE={out}", "MODELS=cnn").returncode == 0
-    assert sha256_file(out / "cnn.mar") == sha256_file(src / "cnn.mar")
+    back_to_default(store, out, "cnn")
 
 
 def test_aoti_is_refused_where_it_cannot_work(store, tmp_path):
