@@ -93,7 +93,7 @@ REGISTRY: dict[str, ModelEntry] = {
             # Sized for 2 CPU cores: about 25 minutes. A GPU affords many more epochs of larger batches.
             train=dict(epochs=4, batch_size=256, batch_tokens=4000, lr=1e-3),
             train_cuda=dict(epochs=40, batch_tokens=6000),
-            # --quick: a quarter-size network on the shorter pairs, about 90 s on 2 CPU cores. It
+            # --quick: a quarter-size network on the shorter pairs, about 2 minutes on 2 CPU cores. It
             # writes Spanish (Bible register, no <unk>) but does not yet translate; the full run does.
             quick=dict(
                 epochs=6,
