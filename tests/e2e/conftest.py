@@ -21,11 +21,18 @@ def cluster() -> Cluster:
     return Cluster.from_env()
 
 
+_reported: list[BaseException] = []  # failures whose evidence is attached already
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.when == "call" and report.failed:
+    # A failing module fixture (the release not getting Ready) fails at setup, and the same error
+    # then errors every test that uses it: its evidence is attached once, to the first.
+    error = call.excinfo.value if call.excinfo else None
+    if report.when in ("setup", "call") and report.failed and not any(error is e for e in _reported):
+        _reported.append(error)
         script = os.environ.get("E2E_CLUSTER_SCRIPT")
         c = Cluster.from_env()
         report.sections.append(("cluster evidence", c.evidence()))
