@@ -14,7 +14,7 @@ import torch
 
 from handlers.base import CheckpointHandler, InvalidInput, PayloadTooLarge, positive_int, text_field
 from handlers.checkpoint import CheckpointError
-from models.text import EOS_ID, PAD_ID, SubwordTokenizer, pad_batch
+from models.text import PAD_ID, SubwordTokenizer, content, pad_batch
 
 
 class TranslatorHandler(CheckpointHandler):
@@ -88,7 +88,7 @@ class TranslatorHandler(CheckpointHandler):
         out = []
         for (src_ids, n, _), row, a in zip(items, ids.cpu().tolist(), align.cpu(), strict=True):
             row = row[:n]
-            produced = row[: row.index(EOS_ID)] if EOS_ID in row else row
+            produced = content(row)
             out.append(
                 {
                     "translation": self.tokenizer.decode(row),

@@ -156,9 +156,6 @@ class SubwordTokenizer:
     def pieces(self, text: str) -> list[str]:
         return self.sp.encode(text, out_type=str)
 
-    def count(self, text: str) -> int:
-        return len(self.sp.encode(text))
-
     def encode(self, text: str, max_len: int | None = None, bos_eos: bool = False) -> list[int]:
         return frame(self.sp.encode(text), max_len, bos_eos)
 

@@ -263,14 +263,13 @@ def stage_profile(handler, ctx, reqs: list[dict], repeats: int) -> dict:
     with the torch threads of one served worker (its model config's ``threads``), so that CPU time is
     what a worker spends, not idle threads spinning."""
     import torch
-    import yaml
 
     from handlers.base import StageClock
 
     from .inprocess import run_batch
 
-    config = yaml.safe_load(registry.get(ctx.model_name).config_path.read_text())
-    threads = (config.get("handler") or {}).get("threads") or os.cpu_count() or 1
+    handler_options = registry.get(ctx.model_name).model_config().get("handler") or {}
+    threads = handler_options.get("threads") or os.cpu_count() or 1
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     run_batch(handler, ctx, reqs)  # warm-up at this thread count

@@ -16,10 +16,9 @@ def make_context(
 ):
     """TorchServe's own Context and RequestProcessor classes, as a worker builds them. ``gpu``: the
     GPU the worker is given (TorchServe's gpu_id), None for a CPU worker."""
-    import yaml
     from ts.context import Context
 
-    config = yaml.safe_load(registry.get(model).config_path.read_text())
+    config = registry.get(model).model_config()
     config["handler"] = {**config.get("handler", {}), **(handler_overrides or {})}
     manifest = {"model": {"modelName": model, "modelVersion": "1.0", "serializedFile": "checkpoint.pt"}}
     ctx = Context(model, str(model_dir), manifest, batch_size, gpu, "0.12.0", model_yaml_config=config)

@@ -45,12 +45,16 @@ class ModelEntry:
         """The TorchServe model config that travels inside the archive."""
         return ROOT / "handlers" / "config" / f"{self.name}.yaml"
 
+    def model_config(self) -> dict:
+        """Its TorchServe model config, as read from ``config_path`` (a fresh dict each call)."""
+        import yaml
+
+        return yaml.safe_load(self.config_path.read_text())
+
     @property
     def batch_size(self) -> int:
         """The TorchServe batch size its model config sets."""
-        import yaml
-
-        return int(yaml.safe_load(self.config_path.read_text())["batchSize"])
+        return int(self.model_config()["batchSize"])
 
     @property
     def handler_file(self) -> Path:

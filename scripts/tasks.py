@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.image import normalize
-from models.text import EOS_ID, PAD_ID, SubwordTokenizer, Vocab, pad_batch, tokenize
+from models.text import PAD_ID, SubwordTokenizer, Vocab, frame, pad_batch, tokenize
 
 from .common import CLIError
 
@@ -209,16 +209,16 @@ class TranslationTask(Task):
             src, tgt = ds.take("train")
             self.tokenizer = SubwordTokenizer.train([*src, *tgt], options.vocab_size)
         limit = self.max_tokens + 2
-        src = [self.tokenizer.encode(s, bos_eos=True) for s in ds.x]
-        tgt = [self.tokenizer.encode(t, bos_eos=True) for t in ds.y]
-        fits = np.array([len(a) <= limit and len(b) <= limit for a, b in zip(src, tgt, strict=True)])
+        src = [self.tokenizer.encode(s) for s in ds.x]
+        tgt = [self.tokenizer.encode(t) for t in ds.y]
+        fits = np.array([max(len(a), len(b)) <= self.max_tokens for a, b in zip(src, tgt, strict=True)])
         for split in ("train", "val"):
             ds.splits[split] = ds.splits[split][fits[ds.splits[split]]]
         if min(len(v) for v in ds.splits.values()) == 0:
             raise CLIError(f"no pairs of at most --max-tokens {self.max_tokens} tokens in some split")
         # The model's positions end at ``limit``: longer test pairs are cut there (a handful).
-        self.src = [ids if len(ids) <= limit else [*ids[: limit - 1], EOS_ID] for ids in src]
-        self.tgt = [ids if len(ids) <= limit else [*ids[: limit - 1], EOS_ID] for ids in tgt]
+        self.src = [frame(ids, limit, bos_eos=True) for ids in src]
+        self.tgt = [frame(ids, limit, bos_eos=True) for ids in tgt]
         test = ds.splits["test"]
         self.test20 = test[[len(tokenize(ds.x[i])) <= 20 and len(tokenize(ds.y[i])) <= 20 for i in test]]
 
@@ -272,20 +272,23 @@ class TranslationTask(Task):
             reduction=reduction,
         )
 
-    def bleu(self, model, idx: np.ndarray, device, beam: int = 1) -> float:
-        """Corpus BLEU (sacrebleu, lower-cased) of the pairs ``idx``, decoded greedily or with a beam."""
-        import sacrebleu
-
-        hyps, refs = [], []
+    def translate(self, model, idx: np.ndarray, device, beam: int = 1) -> dict[int, str]:
+        """The pairs ``idx``'s sources translated greedily or with a beam, by pair index."""
+        out = {}
         order = sorted(idx, key=lambda i: len(self.src[i]))
         rows = 64 if beam == 1 else max(1, 64 // beam)
         for n in range(0, len(order), rows):
             g = order[n : n + rows]
             src = pad_batch([self.src[i] for i in g]).to(device)
-            out = model.greedy_decode(src) if beam == 1 else model.beam_decode(src, beam=beam)
-            hyps += [self.tokenizer.decode(o) for o in out.tolist()]
-            refs += [self.ds.y[i] for i in g]
-        return sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+            ids = model.greedy_decode(src) if beam == 1 else model.beam_decode(src, beam=beam)
+            out.update(zip(g, map(self.tokenizer.decode, ids.tolist()), strict=True))
+        return out
+
+    def bleu(self, hyps: dict[int, str], idx: np.ndarray) -> float:
+        """Corpus BLEU (sacrebleu, lower-cased) of the translations ``hyps`` of the pairs ``idx``."""
+        import sacrebleu
+
+        return sacrebleu.corpus_bleu([hyps[i] for i in idx], [[self.ds.y[i] for i in idx]], lowercase=True).score
 
     @torch.no_grad()
     def evaluate(self, model, split, device):
@@ -297,14 +300,14 @@ class TranslationTask(Task):
         loss = total / max(tokens, 1)
         out = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         if split != "test":  # a fixed seeded sample of validation pairs, decoded greedily
-            out["bleu"] = self.bleu(model, self.ds.splits[split][: self.options.bleu_samples], device)
+            sample = self.ds.splits[split][: self.options.bleu_samples]
+            out["bleu"] = self.bleu(self.translate(model, sample, device), sample)
             return out
-        out["bleu"] = self.bleu(model, self.ds.splits["test"], device)  # test_all
-        out["bleu20"] = self.bleu(model, self.test20, device)
-        if self.options.eval_beam > 1:
-            k = self.options.eval_beam
-            out[f"bleu_beam{k}"] = self.bleu(model, self.ds.splits["test"], device, beam=k)
-            out[f"bleu20_beam{k}"] = self.bleu(model, self.test20, device, beam=k)
+        # test_all is decoded once per beam width; test20 is scored from the same translations.
+        test, k = self.ds.splits["test"], self.options.eval_beam
+        for suffix, beam in [("", 1)] + ([(f"_beam{k}", k)] if k > 1 else []):
+            hyps = self.translate(model, test, device, beam)
+            out[f"bleu{suffix}"], out[f"bleu20{suffix}"] = self.bleu(hyps, test), self.bleu(hyps, self.test20)
         return out
 
     def extras(self):

@@ -192,36 +192,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where to write checkpoints and logs (default: checkpoints/<model>)",
     )
     p.add_argument("--resume", type=Path, default=None, help="continue from this last.pt (default: start fresh)")
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=TaskOptions.max_tokens,
-        help="transformer: train on pairs of at most N subword tokens per side (default: %(default)s)",
-    )
-    p.add_argument(
-        "--vocab-size",
-        type=int,
-        default=TaskOptions.vocab_size,
-        help="transformer: pieces in the joint subword vocabulary (default: %(default)s)",
-    )
-    p.add_argument(
-        "--batch-tokens",
-        type=int,
-        default=None,
-        help=f"transformer: tokens per training batch, padding included; --batch-size caps its pairs (default: {per_model('batch_tokens')})",
-    )
-    p.add_argument(
-        "--eval-beam",
-        type=int,
-        default=TaskOptions.eval_beam,
-        help="transformer: the test split is also decoded with this beam; 1 = greedy only (default: %(default)s)",
-    )
-    p.add_argument(
-        "--bleu-samples",
-        type=int,
-        default=TaskOptions.bleu_samples,
-        help="transformer: validation sentences decoded for BLEU per epoch; the test split is decoded whole (default: %(default)s)",
-    )
+    # The translator's options (TaskOptions); --batch-tokens defaults per model, from the registry.
+    for name, help_ in {
+        "max_tokens": "train on pairs of at most N subword tokens per side",
+        "vocab_size": "pieces in the joint subword vocabulary",
+        "batch_tokens": "tokens per training batch, padding included; --batch-size caps its pairs",
+        "eval_beam": "the test split is also decoded with this beam; 1 = greedy only",
+        "bleu_samples": "validation sentences decoded for BLEU per epoch; the test split is decoded whole",
+    }.items():
+        default = None if name == "batch_tokens" else getattr(TaskOptions, name)
+        shown = per_model(name) if default is None else default
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=int, default=default, help=f"transformer: {help_} (default: {shown})"
+        )
     p.add_argument(
         "--set",
         nargs="+",
