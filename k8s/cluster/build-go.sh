@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Build one of the e2e cluster's Go components from the Go module proxy, once.
+#
+#   k8s/cluster/build-go.sh NAME OUT_DIR
+#
+# NAME is a folder of k8s/cluster/go/: a small module whose go.mod requires the component at an
+# exact version (its `tool` lines name the commands to build) and whose go.sum pins every module's
+# checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), metrics-server,
+# prometheus-adapter and keda are built this way. The result is cached in OUT_DIR, which the caller
+# keys on this script and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
+# content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
+# one module compiles only what changed.
+set -euo pipefail
+
+name=${1:?usage: build-go.sh NAME OUT_DIR}
+out=${2:?usage: build-go.sh NAME OUT_DIR}
+mod=$(cd "$(dirname "$0")/go/$name" && pwd)
+if [ -f "$out/.complete" ]; then
+  echo "$name: cached in $out"
+  exit 0
+fi
+missing=()
+for tool in go sha256sum; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if ((${#missing[@]})); then
+  echo "build-go: missing ${missing[*]} (Go 1.24 or newer from go.dev's toolchain, coreutils)" >&2
+  exit 2
+fi
+# `tool` directives in go.mod need Go 1.24; an older go (Debian bookworm's is 1.19) cannot read them.
+minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
+if ! [[ $minor =~ ^[0-9]+$ ]] || ((minor < 24)); then
+  echo "build-go: $(command -v go) is $(go env GOVERSION); these modules need Go 1.24 or newer first in PATH" >&2
+  exit 2
+fi
+
+# What the version commands report: the versions the go.mod requires.
+ldflags="-s -w"
+version_of() { (cd "$mod" && go list -m -f '{{.Version}}' "$1"); }
+case $name in
+  kubernetes)
+    v=$(version_of k8s.io/kubernetes)
+    IFS=. read -r major minor_v _ <<< "${v#v}"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor_v -X $pkg.gitTreeState=clean"
+    done
+    ;;
+  keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of github.com/kedacore/keda/v2)" ;;
+  metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of sigs.k8s.io/metrics-server)" ;;
+esac
+
+# The commands to build: the go.mod's `tool` lines, single or in a block.
+tools=$(awk '/^tool \(/{b=1; next} b && /^\)/{b=0} b{print $1} /^tool [^(]/{print $2}' "$mod/go.mod")
+tmp=$(mktemp -d "${TMPDIR:-/var/tmp}/build-go.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+start=$SECONDS
+# -mod=readonly: the build fails rather than change go.mod or go.sum, so the pins hold.
+# CGO off: static binaries that need nothing of the host's C libraries.
+(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "$ldflags" -o "$tmp/" $tools) \
+  >"$tmp/build.log" 2>&1 || { tail -40 "$tmp/build.log" >&2; exit 1; }
+mkdir -p "$out"
+for b in "$tmp"/*; do
+  [ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$out/$(basename "$b")"
+done
+if [ "$name" = keda ]; then
+  # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.
+  mkdir -p "$out/crds"
+  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"/config/crd/bases/keda.sh_*.yaml "$out/crds/"
+fi
+echo "$name: built $(cd "$out" && ls | tr '\n' ' ')in $((SECONDS - start))s"
+touch "$out/.complete"
