@@ -117,7 +117,7 @@ $(K8S_STAMP): requirements-k8s.txt scripts/k8s_tools.py | $(STAMP)
 manifests: k8s-tools ## render k8s/chart into k8s/manifests (plain YAML for kubectl apply)
 	$(PY) -m scripts.k8s render
 
-check-k8s: k8s-tools ## helm lint, render for Kubernetes 1.28-1.33, kubernetes-validate, checkov, manifests in sync
+check-k8s: k8s-tools ## helm lint, render for Kubernetes 1.28-1.34, kubernetes-validate, checkov, manifests in sync
 	$(PY) -m scripts.k8s check
 
 image: archive ## build the serving image IMAGE=... with Docker, or buildah without an engine (ARGS="--offline --base B --output T.tar")

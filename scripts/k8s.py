@@ -4,7 +4,7 @@
   python -m scripts.k8s check             # lint, render per Kubernetes version, schema, policy, in sync
 
 `check` runs: helm lint --strict; helm template for every supported Kubernetes version (1.28 to
-1.33) with kubernetes-validate --strict on each rendered object; checkov on the chart and the
+1.34) with kubernetes-validate --strict on each rendered object; checkov on the chart and the
 manifests; and a fresh render compared with the committed k8s/manifests.
 """
 
@@ -25,7 +25,7 @@ MANIFESTS = ROOT / "k8s" / "manifests"
 TOOLS = ROOT / ".venv" / "k8s" / "bin"
 RELEASE = "torchserve-models"
 NAMESPACE = "ml-serving"  # of the plain manifests; `helm install -n` picks its own
-KUBE_VERSIONS = ("1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
+KUBE_VERSIONS = ("1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0")
 HEADER = "# Rendered from k8s/chart with its default values by `make manifests`; edit the chart, not this file.\n"
 
 
@@ -48,8 +48,8 @@ def template(
 ) -> list[dict]:
     """The chart's objects as ``helm template`` renders them for one Kubernetes version.
 
-    ``api_versions``: the API group/versions a real cluster serves (its discovery), so that the
-    chart's ``.Capabilities`` choices (autoscaling/v2 or v2beta2, policy/v1 or v1beta1) match it."""
+    ``api_versions``: the API group/versions a real cluster serves (its discovery), so that
+    ``.Capabilities`` (and the chart's kubeVersion floor) see what that cluster has."""
     cmd = [
         tool("helm"),
         "template",

@@ -19,7 +19,7 @@ from kubernetes import client as k8s
 from scripts import deploy
 from scripts import k8s as k8s_tool
 from scripts.client import Client
-from scripts.common import ROOT
+from scripts.common import ROOT, CLIError
 from tests.helpers import settings
 
 POD = [sys.executable, str(ROOT / "scripts" / "pod.py")]
@@ -232,18 +232,14 @@ def test_notes_send_the_digit_with_a_content_type():
     assert "Content-Type: image/png" in cnn or " -T " in cnn
 
 
-@pytest.mark.parametrize(
-    "version,hpa,pdb",
-    [
-        ("1.20.2", "autoscaling/v2beta2", "policy/v1beta1"),
-        ("1.22.0", "autoscaling/v2beta2", "policy/v1"),
-        ("1.33.0", "autoscaling/v2", "policy/v1"),
-    ],
-)
-def test_the_chart_picks_the_api_versions_the_cluster_serves(version, hpa, pdb):
-    docs = k8s_tool.template(version)
-    assert {d["apiVersion"] for d in by_kind(docs, "HorizontalPodAutoscaler")} == {hpa}
-    assert {d["apiVersion"] for d in by_kind(docs, "PodDisruptionBudget")} == {pdb}
+def test_the_chart_refuses_clusters_older_than_the_lowest_proven_version():
+    # 1.28 is the oldest version the strict schemas check; the real-cluster e2e runs 1.34.
+    assert k8s_tool.KUBE_VERSIONS[0] == "1.28.0"
+    docs = k8s_tool.template("1.28.0")
+    assert {d["apiVersion"] for d in by_kind(docs, "HorizontalPodAutoscaler")} == {"autoscaling/v2"}
+    assert {d["apiVersion"] for d in by_kind(docs, "PodDisruptionBudget")} == {"policy/v1"}
+    with pytest.raises(CLIError, match="incompatible with Kubernetes v1.27"):
+        k8s_tool.template("1.27.0")
 
 
 def test_autoscaling_follows_the_served_models_and_the_uid_can_be_left_to_the_platform():

@@ -202,3 +202,27 @@ own settings replacing the keys they name. */}}
 {{ $k }}={{ $v }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The HPA's scaling behaviour, shared by the chart's HPA and the one KEDA makes from the ScaledObject:
+scale up at once (double, or two pods, per 30 s), scale down one pod at a time after the window.
+*/}}
+{{- define "tsm.hpaBehavior" -}}
+scaleUp:
+  stabilizationWindowSeconds: {{ .Values.autoscaling.scaleUpWindowSeconds }}
+  selectPolicy: Max
+  policies:
+    - type: Percent
+      value: 100
+      periodSeconds: 30
+    - type: Pods
+      value: 2
+      periodSeconds: 30
+scaleDown:
+  stabilizationWindowSeconds: {{ .Values.autoscaling.scaleDownWindowSeconds }}
+  selectPolicy: Min
+  policies:
+    - type: Pods
+      value: 1
+      periodSeconds: {{ .Values.autoscaling.scaleDownPeriodSeconds }}
+{{- end }}
