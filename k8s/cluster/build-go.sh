@@ -6,7 +6,7 @@
 # NAME is a folder of k8s/cluster/go/: a small module whose go.mod requires the component at an
 # exact version (its `tool` lines name the commands to build) and whose go.sum pins every module's
 # checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), metrics-server,
-# prometheus-adapter and keda are built this way. The result is cached in OUT_DIR, which the caller
+# prometheus, prometheus-adapter and keda are built this way. The result is cached in OUT_DIR, which the caller
 # keys on this script and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
 # content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
 # one module compiles only what changed.
@@ -33,7 +33,7 @@ if ! [[ $minor =~ ^[0-9]+$ ]] || ((minor < 24)); then
 fi
 
 # What the version commands report: the versions the go.mod requires.
-ldflags="-s -w"
+ldflags="-s -w" tags=""
 version_of() { (cd "$mod" && go list -m -f '{{.Version}}' "$1"); }
 case $name in
   kubernetes)
@@ -45,6 +45,14 @@ case $name in
     ;;
   keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of github.com/kedacore/keda/v2)" ;;
   metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of sigs.k8s.io/metrics-server)" ;;
+  prometheus)
+    # Prometheus's module version v0.X.Y is its release 3.X.Y. Only the kubernetes service discovery
+    # is compiled in (its build tags for slim builds), which also spares a few minutes of compiling.
+    v=$(version_of github.com/prometheus/prometheus)
+    v=${v#v0.}
+    ldflags+=" -X github.com/prometheus/common/version.Version=3.$((${v%%.*} - 300)).${v#*.}"
+    tags=remove_all_sd,enable_kubernetes_sd
+    ;;
 esac
 
 # The commands to build: the go.mod's `tool` lines, single or in a block.
@@ -54,7 +62,7 @@ trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS
 # -mod=readonly: the build fails rather than change go.mod or go.sum, so the pins hold.
 # CGO off: static binaries that need nothing of the host's C libraries.
-(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "$ldflags" -o "$tmp/" $tools) \
+(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp/" $tools) \
   >"$tmp/build.log" 2>&1 || { tail -40 "$tmp/build.log" >&2; exit 1; }
 mkdir -p "$out"
 for b in "$tmp"/*; do
@@ -63,7 +71,7 @@ done
 if [ "$name" = keda ]; then
   # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.
   mkdir -p "$out/crds"
-  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"/config/crd/bases/keda.sh_*.yaml "$out/crds/"
+  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"/config/crd/bases/*.yaml "$out/crds/"
 fi
 echo "$name: built $(cd "$out" && ls | tr '\n' ' ')in $((SECONDS - start))s"
 touch "$out/.complete"

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# A real single-node Kubernetes (v1.20.2 control plane, kubelet, containerd, runc, bridge CNI,
+# A real single-node Kubernetes (v1.34 control plane, kubelet, containerd, runc, bridge CNI,
 # kube-proxy) inside a network namespace of its own, for the chart's end-to-end test.
 #
 #   k8s/cluster/cluster.sh preflight        # exit 0 if this machine can run it, else say why (exit 3)
 #   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
 #   k8s/cluster/cluster.sh import TAR...    # load docker-archive image tars into containerd
+#   k8s/cluster/cluster.sh metrics          # start the metrics pipeline (below); returns once its APIs answer
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
-# Environment: K8S_BIN (the binaries from build-kubernetes.sh), PAUSE_TAR (from base-image.sh),
-# KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e).
+# Environment: K8S_BIN (the binaries from build-go.sh kubernetes), PAUSE_TAR (from base-image.sh),
+# KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e); for `metrics`, the folders
+# build-go.sh filled: METRICS_SERVER_BIN, PROMETHEUS_BIN, PROMETHEUS_ADAPTER_BIN, KEDA_BIN, and ADAPTER_RULES (a
+# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml).
+#
+# The metrics pipeline runs as processes in the same namespace, as the control plane does, each
+# registered with the API server the way its upstream manifests do it (APIService objects behind
+# Services whose endpoints are this node): metrics-server (metrics.k8s.io: `kubectl top`, the HPA's
+# cpu mode), Prometheus scraping every pod that has the prometheus.io/*
+# annotations, prometheus-adapter (custom.metrics.k8s.io) and KEDA's operator and metrics API
+# server (external.metrics.k8s.io, ScaledObjects).
 #
 # Isolation: every process runs with `nsenter --net` in the namespace NETNS, which has a dummy
 # uplink and no route out, so nothing outside this machine is reachable. They share the host's
@@ -32,7 +42,15 @@ KUBECTL=${KUBECTL:-kubectl}
 SOCK=$RUN/containerd/containerd.sock
 # Host-global sysctls the kubelet writes (../shared/docs/K8S.md): saved by `up`, restored by `down`.
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
-COMPONENTS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+CORE=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+METRICS=(metrics-server prometheus prometheus-adapter keda-operator keda-metrics-apiserver)
+COMPONENTS=("${CORE[@]}" "${METRICS[@]}")
+METRICS_SERVER_BIN=${METRICS_SERVER_BIN:-}
+PROMETHEUS_ADAPTER_BIN=${PROMETHEUS_ADAPTER_BIN:-}
+KEDA_BIN=${KEDA_BIN:-}
+ADAPTER_RULES=${ADAPTER_RULES:-}
+PROMETHEUS_BIN=${PROMETHEUS_BIN:-}
+PROMETHEUS_PORT=9090
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -55,7 +73,7 @@ preflight() {
   [ "$(id -u)" = 0 ] || why+=("not root")
   [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
-  for tool in ip nsenter iptables conntrack containerd runc etcd openssl; do
+  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc etcd openssl curl awk; do
     command -v "$tool" >/dev/null || why+=("no $tool")
   done
   [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
@@ -89,6 +107,14 @@ EOF
   printf 'extendedKeyUsage=clientAuth\n' > "$d/client.ext"
   openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
     -extfile "$d/client.ext" -out "$d/admin.crt" 2>/dev/null
+  # The aggregation layer (metrics-server, prometheus-adapter, KEDA): the API server proxies to them
+  # with a front-proxy client certificate, which they check against this CA.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=torchserve-e2e-front-proxy-ca \
+    -keyout "$d/front-proxy-ca.key" -out "$d/front-proxy-ca.crt" 2>/dev/null
+  openssl genrsa -out "$d/front-proxy-client.key" 2048 2>/dev/null
+  openssl req -new -key "$d/front-proxy-client.key" -subj /CN=front-proxy-client -out "$d/front-proxy-client.csr" 2>/dev/null
+  openssl x509 -req -in "$d/front-proxy-client.csr" -CA "$d/front-proxy-ca.crt" -CAkey "$d/front-proxy-ca.key" \
+    -CAcreateserial -days 3650 -extfile "$d/client.ext" -out "$d/front-proxy-client.crt" 2>/dev/null
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
   cat > "$STATE/admin.kubeconfig" <<EOF
@@ -155,6 +181,10 @@ evictionHard: {memory.available: "100Mi"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+containerRuntimeEndpoint: unix://$SOCK
+runtimeRequestTimeout: 5m
+# These machines mount cgroup v1: kubelet 1.34 runs there in maintenance mode, with a warning.
+failCgroupV1: false
 EOF
   cat > "$STATE/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -225,24 +255,171 @@ up() {
     --kubelet-client-certificate="$STATE/pki/admin.crt" --kubelet-client-key="$STATE/pki/admin.key" \
     --service-account-key-file="$STATE/pki/sa.pub" --service-account-signing-key-file="$STATE/pki/sa.key" \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --authorization-mode=Node,RBAC --allow-privileged=false --insecure-port=0 --profiling=false \
-    --kubelet-preferred-address-types=InternalIP
+    --authorization-mode=Node,RBAC --allow-privileged=false --profiling=false \
+    --kubelet-preferred-address-types=InternalIP \
+    --requestheader-client-ca-file="$STATE/pki/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- --enable-aggregator-routing=true \
+    --proxy-client-cert-file="$STATE/pki/front-proxy-client.crt" --proxy-client-key-file="$STATE/pki/front-proxy-client.key"
   wait_for 60 "containerd answers" test -S "$SOCK" || return 1
   ctr --address "$SOCK" -n k8s.io images import "$PAUSE_TAR" >/dev/null
   wait_for 90 "API server ready" kc get --raw /readyz || return 1
   start kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$STATE/admin.kubeconfig" \
     --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
-    --leader-elect=false --use-service-account-credentials=false --bind-address=127.0.0.1 --port=0
+    --leader-elect=false --use-service-account-credentials=false --bind-address=127.0.0.1 \
+    --horizontal-pod-autoscaler-sync-period="${HPA_SYNC_PERIOD:-5s}"
   start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$STATE/admin.kubeconfig" --leader-elect=false \
-    --bind-address=127.0.0.1 --port=0
+    --bind-address=127.0.0.1
   start kubelet "$K8S_BIN/kubelet" --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/admin.kubeconfig" \
-    --container-runtime=remote --container-runtime-endpoint="unix://$SOCK" --root-dir="$STATE/kubelet" \
-    --node-ip="$NODE_IP" --hostname-override="$NODE_NAME" --pod-infra-container-image="$PAUSE_IMAGE" \
-    --runtime-request-timeout=5m
+    --root-dir="$STATE/kubelet" --node-ip="$NODE_IP" --hostname-override="$NODE_NAME"
   start kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
   wait_for 120 "node Ready" node_ready || return 1
   wait_for 60 "default service account" kc get serviceaccount default -n default || return 1
-  for c in "${COMPONENTS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+  for c in "${CORE[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+}
+
+# A Service without a selector whose endpoints are this node's TARGET port: how the API server or a
+# client in the cluster reaches a component that runs as a process here.
+node_service() {
+  local ns=$1 name=$2 port=$3 target=$4
+  kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: $name, namespace: $ns}
+spec: {ports: [{name: main, port: $port, targetPort: $target, protocol: TCP}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: $name-node
+  namespace: $ns
+  labels: {kubernetes.io/service-name: $name, endpointslice.kubernetes.io/managed-by: torchserve-e2e}
+addressType: IPv4
+ports: [{name: main, port: $target, protocol: TCP}]
+endpoints: [{addresses: ["$NODE_IP"], conditions: {ready: true}}]
+EOF
+}
+
+api_service() {
+  local group=$1 version=$2 ns=$3 name=$4
+  kc apply -f - >/dev/null <<EOF
+apiVersion: apiregistration.k8s.io/v1
+kind: APIService
+metadata: {name: $version.$group}
+spec:
+  group: $group
+  version: $version
+  service: {name: $name, namespace: $ns, port: 443}
+  # The component serves a self-signed certificate, as in its upstream manifests.
+  insecureSkipTLSVerify: true
+  groupPriorityMinimum: 100
+  versionPriority: 100
+EOF
+}
+
+api_available() {
+  kc get apiservice "$1" -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null | grep -qx True
+}
+
+# The flags every aggregated API server here shares: the admin identity (system:masters) for
+# delegated authentication and authorization. Each names the kubeconfig for its own calls its way.
+aggregated() {
+  echo --authentication-kubeconfig="$STATE/admin.kubeconfig" \
+    --authorization-kubeconfig="$STATE/admin.kubeconfig" --bind-address="$NODE_IP"
+}
+
+metrics() {
+  local missing=() c
+  [ -x "$METRICS_SERVER_BIN/metrics-server" ] || missing+=("METRICS_SERVER_BIN=$METRICS_SERVER_BIN has no metrics-server")
+  [ -x "$PROMETHEUS_ADAPTER_BIN/adapter" ] || missing+=("PROMETHEUS_ADAPTER_BIN=$PROMETHEUS_ADAPTER_BIN has no adapter")
+  [ -x "$KEDA_BIN/operator" ] || missing+=("KEDA_BIN=$KEDA_BIN has no operator")
+  [ -f "$ADAPTER_RULES" ] || missing+=("ADAPTER_RULES=$ADAPTER_RULES not found")
+  [ -x "$PROMETHEUS_BIN/prometheus" ] || missing+=("PROMETHEUS_BIN=$PROMETHEUS_BIN has no prometheus")
+  ((${#missing[@]} == 0)) || die "metrics: $(IFS=';'; echo "${missing[*]}")"
+  kc create namespace monitoring >/dev/null
+  kc create namespace keda >/dev/null
+
+  # metrics-server: the kubelet's resource metrics (the kubelet's serving certificate is self-signed).
+  start metrics-server "$METRICS_SERVER_BIN/metrics-server" $(aggregated) --kubeconfig="$STATE/admin.kubeconfig" \
+    --secure-port=4443 --cert-dir="$STATE/metrics-server" --kubelet-insecure-tls \
+    --kubelet-preferred-address-types=InternalIP --metric-resolution=10s --kubelet-request-timeout=5s
+  node_service kube-system metrics-server 443 4443
+  api_service metrics.k8s.io v1beta1 kube-system metrics-server
+
+  # Prometheus: every pod that asks with the prometheus.io/* annotations (the chart's default), its
+  # series labelled with namespace and pod, as the adapter's rules and the KEDA queries expect.
+  mkdir -p "$STATE/prometheus"
+  cat > "$STATE/prometheus/prometheus.yml" <<EOF
+global: {scrape_interval: ${SCRAPE_INTERVAL:-5s}, evaluation_interval: ${SCRAPE_INTERVAL:-5s}}
+scrape_configs:
+  - job_name: kubernetes-pods
+    kubernetes_sd_configs:
+      - role: pod
+        api_server: https://$NODE_IP:6443
+        tls_config: {ca_file: $STATE/pki/ca.crt, cert_file: $STATE/pki/admin.crt, key_file: $STATE/pki/admin.key}
+    relabel_configs:
+      - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], action: keep, regex: "true"}
+      - {source_labels: [__meta_kubernetes_pod_phase], action: keep, regex: Running}
+      - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], action: replace, target_label: __metrics_path__, regex: (.+)}
+      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
+        action: replace
+        regex: ([^:]+)(?::\d+)?;(\d+)
+        replacement: \$1:\$2
+        target_label: __address__
+      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
+      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
+      - {action: labelmap, regex: __meta_kubernetes_pod_label_(.+)}
+EOF
+  start prometheus "$PROMETHEUS_BIN/prometheus" --config.file="$STATE/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$STATE/prometheus/data" --storage.tsdb.retention.time=2h \
+    --web.listen-address="$NODE_IP:$PROMETHEUS_PORT"
+  # The Service the chart's defaults name (prometheus-operated.monitoring), for clients in the cluster.
+  node_service monitoring prometheus-operated "$PROMETHEUS_PORT" "$PROMETHEUS_PORT"
+
+  # prometheus-adapter: the chart's Pods metrics, by the rules of k8s/prometheus-adapter-values.yaml.
+  start prometheus-adapter "$PROMETHEUS_ADAPTER_BIN/adapter" $(aggregated) \
+    --lister-kubeconfig="$STATE/admin.kubeconfig" --secure-port=6444 \
+    --cert-dir="$STATE/prometheus-adapter" --prometheus-url="http://$NODE_IP:$PROMETHEUS_PORT/" \
+    --metrics-relist-interval=10s --config="$ADAPTER_RULES"
+  node_service monitoring prometheus-adapter 443 6444
+  api_service custom.metrics.k8s.io v1beta1 monitoring prometheus-adapter
+  api_service custom.metrics.k8s.io v1beta2 monitoring prometheus-adapter
+
+  # KEDA: its CRDs, then the operator and its metrics API server, which talk over mutual TLS with
+  # the certificates in keda-certs (what the operator's cert rotation writes in a pod).
+  kc apply --server-side -f "$KEDA_BIN/crds" >/dev/null
+  keda_pki
+  local keda_env=(env POD_NAMESPACE=keda WATCH_NAMESPACE= KEDA_CLUSTER_OBJECT_NAMESPACE=keda
+                  KUBECONFIG="$STATE/admin.kubeconfig")
+  start keda-operator "${keda_env[@]}" "$KEDA_BIN/operator" --leader-elect=false \
+    --metrics-bind-address=127.0.0.1:8085 --health-probe-bind-address=127.0.0.1:8086 \
+    --metrics-service-bind-address="$NODE_IP:9666" --cert-dir="$STATE/keda-certs" --enable-cert-rotation=false \
+    --enable-webhook-patching=false --enable-apiservice-patching=false --ca-dir="$STATE/keda-certs" \
+    --zap-log-level=info --zap-encoder=console
+  start keda-metrics-apiserver "${keda_env[@]}" "$KEDA_BIN/adapter" $(aggregated) \
+    --lister-kubeconfig="$STATE/admin.kubeconfig" --secure-port=6445 \
+    --cert-dir="$STATE/keda-certs" --metrics-service-address="$NODE_IP:9666" \
+    --metrics-service-grpc-authority=keda-operator.keda.svc --port=8087
+  node_service keda keda-metrics-apiserver 443 6445
+  api_service external.metrics.k8s.io v1beta1 keda keda-metrics-apiserver
+
+  wait_for 120 "metrics.k8s.io available" api_available v1beta1.metrics.k8s.io || return 1
+  wait_for 60 "Prometheus ready" in_ns curl -fsS "http://$NODE_IP:$PROMETHEUS_PORT/-/ready" || return 1
+  wait_for 60 "custom.metrics.k8s.io available" api_available v1beta1.custom.metrics.k8s.io || return 1
+  wait_for 120 "external.metrics.k8s.io available" api_available v1beta1.external.metrics.k8s.io || return 1
+  for c in "${METRICS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+}
+
+keda_pki() {
+  local d=$STATE/keda-certs
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=keda-e2e-ca -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl genrsa -out "$d/tls.key" 2048 2>/dev/null
+  printf 'subjectAltName=IP:%s,DNS:keda-operator.keda.svc,DNS:keda-metrics-apiserver.keda.svc,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' \
+    "$NODE_IP" > "$d/tls.ext"
+  openssl req -new -key "$d/tls.key" -subj /CN=keda-operator.keda.svc -out "$d/tls.csr" 2>/dev/null
+  openssl x509 -req -in "$d/tls.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$d/tls.ext" -out "$d/tls.crt" 2>/dev/null
 }
 
 import_images() {
@@ -275,6 +452,8 @@ stop() {
 }
 
 down() {
+  local c
+  for c in "${METRICS[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -320,6 +499,7 @@ case ${1:-} in
   preflight) preflight ;;
   up) up ;;
   import) shift; import_images "$@" ;;
+  metrics) metrics ;;
   logs) logs ;;
   down) down ;;
   *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;

@@ -5,8 +5,9 @@
 #
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
-#    on the script that makes it: the Kubernetes binaries (from Debian's source package), the
-#    Debian base and pause images. Nothing is rebuilt when its key is unchanged.
+#    on what makes it: Kubernetes v1.34 and the metrics components (from the Go module proxy, pinned
+#    by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is rebuilt when its key
+#    is unchanged.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
 # 4. the cluster up in its own network namespace, the image imported, then tests/e2e under pytest
 #    inside that namespace (helm install, predictions, rollout, drain, restart, helm test, deploy,
@@ -22,14 +23,29 @@ t0=$SECONDS
 step() { printf '\n== e2e [%3ds] %s\n' $((SECONDS - t0)) "$*"; }
 key() { sha256sum "$@" | sha256sum | cut -c1-16; }
 
-# Debian packages the cluster and the builds need; installed once, on a machine that has apt and root.
-PACKAGES=(golang-go make dpkg-dev containerd runc containernetworking-plugins etcd-server iptables conntrack
-          buildah debootstrap busybox-static openssl)
-missing=()
-for p in "${PACKAGES[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
-if ((${#missing[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  step "installing ${missing[*]} (apt)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# Every command the e2e and its scripts call (here, cluster.sh, base-image.sh, build-image.sh), with
+# the Debian package that brings it: what is missing is installed once, where apt and root are.
+declare -A TOOLS=(
+  [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils
+  [tar]=tar [awk]=mawk [find]=findutils [ip]=iproute2 [nsenter]=util-linux [setsid]=util-linux
+  [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [conntrack]=conntrack
+  [containerd]=containerd [ctr]=containerd [runc]=runc [etcd]=etcd-server
+  [buildah]=buildah [debootstrap]=debootstrap [busybox]=busybox-static
+)
+packages() { local t; for t in "$@"; do echo "${TOOLS[$t]}"; done | sort -u; }
+missing_tools() { local t; for t in "${!TOOLS[@]}"; do command -v "$t" >/dev/null || echo "$t"; done | sort; }
+# The bridge and portmap CNI plugins are files, not commands on PATH.
+cni=(); [ -x /usr/lib/cni/bridge ] || cni=(containernetworking-plugins)
+mapfile -t missing < <(missing_tools)
+if ((${#missing[@]} + ${#cni[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  mapfile -t pkgs < <(packages "${missing[@]}"; printf '%s\n' "${cni[@]}")
+  step "installing ${pkgs[*]} (apt) for: ${missing[*]} ${cni[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  mapfile -t missing < <(missing_tools)
+fi
+if ((${#missing[@]})); then
+  echo "e2e-k8s: SKIPPED: missing commands: ${missing[*]} (Debian packages: $(packages "${missing[@]}" | tr '\n' ' '))"
+  exit 0
 fi
 
 if ! reason=$(bash "$here/cluster.sh" preflight); then
@@ -37,9 +53,16 @@ if ! reason=$(bash "$here/cluster.sh" preflight); then
   exit 0
 fi
 
-step "Kubernetes binaries (cached)"
-export K8S_BIN="$CACHE/kubernetes-$(key "$here/build-kubernetes.sh")"
-bash "$here/build-kubernetes.sh" "$K8S_BIN"
+# The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
+[ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
+for component in kubernetes metrics-server prometheus prometheus-adapter keda; do
+  step "$component binaries (Go module proxy; cached)"
+  dir="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
+  bash "$here/build-go.sh" "$component" "$dir"
+  export "BIN_${component//-/_}=$dir"
+done
+export K8S_BIN=$BIN_kubernetes METRICS_SERVER_BIN=$BIN_metrics_server PROMETHEUS_BIN=$BIN_prometheus
+export PROMETHEUS_ADAPTER_BIN=$BIN_prometheus_adapter KEDA_BIN=$BIN_keda
 
 step "base and pause images (cached)"
 images="$CACHE/images-$(key "$here/base-image.sh")"
@@ -54,7 +77,7 @@ if [[ ! -f checkpoints/transformer/checkpoint.pt ]]; then
 fi
 make --no-print-directory archive
 
-export KUBECTL=$PWD/.venv/k8s/bin/kubectl HELM=$PWD/.venv/k8s/bin/helm
+export KUBECTL=$K8S_BIN/kubectl HELM=$PWD/.venv/k8s/bin/helm
 export STATE=${E2E_STATE:-/var/lib/torchserve-e2e} NETNS=${E2E_NETNS:-tsk8s-e2e}
 tmp=$(mktemp -d /var/tmp/e2e-image.XXXXXX)
 cluster_started=0
@@ -85,6 +108,16 @@ if ! bash "$here/cluster.sh" up; then
 fi
 step "image import"
 bash "$here/cluster.sh" import "$image_tar"
+
+step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter, KEDA"
+# prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.
+export ADAPTER_RULES=$tmp/adapter-rules.yaml
+"$PY" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"rules": v["rules"]["custom"]}, open(sys.argv[2], "w"))' \
+  k8s/prometheus-adapter-values.yaml "$ADAPTER_RULES"
+if ! bash "$here/cluster.sh" metrics; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
 
 step "tests/e2e (pytest inside the cluster's network namespace)"
 export KUBECONFIG=$STATE/admin.kubeconfig E2E_IMAGE=$IMAGE E2E_CLUSTER_SCRIPT=$PWD/$here/cluster.sh
