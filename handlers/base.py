@@ -215,6 +215,8 @@ class CheckpointHandler(BaseHandler):
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
+            # Once per worker: a pod that asked for a GPU and sees none still serves, on the CPU.
+            logger.info("%s: no CUDA device visible to this worker: running on the CPU", context.model_name)
         # Reduced precision only where it pays: autocast on CUDA, full precision on CPU.
         dtype = cfg.get("cuda_dtype", "float32")
         self.autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -12,8 +12,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
+
+from scripts.client import Client, ClientError, Settings, encode_payload
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -266,3 +269,135 @@ class Load:
 
     def non_2xx(self) -> int:
         return sum(n for k, n in self.outcomes.items() if not (k.isdigit() and 200 <= int(k) < 300))
+
+
+# ----------------------------------------------------------------------------- paced load
+
+
+@dataclass
+class Sent:
+    """One request of a paced load: when it was due and sent (s since the load's start), how long it
+    took (ms), its transport, and its outcome: an HTTP status, a gRPC status, or an exception's name."""
+
+    due: float
+    start: float
+    ms: float
+    transport: str
+    outcome: str
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("200", "OK")
+
+
+@dataclass
+class PacedLoad:
+    """An open-loop load at ``rate`` requests/s in all, REST and gRPC in turn, to a Service's ClusterIP.
+
+    Request i is due at i / rate seconds: the offered load does not fall when the server slows, as
+    it would with clients that wait for each answer, so the HPA sees the rate it is asked to carry.
+    Every REST request opens a new connection and every gRPC client reopens its channel every
+    ``reconnect_every`` requests, so kube-proxy spreads both over the replicas the HPA adds. Bounded by
+    ``max_seconds``; every request is recorded (``sent``), failures with their detail."""
+
+    host: str
+    model: str
+    payload: Any
+    rate: float
+    transports: tuple[str, ...] = ("rest", "grpc")
+    workers: int = 12
+    max_seconds: float = 900
+    timeout: float = 30
+    reconnect_every: int = 10
+    sent: list[Sent] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._next = 0
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.workers)]
+        self.t0 = 0.0
+
+    def _ticket(self) -> int | None:
+        with self._lock:
+            if self._stop.is_set() or self._next / self.rate > self.max_seconds:
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def _loop(self) -> None:
+        settings = Settings(
+            host=self.host,
+            ports={"inference": 8080, "grpc_inference": 7070, "management": 8081, "grpc_management": 7071},
+            timeout=self.timeout,
+            inference_token="",
+            management_token="",
+        )
+        body, ctype = encode_payload(self.payload)
+        grpc_client, grpc_uses = None, 0
+        try:
+            while (i := self._ticket()) is not None:
+                due = i / self.rate
+                if (wait := self.t0 + due - time.monotonic()) > 0 and self._stop.wait(wait):
+                    break
+                transport = self.transports[i % len(self.transports)]
+                start = time.monotonic()
+                if transport == "rest":
+                    try:
+                        resp = requests.post(
+                            f"http://{self.host}:8080/predictions/{self.model}",
+                            data=body,
+                            timeout=self.timeout,
+                            headers={"Content-Type": ctype, "Connection": "close"},
+                        )
+                        outcome, detail = str(resp.status_code), resp.text[:160]
+                    except requests.RequestException as e:
+                        outcome, detail = type(e).__name__, str(e)[:160]
+                else:
+                    if grpc_client is None or grpc_uses >= self.reconnect_every:
+                        if grpc_client is not None:
+                            grpc_client.close()
+                        grpc_client, grpc_uses = Client("grpc", settings), 0
+                    grpc_uses += 1
+                    try:
+                        grpc_client.predict(self.model, self.payload)
+                        outcome, detail = "OK", ""
+                    except ClientError as e:
+                        outcome, detail = type(e).__name__, str(e)[:160]
+                ms = 1000 * (time.monotonic() - start)
+                record = Sent(due, start - self.t0, ms, transport, outcome)
+                with self._lock:
+                    self.sent.append(record)
+                    if not record.ok and len(self.failures) < 20:
+                        self.failures.append(f"{transport} at {record.start:.1f}s: {outcome} {detail}")
+        finally:
+            if grpc_client is not None:
+                grpc_client.close()
+
+    def start(self) -> PacedLoad:
+        self.t0 = time.monotonic()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 10)
+
+    def __enter__(self) -> PacedLoad:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def non_ok(self) -> list[Sent]:
+        with self._lock:
+            return [s for s in self.sent if not s.ok]
+
+    def window(self, since: float, until: float) -> list[Sent]:
+        """The requests sent between ``since`` and ``until`` (monotonic clock)."""
+        a, b = since - self.t0, until - self.t0
+        with self._lock:
+            return [s for s in self.sent if a <= s.start < b]

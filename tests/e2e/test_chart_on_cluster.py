@@ -50,8 +50,8 @@ def service(group: str) -> str:
 READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
 DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
 GRACE_S = DRAIN["timeoutSeconds"] + DRAIN["settleSeconds"] + 20  # the chart's terminationGracePeriodSeconds
-# A deleted pod's object goes once the kubelet (1.20) has reclaimed it on its periodic loops: status
-# sync every 10 s, container garbage collection every minute. Measured 10-65 s after the container exited.
+# A deleted pod's object goes once the kubelet has reclaimed it on its periodic loops: status sync
+# every 10 s, container garbage collection every minute (measured 10-65 s after the container exited on 1.20).
 POD_GONE_S = GRACE_S + 120
 
 
@@ -95,8 +95,8 @@ def test_every_model_ready_and_objects_accepted(cluster, release):
     manifest = [d for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d]
     versions = {d["kind"]: d["apiVersion"] for d in manifest}
     served = set(cluster.kubectl("api-versions", namespaced=False).split())
-    # The HPAs and PDBs were accepted in the API versions the chart picked for this cluster
-    # (1.20: autoscaling/v2beta2 and policy/v1beta1, which have no v2 and v1).
+    # The HPAs and PDBs were accepted in the only API versions the chart renders.
+    assert {versions["HorizontalPodAutoscaler"], versions["PodDisruptionBudget"]} == {"autoscaling/v2", "policy/v1"}
     assert {versions["HorizontalPodAutoscaler"], versions["PodDisruptionBudget"]} <= served
     hpa_kind = "horizontalpodautoscalers." + ".".join(versions["HorizontalPodAutoscaler"].split("/")[::-1])
     pdb_kind = "poddisruptionbudgets." + ".".join(versions["PodDisruptionBudget"].split("/")[::-1])
