@@ -95,7 +95,8 @@ def outcome_of(exc: BaseException | None) -> str:
 
 def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, kill_model: str) -> dict:
     settings = Settings(host=cfg.host, ports=dict(cfg.ports), timeout=30, key_file=cfg.key_file)
-    records: list[tuple[str, str, str, float, str]] = []  # (class, transport, outcome, finished at, error)
+    # (class, transport, outcome, sent at, finished at, error)
+    records: list[tuple[str, str, str, float, float, str]] = []
     lock, cursor = threading.Lock(), iter(range(len(plan)))
     start = time.monotonic()
     kill = {"at": None, "pid": None}
@@ -110,6 +111,7 @@ def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, 
                 if j is None:
                     return
                 cls, model, payload = plan[j]
+                sent = time.monotonic()
                 try:
                     c.predict(model, payload)
                     exc = None
@@ -117,7 +119,8 @@ def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, 
                     exc = e
                 outcome = outcome_of(exc)
                 with lock:
-                    records.append((cls, transport, outcome, time.monotonic(), "" if exc is None else str(exc)[:200]))
+                    error = "" if exc is None else str(exc)[:200]
+                    records.append((cls, transport, outcome, sent, time.monotonic(), error))
                     if kill["at"] is None and len(records) >= len(plan) // 3:
                         kill["pid"] = min(before[kill_model])
                         kill["at"] = time.monotonic()
@@ -155,34 +158,43 @@ def model_of(cls: str, hostile_models: dict[str, str]) -> str:
     return name if kind == "good" else hostile_models[name]
 
 
+def lost_with_worker(outcome: str, sent: float, finished: float, kill_at: float | None) -> bool:
+    """Whether a failed request of the killed worker's model was in flight on it when it died.
+
+    TorchServe answers such a request 500 or 507 "Worker died." (gRPC INTERNAL) soon after the kill;
+    over gRPC it may instead never answer, and the client's deadline ends the wait: a request sent
+    before the kill and timed out after it was lost with the worker too. A deadline on a request
+    sent after the kill is a hang."""
+    if kill_at is None:
+        return False
+    if outcome in ("500", "507"):
+        return kill_at <= finished <= kill_at + KILL_WINDOW_S
+    return outcome == "hang" and sent <= kill_at <= finished
+
+
 def judge(records, before, after, kill, kill_model, elapsed, hostile_models, hung_threads=0) -> dict:
     by_class: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures = collections.Counter()
     in_flight_on_killed = collections.Counter()
     messages: dict[str, str] = {}
-    for cls, transport, outcome, at, error in records:
+    hangs = hung_threads
+    for cls, transport, outcome, sent, at, error in records:
         by_class[f"{cls} {transport}"][outcome] += 1
         good = cls.startswith("good:")
         ok = outcome == "2xx" if good else (outcome.isdigit() and 400 <= int(outcome) < 500)
         if ok:
             continue
-        # TorchServe answers a request lost with its worker 500 or 507 "Worker died." (gRPC INTERNAL).
-        died = outcome in ("500", "507")
-        if (
-            died
-            and model_of(cls, hostile_models) == kill_model
-            and kill["at"] is not None
-            and kill["at"] <= at <= kill["at"] + KILL_WINDOW_S
-        ):
+        if model_of(cls, hostile_models) == kill_model and lost_with_worker(outcome, sent, at, kill["at"]):
             in_flight_on_killed[f"{cls} {transport} {outcome}"] += 1
             continue
+        if outcome == "hang":
+            hangs += 1
         failures[f"{cls} {transport} {outcome}"] += 1
         messages.setdefault(f"{cls} {transport} {outcome}", error)
     changed = {m: sorted(before[m] - after[m]) for m in before if before[m] - after[m]}
     unexpected_restarts = {
         m: pids for m, pids in changed.items() if set(pids) != ({kill["pid"]} if m == kill_model else set())
     }
-    hangs = sum(n for c in by_class.values() for o, n in c.items() if o == "hang") + hung_threads
     return {
         "requests": len(records),
         "seconds": round(elapsed, 1),
@@ -191,7 +203,7 @@ def judge(records, before, after, kill, kill_model, elapsed, hostile_models, hun
         "killed_worker": {
             "model": kill_model,
             "pid": kill["pid"],
-            "at_request": None if kill["at"] is None else sum(1 for r in records if r[3] <= kill["at"]),
+            "at_request": None if kill["at"] is None else sum(1 for r in records if r[4] <= kill["at"]),
             "in_flight_outcomes": dict(in_flight_on_killed),
         },
         "failures": dict(failures),

@@ -166,14 +166,21 @@ def test_soak_judges_failures_outside_the_kill_window():
     kill = {"at": 100.0, "pid": 7}
     before, after = {"lstm": {7, 8}, "cnn": {9}}, {"lstm": {8, 10}, "cnn": {9}}
     records = [
-        ("good:lstm", "rest", "507", 101.0, "Worker died."),
-        ("good:cnn", "grpc", "2xx", 102.0, ""),
-        ("hostile:deep_json", "rest", "400", 103.0, ""),
+        ("good:lstm", "rest", "507", 100.5, 101.0, "Worker died."),
+        ("good:cnn", "grpc", "2xx", 101.5, 102.0, ""),
+        ("hostile:deep_json", "rest", "400", 102.5, 103.0, ""),
+        # Sent before the kill to the killed model, never answered until the client's deadline.
+        ("good:lstm", "grpc", "hang", 99.9, 129.9, "deadline exceeded"),
     ]
     ok = judge(records, before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
-    assert ok["passed"] and ok["killed_worker"]["in_flight_outcomes"] == {"good:lstm rest 507": 1}
+    assert ok["passed"] and ok["hangs"] == 0
+    assert ok["killed_worker"]["in_flight_outcomes"] == {"good:lstm rest 507": 1, "good:lstm grpc hang": 1}
+    # The same deadline on a request sent after the kill, or to another model, is a hang.
+    for hung in [("good:lstm", "grpc", "hang", 100.1, 130.1, "x"), ("good:cnn", "grpc", "hang", 99.9, 129.9, "x")]:
+        verdict = judge([*records, hung], before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
+        assert not verdict["passed"] and verdict["hangs"] == 1, verdict
     late = judge(
-        [*records, ("good:lstm", "grpc", "500", 130.0, "Worker died.")],
+        [*records, ("good:lstm", "grpc", "500", 129.0, 130.0, "Worker died.")],
         before,
         after,
         kill,
