@@ -386,6 +386,12 @@ class PacedLoad:
         for t in self._threads:
             t.join(self.timeout + 10)
 
+    def finish(self) -> None:
+        """Let the load run to its ``max_seconds``, then stop it."""
+        for t in self._threads:
+            t.join(max(0.0, self.t0 + self.max_seconds - time.monotonic()) + self.timeout + 10)
+        self.stop()
+
     def __enter__(self) -> PacedLoad:
         return self.start()
 

@@ -194,8 +194,8 @@ def plot(way: str, result: dict, path: Path) -> None:
     ax2.set_xlabel("seconds since the load started")
     ax2.legend(loc="upper right", fontsize=8)
     for ax in (ax1, ax2):
-        for k in ("load_stopped_s",):
-            ax.axvline(result[k], color="red", alpha=0.4)
+        ax.axvline(result["load_stopped_s"], color="red", alpha=0.4)
+    ax1.annotate("load stopped", (result["load_stopped_s"], MAX + 0.2), color="red", fontsize=8, ha="right")
     fig.suptitle(
         f"{way}: 1 -> 3 in {result['scale_up_s']:.0f} s, 3 -> 1 in {result['scale_down_s']:.0f} s after the load; "
         f"{result['requests']} requests, {result['failed']} failed",

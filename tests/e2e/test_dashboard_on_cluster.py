@@ -1,0 +1,142 @@
+"""The chart's Grafana dashboard against the e2e's real Prometheus: after a load on every model, each
+panel query returns data, for each model where the panel is per model.
+
+A release with the chart's default groups (one per model) takes good requests on every model over
+REST and gRPC, bad ones (4xx), and a burst beyond a small queue (503), so that every TorchServe
+counter the dashboard reads exists. Then each query of k8s/chart/dashboards/torchserve.json, with
+$namespace and $release filled in, goes to Prometheus's HTTP API. A query that returns nothing
+fails and names its panel.
+
+Three panels read exporters this cluster cannot run, and are named as such rather than passed:
+the ingress latency (no ingress controller), ready pods and desired replicas (kube-state-metrics,
+which the Go module proxy does not serve) and the GPU panels (no GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from scripts.client import encode_payload
+from scripts.data import sample_inputs
+from tests.e2e.cluster import ROOT, Cluster, PacedLoad
+from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, image_values
+
+NAMESPACE = "e2e-dashboard"
+RELEASE = "tsd"
+MODELS = ["cnn", "lstm", "transformer"]
+SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+DASHBOARD = ROOT / "k8s" / "chart" / "dashboards" / "torchserve.json"
+QUEUE = 4  # torchserve.jobQueueSize for this release: a burst of 40 translations overflows it (503)
+# Panels whose data comes from an exporter this cluster has not got: the reason, by a metric they read.
+UNANSWERABLE = {
+    "nginx_ingress_controller_": "needs an ingress-nginx controller, which this cluster does not run",
+    "kube_": "needs kube-state-metrics, which the Go module proxy does not serve",
+    "GPUUtilization": "needs a GPU",
+    "GPUMemoryUtilization": "needs a GPU",
+    "DCGM_FI_DEV_GPU_UTIL": "needs a GPU and NVIDIA's DCGM exporter",
+}
+
+
+def panels() -> list[tuple[str, str]]:
+    """(panel title, query) for every target of the dashboard."""
+    board = json.loads(DASHBOARD.read_text())
+    return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
+
+
+def prometheus(c: Cluster) -> str:
+    ip = c.json("get", "service", "prometheus-operated", "-n", "monitoring")["spec"]["clusterIP"]
+    return f"http://{ip}:9090"
+
+
+def query(url: str, expr: str) -> list[dict]:
+    resp = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30)
+    resp.raise_for_status()
+    body = resp.json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def loaded(cluster: Cluster):
+    c = dataclasses.replace(cluster, namespace=NAMESPACE)
+    c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
+    values = [
+        "--set",
+        "autoscaling.enabled=false",
+        "--set",
+        "replicaCount=1",
+        "--set",
+        f"torchserve.jobQueueSize={QUEUE}",
+    ]
+    c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *values)
+    try:
+        c.wait(
+            "a Ready pod per model",
+            lambda: len({p["metadata"]["labels"]["torchserve-models/group"] for p in c.ready_pods(SELECTOR)}) == 3,
+            READY_BOUND_S,
+        )
+        inputs = {m: payload for m, (_, payload) in sample_inputs(MODELS).items()}
+        ips = {m: c.json("get", "service", f"{RELEASE}-torchserve-models-{m}")["spec"]["clusterIP"] for m in MODELS}
+        # Good requests on every model, over both transports, for a little longer than Prometheus's rate windows need.
+        loads = [PacedLoad(ips[m], m, inputs[m], rate=4, workers=2, max_seconds=40).start() for m in MODELS]
+        bad = {}
+        for m in MODELS:
+            resp = requests.post(f"http://{ips[m]}:8080/predictions/{m}", data=b"\xff\xfe not an input", timeout=30)
+            bad[m] = resp.status_code
+        # A burst of translations beyond the queue: TorchServe answers the overflow 503.
+        body, ctype = encode_payload(inputs["transformer"])
+
+        def translate(_: int) -> int:
+            url = f"http://{ips['transformer']}:8080/predictions/transformer"
+            return requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=120).status_code
+
+        with ThreadPoolExecutor(40) as pool:
+            burst = list(pool.map(translate, range(40)))
+        for load in loads:
+            load.finish()
+        failed = [f for load in loads for f in load.failures]
+        print(f"bad inputs answered {bad}; burst of 40 translations: {sorted(burst)}")
+        assert not failed, failed
+        assert all(400 <= s < 500 for s in bad.values()), bad
+        assert 503 in burst, burst
+        time.sleep(15)  # two more scrapes (5 s) after the last request
+        yield c, prometheus(c)
+    finally:
+        c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
+        c.wait("the release's pods gone", lambda: not c.pods(SELECTOR), POD_GONE_S)
+        c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
+
+
+def test_every_dashboard_query_answers_for_every_model(loaded):
+    c, url = loaded
+    answered, unanswerable, empty = [], {}, []
+    for title, expr in panels():
+        reason = next((why for metric, why in UNANSWERABLE.items() if metric in expr), None)
+        if reason:
+            unanswerable[title] = reason
+            continue
+        result = query(url, expr.replace("$namespace", NAMESPACE).replace("$release", RELEASE))
+        if not result:
+            empty.append(f"{title}: {expr}")
+            continue
+        by_model = {r["metric"].get("model_name") for r in result} - {None}
+        if "model_name" in expr and by_model != set(MODELS):
+            empty.append(f"{title}: data for {sorted(by_model)} only, not {MODELS}")
+            continue
+        answered.append((title, len(result)))
+    print(f"answered: {answered}")
+    print(f"not answerable on this cluster: {unanswerable}")
+    assert not empty, "panels with no data:\n" + "\n".join(empty)
+    # Everything not named above was answered: the requests, latency, queue and error panels.
+    assert {t for t, _ in answered} >= {
+        "Requests per second per pod and model — the HPA signal",
+        "Mean inference latency (ms)",
+        "Queue latency per REST request (ms)",
+        "Non-2xx responses per second",
+    }
