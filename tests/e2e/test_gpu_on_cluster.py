@@ -33,7 +33,10 @@ SMALL = [
     *("--set", "resources.requests.cpu=100m", "--set", "resources.requests.memory=1Gi"),
     *("--set", "resources.limits.cpu=2", "--set", "resources.limits.memory=4Gi"),
 ]
-CNN_ONLY = ["--set", "models.names={cnn}", "--set", "groups.lstm=null", "--set", "groups.transformer=null"]
+CNN_ONLY = [
+    *("--set", "models.names={cnn}", "--set", "groups.lstm=null", "--set", "groups.transformer=null"),
+    *("--set", "helmTest.model=cnn"),
+]
 
 
 def gpu_patch(op: str) -> str:
@@ -116,8 +119,11 @@ def test_an_autoscaled_gpu_group_gets_two_pods_and_one_pending_for_want_of_a_gpu
             limits = p["spec"]["containers"][0]["resources"]["limits"]
             assert limits["nvidia.com/gpu"] == "1", limits
             assert p["spec"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
-            # No GPU is visible inside: the handler says it runs on the CPU, once per worker at load.
-            logs = c.kubectl("logs", p["metadata"]["name"], "-c", "torchserve")
+            # No GPU is visible inside: the handler says it runs on the CPU, once per worker at load,
+            # in TorchServe's model log (LOG_LOCATION, an emptyDir the chart mounts).
+            logs = c.kubectl(
+                "exec", p["metadata"]["name"], "-c", "torchserve", "--", "cat", "/home/model-server/logs/model_log.log"
+            )
             said = logs.count("no CUDA device visible to this worker: running on the CPU")
             assert said >= 1, logs[-2000:]
         hpa = c.json("get", "hpa", f"{RELEASE}-torchserve-models-cnn")
