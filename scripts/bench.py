@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import registry
-from .common import ROOT, run_cli
+from .common import ROOT, CLIError, run_cli
 from .data import request_inputs
 
 RESULTS = ROOT / "bench" / "results"
@@ -80,7 +80,7 @@ def _drive(
 
     from .client import ClientError
 
-    latencies, errors = [], {}
+    latencies, errors, examples = [], {}, {}
     lock, sent = threading.Lock(), [0]
     t0 = time.perf_counter()
 
@@ -101,19 +101,23 @@ def _drive(
             except (ClientError, OSError) as e:
                 with lock:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    examples.setdefault(type(e).__name__, str(e)[:200])
 
     with ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
-    return {"ms": latencies, "errors": errors, "sent": sent[0], "wall": time.perf_counter() - t0}
+    return {"ms": latencies, "errors": errors, "examples": examples, "sent": sent[0], "wall": time.perf_counter() - t0}
 
 
 def _summary(concurrency: int, parts: list[dict]) -> dict:
     ms = [v for p in parts for v in p["ms"]]
     errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for p in parts:
         for k, n in p["errors"].items():
             errors[k] = errors.get(k, 0) + n
+        for k, text in p.get("examples", {}).items():
+            examples.setdefault(k, text)
     wall = max(p["wall"] for p in parts)
     return {
         "concurrency": concurrency,
@@ -121,6 +125,7 @@ def _summary(concurrency: int, parts: list[dict]) -> dict:
         "seconds": wall,
         "ok": len(ms),
         "errors": errors,
+        "error_examples": examples,
         "throughput_rps": len(ms) / wall,
         "p50_ms": percentile(ms, 50) if ms else None,
         "p95_ms": percentile(ms, 95) if ms else None,
@@ -494,7 +499,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r["capacity"] = None
     write(result, args.output)
+    failed = errors_of(result)
+    if failed:
+        raise CLIError(f"{len(failed)} bench rows had errors; the first: {failed[0]}")
     return 0
+
+
+def errors_of(result: dict) -> list[str]:
+    """One line per served row that had errors: the project's own inputs must all succeed."""
+    out = []
+    for m, r in result["models"].items():
+        for transport, rows in r.get("served", {}).items():
+            for row in rows:
+                for kind, n in sorted(row["errors"].items()):
+                    example = row.get("error_examples", {}).get(kind, "")
+                    out.append(f"{m} {transport} c={row['concurrency']}: {n} x {kind} (e.g. {example!r})")
+    return out
 
 
 def write(result: dict, out: Path) -> None:

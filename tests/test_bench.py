@@ -7,6 +7,7 @@ import torch
 
 from handlers import checkpoint
 from scripts import bench, registry, variants
+from scripts.client import BadInput
 
 pytestmark = pytest.mark.slow
 
@@ -17,6 +18,22 @@ def test_which_side_saturated():
     assert bench.saturated({"client": 0.1, "frontend": 0.1, "workers": 0.2}, 1.0, 16) == "neither"
     # Two generator processes can use two cores before the client is the limit.
     assert bench.saturated({"client": 1.0, "frontend": 0.5, "workers": 1.0}, 1.0, 16, client_processes=2) == "neither"
+
+
+def test_a_row_with_errors_is_named_with_one_example():
+    class Refusing:
+        def predict(self, model, data):
+            if data == "long":
+                raise BadInput("text too long for the model's window (413)", 413)
+            return b"{}"
+
+    row = bench.run_level(Refusing(), "transformer", ["ok", "long", "ok"], concurrency=2, requests=9)
+    assert row["errors"] == {"BadInput": 3} and row["ok"] == 6
+    result = {"models": {"transformer": {"served": {"rest": [row]}}, "cnn": {"served": {"rest": []}}}}
+    [line] = bench.errors_of(result)
+    assert line.startswith("transformer rest c=2: 3 x BadInput (e.g. ") and "413" in line
+    row["errors"], row["error_examples"] = {}, {}
+    assert bench.errors_of(result) == []
 
 
 def test_percentile_and_queue_counters():
