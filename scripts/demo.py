@@ -15,7 +15,7 @@ import time
 from . import registry, serve
 from .client import Client, Settings
 from .common import ROOT, run_cli
-from .data import sample_inputs
+from .registry import sample_inputs
 
 
 def report(store=ROOT / "model-store") -> str:

@@ -300,7 +300,7 @@ def smoke(api, pod, model: str, payload, port: int = 8080, timeout: float = 30) 
 def smoke_inputs(models: list[str], text: str) -> dict[str, object]:
     """A representative request per model: the registry's demo input; ``text`` for an unregistered model."""
     from . import registry
-    from .data import sample_inputs
+    from .registry import sample_inputs
 
     samples = sample_inputs([m for m in models if m in registry.REGISTRY])
     return {m: samples[m][1] if m in samples else text for m in models}

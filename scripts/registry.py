@@ -22,6 +22,7 @@ from models.cnn import CNNClassifier
 from models.lstm import LSTMClassifier
 from models.transformer import Translator
 
+from . import data
 from .common import ROOT, CLIError
 from .tasks import ImageTask, Task, TextTask, TranslationTask
 
@@ -32,7 +33,7 @@ class ModelEntry:
     network: type[nn.Module]  # a models/ class with a config_cls dataclass
     task: type[Task]  # data, config fields, batching, loss and metrics (scripts/tasks.py)
     handler: str  # "handlers.<module>:<Class>", serving the task
-    dataset: str  # the bundled dataset it trains on by default (scripts/data.py BUNDLED)
+    dataset: str  # the bundled dataset it trains on by default (a key of scripts/data.py PINNED)
     train: dict = field(default_factory=dict)  # full-run defaults for train's flags (epochs, batch_size, lr)
     train_cuda: dict = field(default_factory=dict)  # what differs from ``train`` when training on a GPU
     quick: dict = field(default_factory=dict)  # the --quick preset: seconds-long runs for demos and archives
@@ -143,6 +144,34 @@ def load_checkpoint(path: str | Path, model: str | None = None) -> dict:
     if model is not None and ckpt["model_name"] != model:
         raise CLIError(f"{path}: holds model {ckpt['model_name']!r}, not {model!r}")
     return ckpt
+
+
+# ----------------------------------------------------------------------------- a model's data
+
+
+def load_dataset(model: str, path: str | None = None, *, seed: int = 0, limit: int | None = None) -> data.Dataset:
+    """The dataset ``model`` trains on: its bundled one when ``path`` is None, else the user's file
+    or folder, read as the model's task's kind of data."""
+    entry = get(model)
+    return data.load(entry.dataset, entry.task.data_kind, path, seed=seed, limit=limit)
+
+
+def request_inputs(model: str, n: int) -> list:
+    """Up to ``n`` inputs from the model's held-out test split, as a client sends them."""
+    return get(model).task.request_inputs(load_dataset(model), n)
+
+
+def sample_inputs(models: list[str] | None = None) -> dict:
+    """model -> (what it is, payload): each entry's demo input, else its first test input."""
+    out = {}
+    for name in models if models is not None else names():
+        entry = get(name)
+        if entry.demo:
+            out[name] = entry.demo
+        else:
+            payload = request_inputs(name, 1)[0]
+            out[name] = (f"a test-split input of {name} ({type(payload).__name__})", payload)
+    return out
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from .common import ROOT, CLIError, run_cli
 # store, the models and auth only.
 BASE_CONFIG = ROOT / "k8s" / "chart" / "files" / "config.properties"
 LOG_CONFIG = ROOT / "handlers" / "config" / "log4j2.xml"
-PORTS = {  # name -> (default, config key, flag)
+PORTS = {  # name -> default port (each has a --<name>-port flag)
     "inference": 8080,
     "management": 8081,
     "metrics": 8082,

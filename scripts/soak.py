@@ -32,7 +32,7 @@ from pathlib import Path
 from . import pod, registry, serve
 from .client import Client, ClientError, Settings, Timeout
 from .common import ROOT, CLIError, run_cli
-from .data import request_inputs
+from .registry import request_inputs
 
 MODELS = registry.names()
 KILL_WINDOW_S = 15.0  # requests failing this soon after the kill count as in flight on the killed worker

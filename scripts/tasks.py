@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,9 +19,7 @@ from models.image import normalize
 from models.text import PAD_ID, SubwordTokenizer, Vocab, frame, pad_batch, tokenize
 
 from .common import CLIError
-
-if TYPE_CHECKING:
-    from .data import Dataset
+from .data import DataKind, Dataset
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class Task:
     """What differs between models: config, batching, loss, metrics, checkpoint extras."""
 
     name: str  # the checkpoint's task, which its handler must serve
-    data_kind: str  # how a user's own data file is read (scripts/data.py)
+    data_kind: DataKind  # what its dataset holds, and so how a user's own file is read
     primary: str  # validation metric that picks the best epoch
     score: str  # the test metric reports show
     higher_is_better: bool = True
@@ -126,7 +123,7 @@ class ClassifierTask(Task):
 
 
 class ImageTask(ClassifierTask):
-    name, data_kind = "image-classification", "images"
+    name, data_kind = "image-classification", DataKind.IMAGES
 
     def __init__(self, ds, saved=None, options=TaskOptions()):
         super().__init__(ds, saved, options)
@@ -161,7 +158,7 @@ class ImageTask(ClassifierTask):
 
 
 class TextTask(ClassifierTask):
-    name, data_kind = "text-classification", "labelled_text"
+    name, data_kind = "text-classification", DataKind.LABELLED_TEXT
     max_tokens = 64  # Rotten Tomatoes snippets average ~22 words; longer input is truncated
 
     def __init__(self, ds, saved=None, options=TaskOptions()):
@@ -197,7 +194,7 @@ class TranslationTask(Task):
     and also reported on test20, its pairs of at most 20 words per side.
     """
 
-    name, data_kind = "translation", "pairs"
+    name, data_kind = "translation", DataKind.PAIRS
     primary, score = "bleu", "bleu"  # the checkpoint is chosen by validation BLEU, not loss
 
     def __init__(self, ds, saved=None, options=TaskOptions()):

@@ -28,7 +28,7 @@ from models import build_model, config_to_dict, network_path
 
 from . import registry
 from .common import ROOT, CLIError, git_commit, run_cli
-from .data import load_dataset
+from .registry import load_dataset
 from .tasks import TaskOptions
 
 # ----------------------------------------------------------------------------- training loop

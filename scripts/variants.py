@@ -77,7 +77,7 @@ def compare(model_name: str, checkpoint: Path, variant: str, repeats: int) -> di
     from handlers.checkpoint import rebuild
 
     from .archive import check_aoti, compile_aoti
-    from .data import load_dataset
+    from .registry import load_dataset
     from .tasks import TaskOptions
 
     if variant == "aoti":

@@ -109,7 +109,7 @@ def test_the_gpu_profile_rebuilds_with_its_settings_and_leaves_the_rest_of_the_c
 
 def test_a_variant_change_rebuilds_and_the_aoti_archive_answers_like_eager(store, tmp_path):
     """make archive VARIANT=aoti: the forward compiled by AOTInductor (a real C++ build, ~40 s)."""
-    from scripts.data import load_dataset
+    from scripts.registry import load_dataset
     from tests.helpers import load_handler, png, run_batch
 
     ckpts, _ = store

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from scripts import data
-from scripts.data import DataError, load_dataset
+from scripts.data import DataError, DataKind
+from scripts.registry import load_dataset
 
 
 @pytest.mark.parametrize(
@@ -110,3 +111,14 @@ def test_user_images_from_a_folder_and_an_npz(tmp_path):
 def test_missing_user_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="nope.csv: file not found"):
         load_dataset("lstm", str(tmp_path / "nope.csv"))
+
+
+def test_data_knows_datasets_and_kinds_not_models():
+    ds = data.load("en_es_bible", DataKind.PAIRS, limit=50)
+    assert len(ds) == 50 and ds.name == "en_es_bible"
+    with pytest.raises(DataError, match="holds pairs, not images"):
+        data.load("en_es_bible", DataKind.IMAGES)
+    with pytest.raises(DataError, match="no bundled dataset 'imagenet'"):
+        data.load("imagenet", DataKind.IMAGES)
+    # A model's dataset and kind come from the registry, which asks data for them.
+    assert load_dataset("transformer", limit=50).fingerprint == ds.fingerprint

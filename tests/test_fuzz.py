@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from scripts.data import load_dataset
+from scripts.registry import load_dataset
 from tests.helpers import load_handler, png, run_batch
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))

@@ -13,7 +13,7 @@ from PIL import Image
 from handlers import checkpoint
 from models.image import normalize
 from models.text import SubwordTokenizer, Vocab, pad_batch
-from scripts.data import load_dataset
+from scripts.registry import load_dataset
 from tests.helpers import load_handler, png, run_batch
 
 TOL = dict(rtol=0, atol=1e-5)  # probabilities are rounded to 6 decimals in the answers

@@ -826,3 +826,26 @@ def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
     assert (
         proc.returncode == 1 and proc.stderr.startswith("deploy: error: no cluster") and "Traceback" not in proc.stderr
     )
+
+
+def test_the_pod_tool_runs_alone_as_in_the_image(tmp_path):
+    """k8s/Dockerfile copies scripts/pod.py alone: it must run with no other project file and no
+    third-party package on its path (-I: isolated from the environment; -S: no site-packages)."""
+    alone = tmp_path / "pod.py"
+    shutil.copy(ROOT / "scripts" / "pod.py", alone)
+    cmd = [sys.executable, "-I", "-S", str(alone)]
+    assert "drain" in subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True).stdout
+    # A command that does its work (asks a management API that is not there) and says why it failed.
+    proc = subprocess.run([*cmd, "ready", "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "not ready: management API at http://127.0.0.1:9 not answering" in out, out
+
+
+def test_the_pod_tools_import_contract_names_every_other_module_of_scripts():
+    """pyproject.toml's contract forbids scripts.pod every other module: a new module is added to it."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    [leaf] = [c for c in contracts if c.get("source_modules") == ["scripts.pod"]]
+    others = {f"scripts.{p.stem}" for p in (ROOT / "scripts").glob("*.py")} - {"scripts.pod", "scripts.__init__"}
+    assert set(leaf["forbidden_modules"]) == {"models", "handlers", *others}

@@ -19,7 +19,7 @@ from PIL import Image
 from scripts import registry, serve
 from scripts.client import Client
 from scripts.common import ROOT
-from scripts.data import load_dataset
+from scripts.registry import load_dataset
 from tests.helpers import server_config, settings
 
 pytestmark = pytest.mark.slow

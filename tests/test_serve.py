@@ -25,7 +25,7 @@ from scripts.client import (
     Unauthorized,
 )
 from scripts.common import ROOT, CLIError
-from scripts.data import load_dataset
+from scripts.registry import load_dataset
 from tests.helpers import free_ports, load_handler, png, run_batch, server_config, settings
 
 pytestmark = pytest.mark.slow

@@ -70,7 +70,7 @@ def test_resume_continues_from_last_and_refuses_another_model(tmp_path):
 
 def test_set_changes_network_fields_and_refuses_what_the_data_decides(tmp_path):
     from models.transformer import TransformerConfig
-    from scripts.data import load_dataset
+    from scripts.registry import load_dataset
     from scripts.tasks import TaskOptions, TranslationTask
 
     task = TranslationTask(load_dataset("transformer", limit=300), None, TaskOptions(vocab_size=200))
@@ -127,7 +127,7 @@ def test_bad_arguments_exit_non_zero_with_one_line_and_no_traceback(argv, messag
 
 def test_the_cached_greedy_decode_equals_the_uncached_one_on_the_test_split(tiny_checkpoints):
     from scripts import registry
-    from scripts.data import load_dataset
+    from scripts.registry import load_dataset
     from scripts.tasks import TaskOptions
 
     ckpt = registry.load_checkpoint(tiny_checkpoints["transformer"])
@@ -145,7 +145,7 @@ def test_the_cached_greedy_decode_equals_the_uncached_one_on_the_test_split(tiny
 def test_translation_batches_are_token_bounded_cover_each_pair_once_and_keep_the_test_split_whole():
     import numpy as np
 
-    from scripts.data import load_dataset
+    from scripts.registry import load_dataset
     from scripts.tasks import TaskOptions, TranslationTask
 
     ds = load_dataset("transformer", limit=600)

@@ -34,7 +34,7 @@ matplotlib.use("Agg")  # files only: the e2e has no display
 import matplotlib.pyplot as plt
 import pytest
 
-from scripts.data import sample_inputs
+from scripts.registry import sample_inputs
 from tests.e2e.cluster import ROOT, Cluster, PacedLoad, StepFailed
 from tests.e2e.test_chart_on_cluster import READY_BOUND_S, VALUES, image_values
 

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from scripts.client import Client, ModelNotFound, Settings
-from scripts.data import sample_inputs
 from scripts.inprocess import load_handler, run_batch
+from scripts.registry import sample_inputs
 from tests.e2e.cluster import ROOT, Cluster, Load
 
 RELEASE = "ts"

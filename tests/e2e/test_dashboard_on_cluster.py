@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from scripts.client import encode_payload
-from scripts.data import sample_inputs
+from scripts.registry import sample_inputs
 from tests.e2e.cluster import ROOT, Cluster, PacedLoad
 from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, image_values
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from scripts.client import Client, Settings
-from scripts.data import sample_inputs
+from scripts.registry import sample_inputs
 from tests.e2e.cluster import ROOT, Cluster, Load
 from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, image_values
 
