@@ -16,17 +16,28 @@ Writes bench/results/<timestamp>.json, .md and .png (throughput and p99 vs concu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import http.client
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import registry
+import psutil
+import torch
+
+from handlers.base import StageClock
+
+from . import archive, registry, serve
+from .client import Client, ClientError, Settings, encode_payload, error_for_status
 from .common import ROOT, CLIError, run_cli
+from .inprocess import load_handler, run_batch
 from .registry import request_inputs
 
 RESULTS = ROOT / "bench" / "results"
@@ -44,15 +55,9 @@ class RawRest:
     is kept low (and reported: see cpu_ms_per_request)."""
 
     def __init__(self, settings):
-        import threading
-
         self.s, self.local = settings, threading.local()
 
     def predict(self, model: str, data):
-        import http.client
-
-        from .client import encode_payload, error_for_status
-
         conn = getattr(self.local, "conn", None)
         if conn is None:
             conn = self.local.conn = http.client.HTTPConnection(
@@ -76,10 +81,6 @@ def _drive(
 ) -> dict:
     """Send from ``concurrency`` threads until ``requests`` are sent and ``min_seconds`` have passed
     (never past ``max_seconds``); the raw latencies (ms), errors and wall time."""
-    import threading
-
-    from .client import ClientError
-
     latencies, errors, examples = [], {}, {}
     lock, sent = threading.Lock(), [0]
     t0 = time.perf_counter()
@@ -157,8 +158,6 @@ def _drive_in_child(
     settings, transport: str, model: str, inputs: list, concurrency: int, requests: int, min_seconds: float
 ):
     """One load-generator process: its own connections, its part of the level, its own CPU time."""
-    from .client import Client
-
     cpu0 = time.process_time()
     with Client(transport, settings) as c:
         load = load_generator(transport, c, settings)
@@ -210,10 +209,6 @@ def queue_counters(metrics_text: str) -> tuple[float, float]:
 
 def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: list[int], repeats: int) -> dict:
     """Items/s and ms per batch of the raw batched forward and of the whole handler path."""
-    import torch
-
-    from .inprocess import load_handler
-
     # The limit gets every core, however the served workers split them (handler option threads),
     # and the device the served workers use: TorchServe gives each worker a GPU when there is one.
     threads = torch.get_num_threads()
@@ -226,10 +221,6 @@ def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: li
 
 
 def _limit(handler, ctx, inputs: list, batch_sizes: list[int], repeats: int) -> dict:
-    import torch
-
-    from .inprocess import run_batch
-
     # GPU work is asynchronous: a timer must wait for it, or it times the launches only.
     sync = torch.cuda.synchronize if handler.device.type == "cuda" else (lambda: None)
     out = {"device": str(handler.device)}
@@ -267,12 +258,6 @@ def stage_profile(handler, ctx, reqs: list[dict], repeats: int) -> dict:
     """CPU and wall ms per request in each stage of the handler's batch path (handlers.base.StageClock),
     with the torch threads of one served worker (its model config's ``threads``), so that CPU time is
     what a worker spends, not idle threads spinning."""
-    import torch
-
-    from handlers.base import StageClock
-
-    from .inprocess import run_batch
-
     handler_options = registry.get(ctx.model_name).model_config().get("handler") or {}
     threads = handler_options.get("threads") or os.cpu_count() or 1
     before = torch.get_num_threads()
@@ -295,9 +280,6 @@ def stage_profile(handler, ctx, reqs: list[dict], repeats: int) -> dict:
 
 def cpu_seconds(pid: int) -> dict[str, float]:
     """CPU time so far of the frontend, its workers together, and this process (the client)."""
-    import os
-
-    import psutil
 
     def total(p):
         t = p.cpu_times()
@@ -312,14 +294,12 @@ def cpu_seconds(pid: int) -> dict[str, float]:
 
 
 def rss_mib(pid: int) -> dict:
-    import psutil
-
     proc = psutil.Process(pid)
     workers = [p.memory_info().rss / 2**20 for p in proc.children(recursive=True)]
     return {"frontend_mib": proc.memory_info().rss / 2**20, "workers_mib": workers}
 
 
-def main(argv: list[str] | None = None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="about a minute: fewer levels and requests (default: off)")
     p.add_argument("--models", nargs="+", default=registry.names(), help="models (default: every registered one)")
@@ -361,23 +341,36 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the in-process limit and the handler path's cost by stage, no server: seconds (default: off)",
     )
-    args = p.parse_args(argv)
-    levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
+    return p
 
-    def n_requests(level: int) -> int:
-        if args.requests:
-            return args.requests
-        return max(40, 10 * level) if args.quick else max(300, 20 * level)
 
-    min_seconds = args.min_seconds if args.min_seconds is not None else (0.5 if args.quick else 2.0)
-    repeats = 5 if args.quick else 20
-    warmup = 20 if args.quick else 100
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run sends: the concurrency levels, requests and minimum seconds per level, repeats of
+    the in-process timings, and the warm-up before each transport's levels."""
 
-    import torch
+    levels: list[int]
+    requests: dict[int, int]
+    min_seconds: float
+    repeats: int
+    warmup: int
 
-    from . import archive, serve
-    from .client import Client, Settings
+    @classmethod
+    def of(cls, args) -> Plan:
+        levels = args.concurrency or ([1, 8] if args.quick else [1, 4, 16, 64])
+        floor, per_client = (40, 10) if args.quick else (300, 20)
+        return cls(
+            levels=levels,
+            requests={n: args.requests or max(floor, per_client * n) for n in levels},
+            min_seconds=args.min_seconds if args.min_seconds is not None else (0.5 if args.quick else 2.0),
+            repeats=5 if args.quick else 20,
+            warmup=20 if args.quick else 100,
+        )
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    plan = Plan.of(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -388,85 +381,60 @@ def main(argv: list[str] | None = None) -> int:
             "torch": str(torch.__version__),
             "cuda": torch.cuda.is_available(),
         },
-        "levels": levels,
-        "requests_per_level": {level: n_requests(level) for level in levels},
+        "levels": plan.levels,
+        "requests_per_level": plan.requests,
         "client_processes": args.client_processes,
         "slo_ms": args.slo_ms,
-        "models": {},
+        "models": {m: {} for m in args.models},
     }
     inputs = {m: request_inputs(m, 64) for m in args.models}
     if args.stages:
-        return write_stages(result, args, inputs, repeats)
+        return write_stages(result, args, inputs, plan.repeats)
+    time_archives(args, result)
+    serve_and_measure(args, plan, result, inputs)
+    for m in args.models:
+        result["models"][m].update(limit_and_capacity(args, plan, m, result["models"][m], inputs[m]))
+    write(result, args.output)
+    failed = errors_of(result)
+    if failed:
+        raise CLIError(f"{len(failed)} bench rows had errors; the first: {failed[0]}")
+    return 0
 
-    # Archive build time, into a scratch store (the real one is what we serve).
+
+def time_archives(args, result: dict) -> None:
+    """Archive build time and size per model, into a scratch store (the real one is what is served)."""
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.models:
             t = time.perf_counter()
             e = archive.build(
-                m,
-                args.checkpoints / m / "checkpoint.pt",
-                "bench",
-                Path(tmp),
-                registry.get(m).config_path,
+                m, args.checkpoints / m / "checkpoint.pt", "bench", Path(tmp), registry.get(m).config_path
             )
-            result["models"][m] = {
-                "archive_s": time.perf_counter() - t,
-                "mar_mib": e["size"] / 2**20,
-                "checkpoint_mib": e["checkpoint_size"] / 2**20,
-            }
+            result["models"][m].update(
+                archive_s=time.perf_counter() - t,
+                mar_mib=e["size"] / 2**20,
+                checkpoint_mib=e["checkpoint_size"] / 2**20,
+            )
 
+
+def serve_and_measure(args, plan: Plan, result: dict, inputs: dict) -> None:
+    """A real TorchServe on free loopback ports: cold start, RSS, then every model's levels over each
+    transport, each row with its CPU split (frontend, workers, client) and queue time."""
     with tempfile.TemporaryDirectory() as tmp:
         ports = dict(zip(serve.PORTS, serve.free_ports(len(serve.PORTS)), strict=True))
         cfg = serve.ServerConfig(run_dir=Path(tmp), model_store=args.model_store, ports=ports, models=args.models)
         t = time.perf_counter()
         serve.start(cfg)
         result["cold_start_s"] = time.perf_counter() - t
-        pool = None
-        if args.client_processes > 1:
-            import multiprocessing
-
-            # spawn, not fork: a forked copy of this process would share its gRPC channels' threads.
-            pool = multiprocessing.get_context("spawn").Pool(args.client_processes)
+        # spawn, not fork: a forked copy of this process would share its gRPC channels' threads.
+        pool = multiprocessing.get_context("spawn").Pool(args.client_processes) if args.client_processes > 1 else None
         try:
             result["rss_idle"] = rss_mib(serve.running_pid(cfg))
             settings = Settings(host=cfg.host, ports=dict(cfg.ports), key_file=cfg.key_file, timeout=60)
             for m in args.models:
-                served = {}
-                for transport in args.transports:
-                    with Client(transport, settings) as c:
-                        load = load_generator(transport, c, settings)
-                        run_level(load, m, inputs[m], 4, warmup)  # warm-up: JIT, caches, allocator
-                        rows = []
-                        for level in levels:
-                            q0, r0 = queue_counters(c.metrics())
-                            cpu0 = cpu_seconds(serve.running_pid(cfg))
-                            if pool is None:
-                                row = run_level(load, m, inputs[m], level, n_requests(level), min_seconds)
-                                children_cpu = 0.0
-                            else:
-                                row, children_cpu = run_level_processes(
-                                    pool, settings, transport, m, inputs[m], level, n_requests(level), min_seconds
-                                )
-                            cpu1 = cpu_seconds(serve.running_pid(cfg))
-                            cpu1["client"] += children_cpu
-                            used = {k: cpu1[k] - cpu0[k] for k in cpu0}
-                            row["saturated"] = saturated(
-                                used, row["seconds"], os.cpu_count() or 1, args.client_processes
-                            )
-                            q1, r1 = queue_counters(c.metrics())
-                            row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
-                            row["cpu_ms_per_request"] = {
-                                k: 1000 * (cpu1[k] - cpu0[k]) / max(row["ok"], 1) for k in cpu0
-                            }
-                            rows.append(row)
-                            print(
-                                f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
-                                f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}  "
-                                f"({row['seconds']:.1f} s, CPU-bound: {row['saturated']})",
-                                flush=True,
-                            )
-                        served[transport] = rows
-                result["models"][m]["served"] = served
+                result["models"][m]["served"] = {
+                    transport: measure_levels(args, plan, cfg, settings, pool, transport, m, inputs[m])
+                    for transport in args.transports
+                }
             result["rss_loaded"] = rss_mib(serve.running_pid(cfg))
         finally:
             if pool is not None:
@@ -474,35 +442,66 @@ def main(argv: list[str] | None = None) -> int:
                 pool.join()
             serve.stop(cfg)
 
-    for m in args.models:
-        bs = registry.get(m).batch_size
-        r = result["models"][m]
-        r["batch_size"] = bs
-        r["limit"] = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs[m], [1, bs], repeats)
-        best = max(row["throughput_rps"] for rows in r["served"].values() for row in rows)
-        r["served_over_limit"] = best / r["limit"][str(bs)]["handler_items_per_s"]
-        rest1 = r["served"].get("rest", next(iter(r["served"].values())))[0]
-        r["overhead_c1_p50_ms"] = rest1["p50_ms"] - r["limit"]["1"]["handler_ms"]
-        fits = [
-            row
-            for rows in r["served"].values()
-            for row in rows
-            if row["p99_ms"] is not None and row["p99_ms"] <= args.slo_ms
-        ]
-        if fits:
-            cap = max(fits, key=lambda row: row["throughput_rps"])
-            r["capacity"] = {
-                "rps_per_pod": cap["throughput_rps"],
-                "concurrency": cap["concurrency"],
-                "queue_ms_per_request": cap["queue_ms_per_request"],
-            }
-        else:
-            r["capacity"] = None
-    write(result, args.output)
-    failed = errors_of(result)
-    if failed:
-        raise CLIError(f"{len(failed)} bench rows had errors; the first: {failed[0]}")
-    return 0
+
+def measure_levels(args, plan: Plan, cfg, settings, pool, transport: str, m: str, inputs: list) -> list[dict]:
+    """One model over one transport: a warm-up, then a row per concurrency level."""
+    rows = []
+    with Client(transport, settings) as c:
+        load = load_generator(transport, c, settings)
+        run_level(load, m, inputs, 4, plan.warmup)  # warm-up: JIT, caches, allocator
+        for level in plan.levels:
+            q0, r0 = queue_counters(c.metrics())
+            cpu0 = cpu_seconds(serve.running_pid(cfg))
+            if pool is None:
+                row = run_level(load, m, inputs, level, plan.requests[level], plan.min_seconds)
+                children_cpu = 0.0
+            else:
+                row, children_cpu = run_level_processes(
+                    pool, settings, transport, m, inputs, level, plan.requests[level], plan.min_seconds
+                )
+            cpu1 = cpu_seconds(serve.running_pid(cfg))
+            cpu1["client"] += children_cpu
+            used = {k: cpu1[k] - cpu0[k] for k in cpu0}
+            row["saturated"] = saturated(used, row["seconds"], os.cpu_count() or 1, args.client_processes)
+            q1, r1 = queue_counters(c.metrics())
+            row["queue_ms_per_request"] = (q1 - q0) / max(r1 - r0, 1) / 1000
+            row["cpu_ms_per_request"] = {k: 1000 * used[k] / max(row["ok"], 1) for k in cpu0}
+            rows.append(row)
+            print(
+                f"{m:12s} {transport:4s} c={level:<3d} {row['throughput_rps']:7.1f} req/s  "
+                f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors'] or 0}  "
+                f"({row['seconds']:.1f} s, CPU-bound: {row['saturated']})",
+                flush=True,
+            )
+    return rows
+
+
+def limit_and_capacity(args, plan: Plan, m: str, r: dict, inputs: list) -> dict:
+    """The in-process limit beside the served figures: served/limit, the overhead at one client, and
+    the capacity (best throughput with p99 within the objective) the HPA target is taken from."""
+    bs = registry.get(m).batch_size
+    limit = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs, [1, bs], plan.repeats)
+    best = max(row["throughput_rps"] for rows in r["served"].values() for row in rows)
+    rest1 = r["served"].get("rest", next(iter(r["served"].values())))[0]
+    fits = [
+        row
+        for rows in r["served"].values()
+        for row in rows
+        if row["p99_ms"] is not None and row["p99_ms"] <= args.slo_ms
+    ]
+    cap = max(fits, key=lambda row: row["throughput_rps"]) if fits else None
+    return {
+        "batch_size": bs,
+        "limit": limit,
+        "served_over_limit": best / limit[str(bs)]["handler_items_per_s"],
+        "overhead_c1_p50_ms": rest1["p50_ms"] - limit["1"]["handler_ms"],
+        "capacity": cap
+        and {
+            "rps_per_pod": cap["throughput_rps"],
+            "concurrency": cap["concurrency"],
+            "queue_ms_per_request": cap["queue_ms_per_request"],
+        },
+    }
 
 
 def errors_of(result: dict) -> list[str]:
@@ -624,6 +623,8 @@ def hpa_targets(result: dict, headroom: float = 0.7) -> dict[str, int]:
 
 
 def plot(result: dict, path: Path) -> None:
+    # Imported here, not at the top: the file backend must be chosen before pyplot is imported, and
+    # doing that at import time would change the backend of any program that imports this module.
     import matplotlib
 
     matplotlib.use("Agg")
