@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -180,8 +181,7 @@ BAD = {
     "transformer": [
         ({"body": b""}, 400, "empty text"),
         ({"body": b"\xc3\x28 bad utf-8"}, 400, "not valid UTF-8"),
-        ({"body": "word " * 300}, 413, "1500 characters"),
-        ({"body": "word " * 60}, 413, "subword tokens, this model translates at most 48"),
+        ({"body": "word " * 900}, 413, "4500 characters"),
         ({"body": {"text": "hello", "max_length": 0}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": "5"}}, 400, "'max_length' must be a positive integer"),
         ({"body": {"text": "hello", "max_length": 10_000}}, 400, "'max_length' must be at most"),
@@ -382,6 +382,77 @@ def test_translator_alignment_is_a_distribution_over_the_source_per_target_token
     assert explained["source_tokens"][0] == "<bos>" and explained["source_tokens"][-1] == "<eos>"
     assert align.shape == (len(explained["target_tokens"]), len(explained["source_tokens"]))
     assert np.allclose(align.sum(1), 1.0, atol=1e-3)
+
+
+PARAGRAPH = (
+    "In the beginning God created the heavens and the earth. The earth was without form. "
+    "And God said, Let there be light: and there was light. God saw the light, that it was good. "
+    "And the evening and the morning were the first day."
+)
+
+
+def test_translator_translates_a_paragraph_sentence_by_sentence(handlers):
+    handler, ctx = handlers["transformer"]
+    sentences = handler.segmenter.segment(PARAGRAPH)
+    assert len(sentences) == 5 and len(handler.check(PARAGRAPH)) == 5
+    # The paragraph, and its five sentences sent as a list, in one batch with a neighbour.
+    requests = [{"body": PARAGRAPH}, {"body": {"text": [t.strip() for t in sentences]}}, {"body": "God is love."}]
+    answers, statuses, _ = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [200] * 3
+    one_by_one = [a["translation"] for a in answers[1]]
+    assert len(one_by_one) == 5 and all(one_by_one)
+    assert answers[0]["translation"] == " ".join(one_by_one)
+    alone, _, _ = run_batch(handler, ctx, [{"body": "God is love."}])
+    assert answers[2] == alone[0]
+
+
+def test_translator_cuts_an_overlong_sentence_at_clauses_then_windows(handlers):
+    handler, ctx = handlers["transformer"]
+    window = handler.max_len - 2
+    clauses = ", ".join(["and the waters were gathered together unto one place"] * 6) + "."
+    pieces = handler.check(clauses)
+    assert len(pieces) > 1 and all(len(p) <= handler.max_len for p in pieces)
+    # No comma to cut at: windows of the model's positions.
+    words = " ".join(["light"] * (3 * window))
+    windows = handler.check(words)
+    assert len(windows) >= 3 and all(len(p) <= handler.max_len for p in windows)
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": clauses}, {"body": words}])
+    assert [s for s, _ in statuses] == [200, 200] and all(a["translation"] for a in answers)
+
+
+def test_translator_translates_a_400_word_text_in_bounded_time(handlers):
+    handler, ctx = handlers["transformer"]
+    text = " ".join(" ".join([PARAGRAPH] * 10).split()[:400]) + "."
+    assert len(text.split()) == 400 and len(text) <= handler.options["max_chars"]
+    t0 = time.perf_counter()
+    answers, statuses, _ = run_batch(handler, ctx, [{"body": text}])
+    took = time.perf_counter() - t0
+    assert statuses[0][0] == 200 and len(handler.check(text)) >= 45  # 9 paragraphs of 5 sentences, and some
+    assert len(answers[0]["translation"].split()) > 45
+    assert took < 60, f"{took:.1f}s: the frontend's responseTimeout would fail this request"
+
+
+def test_translator_alignment_covers_every_sentence_of_a_text(handlers):
+    handler, ctx = handlers["transformer"]
+    answers, statuses, _ = run_batch(
+        handler, ctx, [{"body": {"text": PARAGRAPH, "explain": True}}, {"body": PARAGRAPH}]
+    )
+    assert [s for s, _ in statuses] == [200, 200]
+    explained = answers[0]
+    assert explained["translation"] == answers[1]["translation"]
+    assert len(explained["sentences"]) == 5
+    align = np.array(explained["alignment"])
+    assert align.shape == (len(explained["target_tokens"]), len(explained["source_tokens"]))
+    assert np.allclose(align.sum(1), 1.0, atol=1e-3)
+    # Each target token attends within its own sentence only: the alignment is block-diagonal.
+    row = col = 0
+    for sentence in explained["sentences"]:
+        rows, cols = len(sentence["target_tokens"]), len(sentence["source_tokens"])
+        assert explained["source_tokens"][col : col + cols] == sentence["source_tokens"]
+        block = align[row : row + rows]
+        assert np.allclose(block[:, col : col + cols].sum(1), 1.0, atol=1e-3)
+        row, col = row + rows, col + cols
+    assert (row, col) == align.shape
 
 
 def test_explanations_follow_the_bad_input_rules_and_leave_predictions_alone(handlers):

@@ -45,7 +45,14 @@ def digit() -> bytes:
 
 INPUTS = {
     "lstm": [{"text": "A gripping, beautifully acted film."}, "Dull and far too long."],
-    "transformer": [{"text": "God is love.", "max_length": 10}, "The Lord is my shepherd."],
+    "transformer": [
+        {"text": "God is love.", "max_length": 10},
+        "The Lord is my shepherd.",
+        # A paragraph: split into sentences, each translated, joined (REST and gRPC alike).
+        "In the beginning God created the heavens and the earth. The earth was without form. "
+        "And God said, Let there be light: and there was light. God saw the light, that it was good. "
+        "And the evening and the morning were the first day.",
+    ],
 }
 
 
