@@ -5,7 +5,7 @@
 #
 # NAME is a folder of k8s/cluster/go/: a small module whose go.mod requires the component at an
 # exact version (its `tool` lines name the commands to build) and whose go.sum pins every module's
-# checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), metrics-server,
+# checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), etcd, metrics-server,
 # prometheus, prometheus-adapter and keda are built this way. The result is cached in OUT_DIR, which the caller
 # keys on this script and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
 # content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
@@ -66,7 +66,11 @@ start=$SECONDS
   >"$tmp/build.log" 2>&1 || { tail -40 "$tmp/build.log" >&2; exit 1; }
 mkdir -p "$out"
 for b in "$tmp"/*; do
-  [ -f "$b" ] && [ -x "$b" ] && install -m 0755 "$b" "$out/$(basename "$b")"
+  [ -f "$b" ] && [ -x "$b" ] || continue
+  bin=$(basename "$b")
+  # etcd's command is its server module itself (go.etcd.io/etcd/server/v3): go names it "server".
+  [ "$name" = etcd ] && [ "$bin" = server ] && bin=etcd
+  install -m 0755 "$b" "$out/$bin"
 done
 if [ "$name" = keda ]; then
   # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A real single-node Kubernetes (v1.34 control plane, kubelet, containerd, runc, bridge CNI,
-# kube-proxy) inside a network namespace of its own, for the chart's end-to-end test.
+# A real single-node Kubernetes (v1.34 control plane, etcd 3.6, kubelet, containerd, runc, bridge
+# CNI, kube-proxy) inside a network namespace of its own, for the chart's end-to-end test.
 #
 #   k8s/cluster/cluster.sh preflight        # exit 0 if this machine can run it, else say why (exit 3)
 #   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
@@ -9,7 +9,7 @@
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
-# Environment: K8S_BIN (the binaries from build-go.sh kubernetes), PAUSE_TAR (from base-image.sh),
+# Environment: K8S_BIN and ETCD_BIN (the binaries from build-go.sh), PAUSE_TAR (from base-image.sh),
 # KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e); for `metrics`, the folders
 # build-go.sh filled: METRICS_SERVER_BIN, PROMETHEUS_BIN, PROMETHEUS_ADAPTER_BIN, KEDA_BIN, and ADAPTER_RULES (a
 # prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml).
@@ -36,6 +36,7 @@ POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.96.0.0/16
 API_SERVICE_IP=10.96.0.1
 K8S_BIN=${K8S_BIN:-}
+ETCD_BIN=${ETCD_BIN:-}
 PAUSE_TAR=${PAUSE_TAR:-}
 PAUSE_IMAGE=localhost/pause:3.2
 KUBECTL=${KUBECTL:-kubectl}
@@ -73,7 +74,7 @@ preflight() {
   [ "$(id -u)" = 0 ] || why+=("not root")
   [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
-  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc etcd openssl curl awk; do
+  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc openssl curl awk; do
     command -v "$tool" >/dev/null || why+=("no $tool")
   done
   [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
@@ -218,7 +219,8 @@ node_ready() {
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 up() {
-  [ -x "$K8S_BIN/kube-apiserver" ] || die "K8S_BIN=$K8S_BIN has no kube-apiserver (run build-kubernetes.sh)"
+  [ -x "$K8S_BIN/kube-apiserver" ] || die "K8S_BIN=$K8S_BIN has no kube-apiserver (build-go.sh kubernetes)"
+  [ -x "$ETCD_BIN/etcd" ] || die "ETCD_BIN=$ETCD_BIN has no etcd (build-go.sh etcd)"
   [ -f "$PAUSE_TAR" ] || die "PAUSE_TAR=$PAUSE_TAR not found (run base-image.sh)"
   ! ip netns list | grep -qw "$NETNS" || die "network namespace $NETNS exists: run \`$0 down\` first"
   mkdir -p "$STATE" "$RUN"
@@ -244,7 +246,7 @@ up() {
   pki
   configs
 
-  start etcd etcd --name e2e --data-dir "$STATE/etcd" --listen-client-urls http://127.0.0.1:2379 \
+  start etcd "$ETCD_BIN/etcd" --name e2e --data-dir "$STATE/etcd" --listen-client-urls http://127.0.0.1:2379 \
     --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
     --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e2e=http://127.0.0.1:2380
   start containerd containerd --config "$STATE/containerd.toml"

@@ -29,7 +29,7 @@ declare -A TOOLS=(
   [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils
   [tar]=tar [awk]=mawk [find]=findutils [ip]=iproute2 [nsenter]=util-linux [setsid]=util-linux
   [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [conntrack]=conntrack
-  [containerd]=containerd [ctr]=containerd [runc]=runc [etcd]=etcd-server
+  [containerd]=containerd [ctr]=containerd [runc]=runc
   [buildah]=buildah [debootstrap]=debootstrap [busybox]=busybox-static
 )
 packages() { local t; for t in "$@"; do echo "${TOOLS[$t]}"; done | sort -u; }
@@ -55,13 +55,13 @@ fi
 
 # The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
 [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
-for component in kubernetes metrics-server prometheus prometheus-adapter keda; do
+for component in kubernetes etcd metrics-server prometheus prometheus-adapter keda; do
   step "$component binaries (Go module proxy; cached)"
   dir="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
   bash "$here/build-go.sh" "$component" "$dir"
   export "BIN_${component//-/_}=$dir"
 done
-export K8S_BIN=$BIN_kubernetes METRICS_SERVER_BIN=$BIN_metrics_server PROMETHEUS_BIN=$BIN_prometheus
+export K8S_BIN=$BIN_kubernetes ETCD_BIN=$BIN_etcd METRICS_SERVER_BIN=$BIN_metrics_server PROMETHEUS_BIN=$BIN_prometheus
 export PROMETHEUS_ADAPTER_BIN=$BIN_prometheus_adapter KEDA_BIN=$BIN_keda
 
 step "base and pause images (cached)"
