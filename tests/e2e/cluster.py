@@ -167,6 +167,10 @@ class Cluster:
             ["get", "pods", "-A", "-o", "wide"],
             ["get", "events", "-A", "--sort-by=.lastTimestamp"],
             ["get", "deploy,svc,endpoints,hpa,pdb", "-A"],
+            # What each autoscaler saw and decided: conditions, current metrics, events.
+            ["describe", "hpa", "-A"],
+            ["get", "scaledobjects.keda.sh", "-A", "-o", "wide"],
+            ["top", "pods", "-A"],
         ]:
             proc = self.run([self.kubectl_bin, "--request-timeout=20s", *cmd], timeout=40, check=False)
             parts.append(f"--- kubectl {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
