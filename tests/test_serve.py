@@ -183,7 +183,7 @@ WIRE_BAD = {
     ],
     "transformer": [
         (b"\xc3\x28", 400, "not valid UTF-8"),
-        ("word " * 60, 413, "subword tokens, this model translates at most 48"),
+        ("word " * 900, 413, "4500 characters"),
         ({"text": "hi", "max_length": 0}, 400, "'max_length' must be a positive integer"),
         ({"text": "hi", "max_length": "\u00e9"}, 400, "'max_length' must be a positive integer"),
     ],
