@@ -93,6 +93,14 @@ class Cluster:
                 raise StepFailed(f"{what}: not within {timeout:.0f}s")
             time.sleep(poll)
 
+    def wait_pods_gone(self, namespace: str, what: str, timeout: float) -> None:
+        """Wait, bounded, until ``namespace`` has no pod left (terminating ones included)."""
+        self.wait(
+            what,
+            lambda: not self.run([self.kubectl_bin, "-n", namespace, "get", "pods", "-o", "name"]).stdout.strip(),
+            timeout,
+        )
+
     def container_pid(self, pod: dict, pattern: str) -> int:
         """The host PID of the process in ``pod`` whose command line contains ``pattern``.
 
@@ -212,6 +220,11 @@ class Cluster:
 # ----------------------------------------------------------------------------- steady client load
 
 
+def post_new_connection(url: str, body: bytes, ctype: str, timeout: float) -> requests.Response:
+    """One request on a connection of its own, so kube-proxy picks a pod for each request."""
+    return requests.post(url, data=body, timeout=timeout, headers={"Content-Type": ctype, "Connection": "close"})
+
+
 @dataclass
 class Load:
     """``clients`` threads sending good requests in a loop until stopped, each on a new connection.
@@ -250,12 +263,7 @@ class Load:
             model, body, ctype = self.requests_[n % len(self.requests_)]
             n += 1
             try:
-                resp = requests.post(
-                    f"{self.url}/predictions/{model}",
-                    data=body,
-                    timeout=self.timeout,
-                    headers={"Content-Type": ctype, "Connection": "close"},
-                )
+                resp = post_new_connection(f"{self.url}/predictions/{model}", body, ctype, self.timeout)
                 ok = 200 <= resp.status_code < 300
                 self._record(str(resp.status_code), None if ok else f"{model}: {resp.status_code} {resp.text[:160]}")
             except requests.RequestException as e:
@@ -349,12 +357,8 @@ class PacedLoad:
                 start = time.monotonic()
                 if transport == "rest":
                     try:
-                        resp = requests.post(
-                            f"http://{self.host}:8080/predictions/{self.model}",
-                            data=body,
-                            timeout=self.timeout,
-                            headers={"Content-Type": ctype, "Connection": "close"},
-                        )
+                        url = f"http://{self.host}:8080/predictions/{self.model}"
+                        resp = post_new_connection(url, body, ctype, self.timeout)
                         outcome, detail = str(resp.status_code), resp.text[:160]
                     except requests.RequestException as e:
                         outcome, detail = type(e).__name__, str(e)[:160]

@@ -329,11 +329,7 @@ def test_deploy_tool_applies_waits_and_smoke_tests_every_group(cluster):
         assert re.search(r'smoke: cnn on \S+-cnn-\S+ -> \{"\d": ', proc.stdout), proc.stdout
     finally:
         cluster.run([*cmd, "delete"], timeout=180, check=False)
-    cluster.wait(
-        "the deploy tool's pods gone",
-        lambda: not cluster.run([cluster.kubectl_bin, "-n", ns, "get", "pods", "-o", "name"]).stdout.strip(),
-        POD_GONE_S,
-    )
+    cluster.wait_pods_gone(ns, "the deploy tool's pods gone", POD_GONE_S)
 
 
 def test_deploy_tool_names_a_missing_image_in_one_line(cluster):

@@ -151,9 +151,5 @@ def test_the_deploy_tool_names_the_missing_gpu_in_one_line_before_its_timeout(gp
         assert took < timeout / 2
     finally:
         c.run([*cmd, "delete"], timeout=180, check=False)
-    c.wait(
-        "the deploy tool's pods gone",
-        lambda: not c.run([c.kubectl_bin, "-n", ns, "get", "pods", "-o", "name"]).stdout.strip(),
-        POD_GONE_S,
-    )
+    c.wait_pods_gone(ns, "the deploy tool's pods gone", POD_GONE_S)
     c.kubectl("delete", "namespace", ns, "--wait=false", namespaced=False, check=False)
