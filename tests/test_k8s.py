@@ -849,3 +849,19 @@ def test_the_pod_tools_import_contract_names_every_other_module_of_scripts():
     [leaf] = [c for c in contracts if c.get("source_modules") == ["scripts.pod"]]
     others = {f"scripts.{p.stem}" for p in (ROOT / "scripts").glob("*.py")} - {"scripts.pod", "scripts.__init__"}
     assert set(leaf["forbidden_modules"]) == {"models", "handlers", *others}
+
+
+def test_grpc_connections_age_out_within_the_drain():
+    """HPA scale-downs delete pods directly: the preStop drain is all that protects their requests.
+    gRPC clients hold their connection, so TorchServe closes (GOAWAY) every connection older than
+    drain.grpcConnectionAgeSeconds, and the drain waits for that before it looks at the queue."""
+    docs = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], "--set", "drain.grpcConnectionAgeSeconds=7")
+    [cm] = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-lstm-config")]
+    props = cm["data"]["config.properties"]
+    assert "grpc_inference_max_connection_age_ms=7000\n" in props
+    assert "grpc_inference_max_connection_age_grace_ms=60000\n" in props  # in-flight calls: the drain's bound
+    [dep] = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("-lstm")]
+    spec = dep["spec"]["template"]["spec"]
+    command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[command.index("--settle") + 1] == "13"  # settleSeconds 5 + age 7 + 1 s of jitter
+    assert spec["terminationGracePeriodSeconds"] == 60 + 13 + 20

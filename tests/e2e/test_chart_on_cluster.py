@@ -49,7 +49,8 @@ def service(group: str) -> str:
 
 READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
 DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
-GRACE_S = DRAIN["timeoutSeconds"] + DRAIN["settleSeconds"] + 20  # the chart's terminationGracePeriodSeconds
+SETTLE_S = DRAIN["settleSeconds"] + 5 + 1  # + drain.grpcConnectionAgeSeconds (the chart's default) + jitter
+GRACE_S = DRAIN["timeoutSeconds"] + SETTLE_S + 20  # the chart's terminationGracePeriodSeconds
 # A deleted pod's object goes once the kubelet has reclaimed it on its periodic loops: status sync
 # every 10 s, container garbage collection every minute (measured 10-65 s after the container exited on 1.20).
 POD_GONE_S = GRACE_S + 120
@@ -240,7 +241,7 @@ def test_deleting_a_pod_drains_and_shuts_the_jvm_down_cleanly(cluster, release):
     cluster.kubectl("delete", "pod", pod, "--wait=false")
     seen = watch_termination(cluster, pod, limit=POD_GONE_S)
     logs.wait(30)
-    drain_s = DRAIN["settleSeconds"] + DRAIN["timeoutSeconds"]
+    drain_s = SETTLE_S + DRAIN["timeoutSeconds"]
     signal = log_time(lines, r"serve: SIGTERM: asking TorchServe to shut down")
     clean = log_time(lines, r"serve: TorchServe shut down cleanly ([\d.]+)s after the signal")
     phases = {

@@ -188,6 +188,8 @@ own settings replacing the keys they name. */}}
   "disable_token_authorization" (toString (not $root.Values.torchserve.tokenAuth))
   "job_queue_size" (toString $root.Values.torchserve.jobQueueSize)
   "vmargs" (trim (printf "%s %s" $vmargs $root.Values.torchserve.jvmOptions))
+  "grpc_inference_max_connection_age_ms" (toString (mul $root.Values.drain.grpcConnectionAgeSeconds 1000))
+  "grpc_inference_max_connection_age_grace_ms" (toString (mul $root.Values.drain.timeoutSeconds 1000))
 -}}
 {{- $pod = mergeOverwrite $pod ($root.Values.torchserve.extraConfig | default dict) -}}
 {{- range splitList "\n" $base }}
@@ -202,6 +204,15 @@ own settings replacing the keys they name. */}}
 {{ $k }}={{ $v }}
 {{- end }}
 {{- end -}}
+
+{{/*
+How long the preStop drain waits before it looks at the queue: for the Services to stop routing
+new connections here, then for every gRPC connection still open to reach its maximum age and be
+closed (GOAWAY), so its client reconnects to another pod; 1 s for the server's jitter on that age.
+*/}}
+{{- define "tsm.drainSettle" -}}
+{{ add .Values.drain.settleSeconds .Values.drain.grpcConnectionAgeSeconds 1 }}
+{{- end }}
 
 {{/*
 The HPA's scaling behaviour, shared by the chart's HPA and the one KEDA makes from the ScaledObject:
