@@ -5,9 +5,9 @@
 #
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
-#    on what makes it: Kubernetes v1.34 and the metrics components (from the Go module proxy, pinned
-#    by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is rebuilt when its key
-#    is unchanged.
+#    on what makes it: Kubernetes v1.34, etcd and the metrics components (from the Go module proxy,
+#    pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is rebuilt when
+#    its key is unchanged.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
 # 4. the cluster up in its own network namespace, the image imported, then tests/e2e under pytest
 #    inside that namespace (helm install, predictions, rollout, drain, restart, helm test, deploy,
