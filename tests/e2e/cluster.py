@@ -93,6 +93,12 @@ class Cluster:
                 raise StepFailed(f"{what}: not within {timeout:.0f}s")
             time.sleep(poll)
 
+    def prometheus_url(self) -> str:
+        """The e2e's Prometheus, through the Service the chart's defaults name (monitoring/prometheus-operated):
+        by its ClusterIP, since the cluster runs no DNS server."""
+        ip = self.json("get", "service", "prometheus-operated", "-n", "monitoring")["spec"]["clusterIP"]
+        return f"http://{ip}:9090"
+
     def wait_pods_gone(self, namespace: str, what: str, timeout: float) -> None:
         """Wait, bounded, until ``namespace`` has no pod left (terminating ones included)."""
         self.wait(

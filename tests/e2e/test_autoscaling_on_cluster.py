@@ -82,11 +82,6 @@ class Way:
         return self.hpa_prefix + name(group)
 
 
-def prometheus_address(c: Cluster) -> str:
-    ip = c.json("get", "service", "prometheus-operated", "-n", "monitoring")["spec"]["clusterIP"]
-    return f"http://{ip}:9090"
-
-
 WAYS = {
     "requestRate": Way(["--set", "autoscaling.metric=requestRate"]),
     "keda": Way(["--set", "autoscaling.keda.enabled=true"], hpa_prefix="keda-hpa-"),
@@ -221,7 +216,7 @@ def test_a_group_scales_up_under_load_and_back_down_with_no_failed_request(autos
     w = WAYS[way]
     values = [*COMMON, *w.values]
     if way == "keda":
-        values += ["--set", f"autoscaling.keda.prometheusAddress={prometheus_address(c)}"]
+        values += ["--set", f"autoscaling.keda.prometheusAddress={c.prometheus_url()}"]
     c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *values)
     try:
         run_one_way(c, inputs, way, w)

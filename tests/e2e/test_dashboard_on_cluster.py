@@ -49,11 +49,6 @@ def panels() -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", []) if t.get("expr")]
 
 
-def prometheus(c: Cluster) -> str:
-    ip = c.json("get", "service", "prometheus-operated", "-n", "monitoring")["spec"]["clusterIP"]
-    return f"http://{ip}:9090"
-
-
 def query(url: str, expr: str) -> list[dict]:
     resp = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=30)
     resp.raise_for_status()
@@ -106,7 +101,7 @@ def loaded(cluster: Cluster):
         assert all(400 <= s < 500 for s in bad.values()), bad
         assert 503 in burst, burst
         time.sleep(15)  # two more scrapes (5 s) after the last request
-        yield c, prometheus(c)
+        yield c, c.prometheus_url()
     finally:
         c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
         c.wait("the release's pods gone", lambda: not c.pods(SELECTOR), POD_GONE_S)
