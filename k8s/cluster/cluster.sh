@@ -88,34 +88,37 @@ preflight() {
   fi
 }
 
+# ca DIR NAME CN: a self-signed CA, DIR/NAME.crt and DIR/NAME.key.
+ca() {
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=$3" -keyout "$1/$2.key" -out "$1/$2.crt" 2>/dev/null
+}
+
+# cert DIR NAME SUBJECT CA EXTENSIONS: a key DIR/NAME.key and a certificate DIR/NAME.crt for
+# SUBJECT, signed by the CA DIR/CA.{crt,key}, with the openssl extensions given as text.
+cert() {
+  local d=$1 name=$2 subject=$3 ca=$4 extensions=$5
+  openssl genrsa -out "$d/$name.key" 2048 2>/dev/null
+  openssl req -new -key "$d/$name.key" -subj "$subject" -out "$d/$name.csr" 2>/dev/null
+  printf '%s\n' "$extensions" > "$d/$name.ext"
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/$ca.crt" -CAkey "$d/$ca.key" -CAcreateserial -days 3650 \
+    -extfile "$d/$name.ext" -out "$d/$name.crt" 2>/dev/null
+}
+
 pki() {
   local d=$STATE/pki
   mkdir -p "$d"
   [ -f "$d/admin.crt" ] && return
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=torchserve-e2e-ca -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
-  openssl genrsa -out "$d/apiserver.key" 2048 2>/dev/null
-  cat > "$d/apiserver.ext" <<EOF
-subjectAltName=IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
-extendedKeyUsage=serverAuth
-EOF
-  openssl req -new -key "$d/apiserver.key" -subj /CN=kube-apiserver -out "$d/apiserver.csr" 2>/dev/null
-  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
-    -extfile "$d/apiserver.ext" -out "$d/apiserver.crt" 2>/dev/null
+  ca "$d" ca torchserve-e2e-ca
+  cert "$d" apiserver /CN=kube-apiserver ca "subjectAltName=IP:$NODE_IP,IP:$API_SERVICE_IP,IP:127.0.0.1,DNS:localhost,\
+DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+extendedKeyUsage=serverAuth"
   # One client identity in system:masters for every component: the cluster lives for one test run
   # inside its own network namespace, so per-component identities would buy nothing here.
-  openssl genrsa -out "$d/admin.key" 2048 2>/dev/null
-  openssl req -new -key "$d/admin.key" -subj "/O=system:masters/CN=e2e-admin" -out "$d/admin.csr" 2>/dev/null
-  printf 'extendedKeyUsage=clientAuth\n' > "$d/client.ext"
-  openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
-    -extfile "$d/client.ext" -out "$d/admin.crt" 2>/dev/null
+  cert "$d" admin "/O=system:masters/CN=e2e-admin" ca extendedKeyUsage=clientAuth
   # The aggregation layer (metrics-server, prometheus-adapter, KEDA): the API server proxies to them
   # with a front-proxy client certificate, which they check against this CA.
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=torchserve-e2e-front-proxy-ca \
-    -keyout "$d/front-proxy-ca.key" -out "$d/front-proxy-ca.crt" 2>/dev/null
-  openssl genrsa -out "$d/front-proxy-client.key" 2048 2>/dev/null
-  openssl req -new -key "$d/front-proxy-client.key" -subj /CN=front-proxy-client -out "$d/front-proxy-client.csr" 2>/dev/null
-  openssl x509 -req -in "$d/front-proxy-client.csr" -CA "$d/front-proxy-ca.crt" -CAkey "$d/front-proxy-ca.key" \
-    -CAcreateserial -days 3650 -extfile "$d/client.ext" -out "$d/front-proxy-client.crt" 2>/dev/null
+  ca "$d" front-proxy-ca torchserve-e2e-front-proxy-ca
+  cert "$d" front-proxy-client /CN=front-proxy-client front-proxy-ca extendedKeyUsage=clientAuth
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
   cat > "$STATE/admin.kubeconfig" <<EOF
@@ -415,13 +418,10 @@ EOF
 keda_pki() {
   local d=$STATE/keda-certs
   mkdir -p "$d"
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=keda-e2e-ca -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
-  openssl genrsa -out "$d/tls.key" 2048 2>/dev/null
-  printf 'subjectAltName=IP:%s,DNS:keda-operator.keda.svc,DNS:keda-metrics-apiserver.keda.svc,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n' \
-    "$NODE_IP" > "$d/tls.ext"
-  openssl req -new -key "$d/tls.key" -subj /CN=keda-operator.keda.svc -out "$d/tls.csr" 2>/dev/null
-  openssl x509 -req -in "$d/tls.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
-    -extfile "$d/tls.ext" -out "$d/tls.crt" 2>/dev/null
+  ca "$d" ca keda-e2e-ca
+  cert "$d" tls /CN=keda-operator.keda.svc ca "subjectAltName=IP:$NODE_IP,DNS:keda-operator.keda.svc,\
+DNS:keda-metrics-apiserver.keda.svc,DNS:localhost
+extendedKeyUsage=serverAuth,clientAuth"
 }
 
 import_images() {
