@@ -6,7 +6,7 @@
 # NAME is a folder of k8s/cluster/go/: a small module whose go.mod requires the component at an
 # exact version (its `tool` lines name the commands to build) and whose go.sum pins every module's
 # checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), etcd, metrics-server,
-# prometheus, prometheus-adapter and keda are built this way. The result is cached in OUT_DIR, which the caller
+# prometheus, prometheus-adapter, keda and kwok are built this way. The result is cached in OUT_DIR, which the caller
 # keys on this script and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
 # content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
 # one module compiles only what changed.
@@ -44,6 +44,7 @@ case $name in
     done
     ;;
   keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of github.com/kedacore/keda/v2)" ;;
+  kwok) ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$(version_of sigs.k8s.io/kwok | sed 's/^v//')" ;;
   metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of sigs.k8s.io/metrics-server)" ;;
   prometheus)
     # Prometheus's module version v0.X.Y is its release 3.X.Y. Only the kubernetes service discovery
@@ -76,6 +77,14 @@ if [ "$name" = keda ]; then
   # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.
   mkdir -p "$out/crds"
   cp "$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"/config/crd/bases/*.yaml "$out/crds/"
+fi
+if [ "$name" = kwok ]; then
+  # The upstream Stage definitions that make kwok's nodes Ready (with heartbeats through leases)
+  # and its pods Running and Ready, and let them be deleted, for kwok's --config.
+  src=$(cd "$mod" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage
+  mkdir -p "$out/stages"
+  cp "$src"/node/fast/node-initialize.yaml "$src"/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+    "$src"/pod/fast/pod-ready.yaml "$src"/pod/fast/pod-complete.yaml "$src"/pod/fast/pod-delete.yaml "$out/stages/"
 fi
 echo "$name: built $(cd "$out" && ls | tr '\n' ' ')in $((SECONDS - start))s"
 touch "$out/.complete"

@@ -6,13 +6,14 @@
 #   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
 #   k8s/cluster/cluster.sh import TAR...    # load docker-archive image tars into containerd
 #   k8s/cluster/cluster.sh metrics          # start the metrics pipeline (below); returns once its APIs answer
+#   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
 # Environment: K8S_BIN and ETCD_BIN (the binaries from build-go.sh), PAUSE_TAR (from base-image.sh),
 # KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e); for `metrics`, the folders
 # build-go.sh filled: METRICS_SERVER_BIN, PROMETHEUS_BIN, PROMETHEUS_ADAPTER_BIN, KEDA_BIN, and ADAPTER_RULES (a
-# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml).
+# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml); for `fleet`, KWOK_BIN.
 #
 # The metrics pipeline runs as processes in the same namespace, as the control plane does, each
 # registered with the API server the way its upstream manifests do it (APIService objects behind
@@ -45,13 +46,18 @@ SOCK=$RUN/containerd/containerd.sock
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 CORE=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 METRICS=(metrics-server prometheus prometheus-adapter keda-operator keda-metrics-apiserver)
-COMPONENTS=("${CORE[@]}" "${METRICS[@]}")
+FLEET=(kwok)
+COMPONENTS=("${CORE[@]}" "${METRICS[@]}" "${FLEET[@]}")
 METRICS_SERVER_BIN=${METRICS_SERVER_BIN:-}
 PROMETHEUS_ADAPTER_BIN=${PROMETHEUS_ADAPTER_BIN:-}
 KEDA_BIN=${KEDA_BIN:-}
 ADAPTER_RULES=${ADAPTER_RULES:-}
 PROMETHEUS_BIN=${PROMETHEUS_BIN:-}
 PROMETHEUS_PORT=9090
+KWOK_BIN=${KWOK_BIN:-}
+KWOK_PORT=10247
+# The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
+KWOK_POD_CIDR=10.250.0.0/16
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -272,7 +278,8 @@ up() {
   start kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$STATE/admin.kubeconfig" \
     --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
     --leader-elect=false --use-service-account-credentials=false --bind-address=127.0.0.1 \
-    --horizontal-pod-autoscaler-sync-period="${HPA_SYNC_PERIOD:-5s}"
+    --horizontal-pod-autoscaler-sync-period="${HPA_SYNC_PERIOD:-5s}" \
+    --kube-api-qps=100 --kube-api-burst=200  # the fleet test's 600 to 940 pods: 20/s (the default) would pace them
   start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$STATE/admin.kubeconfig" --leader-elect=false \
     --bind-address=127.0.0.1
   start kubelet "$K8S_BIN/kubelet" --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/admin.kubeconfig" \
@@ -415,6 +422,22 @@ EOF
   for c in "${METRICS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
 }
 
+# kwok: the simulated GPU fleet's nodes and pods, beside the real control plane. It manages only the
+# nodes annotated kwok.x-k8s.io/node=fake and the pods bound to them; the real node and its pods stay
+# the kubelet's. kwok's own Stages (built with it) make its nodes Ready, with heartbeats through
+# leases, and its pods Running and Ready. Its pods run no container.
+fleet() {
+  [ -x "$KWOK_BIN/kwok" ] || die "fleet: KWOK_BIN=$KWOK_BIN has no kwok"
+  local stages=() f
+  for f in "$KWOK_BIN"/stages/*.yaml; do stages+=(--config="$f"); done
+  ((${#stages[@]})) || die "fleet: no Stage files in $KWOK_BIN/stages"
+  start kwok "$KWOK_BIN/kwok" "${stages[@]}" --kubeconfig="$STATE/admin.kubeconfig" \
+    --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
+    --cidr="$KWOK_POD_CIDR" --node-lease-duration-seconds=40 --server-address="127.0.0.1:$KWOK_PORT"
+  wait_for 60 "kwok healthy" in_ns curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz" || return 1
+  running kwok || die "kwok exited: $(tail -5 "$STATE/logs/kwok.log")"
+}
+
 keda_pki() {
   local d=$STATE/keda-certs
   mkdir -p "$d"
@@ -455,7 +478,7 @@ stop() {
 
 down() {
   local c
-  for c in "${METRICS[@]}"; do stop "$c"; done
+  for c in "${FLEET[@]}" "${METRICS[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -502,7 +525,8 @@ case ${1:-} in
   up) up ;;
   import) shift; import_images "$@" ;;
   metrics) metrics ;;
+  fleet) fleet ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -5,13 +5,15 @@
 #
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
-#    on what makes it: Kubernetes v1.34, etcd and the metrics components (from the Go module proxy,
+#    on what makes it: Kubernetes v1.34, etcd, the metrics components and kwok (from the Go module proxy,
 #    pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is rebuilt when
 #    its key is unchanged.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
-# 4. the cluster up in its own network namespace, the image imported, then tests/e2e under pytest
-#    inside that namespace (helm install, predictions, rollout, drain, restart, helm test, deploy,
-#    uninstall). On a failure pytest prints the step's events, kubelet lines and pod logs.
+# 4. the cluster up in its own network namespace, the image imported, the metrics pipeline and kwok
+#    started, then tests/e2e under pytest inside that namespace (helm install, predictions, rollout,
+#    drain, restart, helm test, deploy, autoscaling, GPU scheduling, the dashboard, uninstall; last,
+#    the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the
+#    step's events, kubelet lines and pod logs.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -55,14 +57,14 @@ fi
 
 # The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
 [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
-for component in kubernetes etcd metrics-server prometheus prometheus-adapter keda; do
+for component in kubernetes etcd metrics-server prometheus prometheus-adapter keda kwok; do
   step "$component binaries (Go module proxy; cached)"
   dir="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
   bash "$here/build-go.sh" "$component" "$dir"
   export "BIN_${component//-/_}=$dir"
 done
 export K8S_BIN=$BIN_kubernetes ETCD_BIN=$BIN_etcd METRICS_SERVER_BIN=$BIN_metrics_server PROMETHEUS_BIN=$BIN_prometheus
-export PROMETHEUS_ADAPTER_BIN=$BIN_prometheus_adapter KEDA_BIN=$BIN_keda
+export PROMETHEUS_ADAPTER_BIN=$BIN_prometheus_adapter KEDA_BIN=$BIN_keda KWOK_BIN=$BIN_kwok
 
 step "base and pause images (cached)"
 images="$CACHE/images-$(key "$here/base-image.sh")"
@@ -115,6 +117,12 @@ export ADAPTER_RULES=$tmp/adapter-rules.yaml
 "$PY" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"rules": v["rules"]["custom"]}, open(sys.argv[2], "w"))' \
   k8s/prometheus-adapter-values.yaml "$ADAPTER_RULES"
 if ! bash "$here/cluster.sh" metrics; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+
+step "kwok, for the simulated GPU fleet (tests/e2e/test_fleet_on_cluster.py)"
+if ! bash "$here/cluster.sh" fleet; then
   LOG_LINES=40 bash "$here/cluster.sh" logs
   exit 1
 fi
