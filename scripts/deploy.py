@@ -16,6 +16,7 @@ with their events and log tail.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import http.client
 import json
@@ -112,12 +113,33 @@ def pod_problem(pod) -> str | None:
         terminated = cs.state.terminated if cs.state else None
         if terminated and terminated.exit_code and cs.name == "fetch-models":
             return f"pod {pod.metadata.name}: model fetch failed (exit {terminated.exit_code}): the archives did not verify"
+    return None
+
+
+def unschedulable_reason(pod) -> str | None:
+    """The scheduler's word on why this pod fits no node, or None (scheduled, not yet tried, or a claim binding)."""
     for cond in pod.status.conditions or []:
         if cond.type == "PodScheduled" and cond.status == "False" and cond.reason == "Unschedulable":
             if "unbound" in (cond.message or "") and "PersistentVolumeClaim" in (cond.message or ""):
-                continue  # a claim still binding: the scheduler retries once it is bound
-            return f"pod {pod.metadata.name}: unschedulable: {cond.message}"
+                return None  # a claim still binding: the scheduler retries once it is bound
+            return cond.message or "no reason given"
     return None
+
+
+def unschedulable_summary(name: str, want: int, pods) -> str | None:
+    """One line saying how many of a Deployment's pods fit no node, and the scheduler's most common reason.
+
+    None while none is unschedulable, and while some pod has not been tried yet (or not created): on a
+    large group the scheduler reaches the last pods seconds after the first, and the count should be
+    the final one. A pod being deleted does not count."""
+    live = [p for p in pods if not p.metadata.deletion_timestamp]
+    why = {p.metadata.name: r for p in live if (r := unschedulable_reason(p))}
+    if not why or len(live) < want or any(not p.spec.node_name and p.metadata.name not in why for p in live):
+        return None
+    reasons = collections.Counter(why.values()).most_common()
+    n = len(reasons) - 1
+    others = f" (and {n} other reason{'s' if n > 1 else ''})" if n else ""
+    return f"{len(why)} of {want} pods of {name} unschedulable: {reasons[0][0]}{others}"
 
 
 def rollout_done(dep) -> bool:
@@ -264,6 +286,9 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
         pods = core.list_namespaced_pod(ns, label_selector=selector).items
         if rollout_done(dep):
             return [p for p in pods if p.status.phase == "Running"]
+        unschedulable = unschedulable_summary(f"{ns}/{name}", dep.spec.replicas or 0, pods)
+        if unschedulable:
+            raise CLIError(unschedulable)
         for pod in pods:
             problem = pod_problem(pod)
             if problem:
@@ -271,7 +296,8 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
                 first = f"{problem}: {why}" if why else problem
                 raise CLIError(f"{first}\nevents:\n{pod_events(core, pod)}\nlogs:\n{pod_log_tail(core, pod)}")
         if time.monotonic() > deadline:
-            details = "\n".join(f"{p.metadata.name}: {pod_events(core, p)}\n{pod_log_tail(core, p)}" for p in pods)
+            late = [p for p in pods if p.status.phase != "Running"][:5] or pods[:5]  # a few, on a group of hundreds
+            details = "\n".join(f"{p.metadata.name}: {pod_events(core, p)}\n{pod_log_tail(core, p)}" for p in late)
             raise CLIError(
                 f"deployment {ns}/{name} not Ready after {timeout:.0f}s "
                 f"({dep.status.ready_replicas or 0}/{dep.spec.replicas} ready):\n{details}"
@@ -375,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"no GPU nodes: no schedulable node advertises {resource} "
                     "(install the NVIDIA device plugin, or render with gpu.count=0)"
                 )
-            print(f"{resource} nodes: {', '.join(f'{n} ({c})' for n, c in capacity.items())}")
+            listed = ", ".join(f"{n} ({c})" for n, c in list(capacity.items())[:5])
+            more = f", and {len(capacity) - 5} more" if len(capacity) > 5 else ""
+            print(
+                f"{resource}: {sum(capacity.values())} allocatable on {len(capacity)} schedulable nodes: {listed}{more}"
+            )
     apply(api, docs)
     t0 = time.monotonic()
     deadline = t0 + args.timeout

@@ -769,16 +769,41 @@ def test_pod_problems_are_named():
     assert "cannot pull image" in deploy.pod_problem(pod_with("ImagePullBackOff"))
     assert "CrashLoopBackOff" in deploy.pod_problem(pod_with("CrashLoopBackOff"))
     assert "model fetch failed" in deploy.pod_problem(pod_with(terminated=1, name="fetch-models"))
-    assert "unschedulable: 0/3 nodes" in deploy.pod_problem(pod_with(unschedulable="0/3 nodes have nvidia.com/gpu"))
     assert deploy.pod_problem(pod_with("ContainerCreating")) is None
-    # A claim still binding is not a verdict: the scheduler retries.
-    assert (
-        deploy.pod_problem(
-            pod_with(unschedulable="0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims.")
-        )
-        is None
-    )
     assert deploy.pod_problem(pod_with(terminated=0, name="fetch-models")) is None
+    full = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    assert deploy.unschedulable_reason(pod_with(unschedulable=full)) == full
+    assert deploy.unschedulable_reason(pod_with("ContainerCreating")) is None
+    # A claim still binding is not a verdict: the scheduler retries.
+    binding = "0/1 nodes are available: 1 pod has unbound immediate PersistentVolumeClaims."
+    assert deploy.unschedulable_reason(pod_with(unschedulable=binding)) is None
+
+
+def test_unschedulable_pods_are_counted_in_one_line_once_the_scheduler_tried_them_all():
+    full = "0/121 nodes are available: 90 Insufficient nvidia.com/gpu, 31 node(s) didn't match Pod's node affinity."
+
+    def pod(i, node=None, unschedulable=None, deleting=False):
+        p = pod_with(unschedulable=unschedulable)
+        p.metadata = k8s.V1ObjectMeta(
+            name=f"tsm-cnn-{i}", deletion_timestamp="2026-01-01T00:00:00Z" if deleting else None
+        )
+        p.spec = k8s.V1PodSpec(containers=[], node_name=node)
+        return p
+
+    placed = [pod(i, node=f"gpu-{i}") for i in range(3)]
+    waiting = [pod(3, unschedulable=full), pod(4, unschedulable=full)]
+    line = deploy.unschedulable_summary("fleet/tsm-cnn", 5, placed + waiting)
+    assert line == f"2 of 5 pods of fleet/tsm-cnn unschedulable: {full}"
+    assert "\n" not in line
+    # Not yet: a pod the scheduler has not tried, a pod not yet created, or none unschedulable.
+    assert deploy.unschedulable_summary("fleet/tsm-cnn", 6, [*placed, *waiting, pod(5)]) is None
+    assert deploy.unschedulable_summary("fleet/tsm-cnn", 6, placed + waiting) is None
+    assert deploy.unschedulable_summary("fleet/tsm-cnn", 3, placed) is None
+    # A pod being deleted is not counted; a second reason is mentioned, the most common one quoted.
+    other = "0/121 nodes are available: 121 node(s) didn't match pod topology spread constraints."
+    mixed = [*placed, *waiting, pod(5, unschedulable=other), pod(6, unschedulable=full, deleting=True)]
+    line = deploy.unschedulable_summary("fleet/tsm-cnn", 6, mixed)
+    assert line == f"3 of 6 pods of fleet/tsm-cnn unschedulable: {full} (and 1 other reason)"
 
 
 def test_rollout_done_needs_every_replica_updated_and_ready():

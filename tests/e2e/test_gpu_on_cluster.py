@@ -144,10 +144,11 @@ def test_the_deploy_tool_names_the_missing_gpu_in_one_line_before_its_timeout(gp
         proc = c.run([*cmd, "--timeout", str(timeout), "apply"], timeout=timeout + 60, check=False)
         took = time.monotonic() - t0
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert f"nvidia.com/gpu nodes: {NODE} ({GPUS})" in proc.stdout, proc.stdout
+        assert f"nvidia.com/gpu: {GPUS} allocatable on 1 schedulable nodes: {NODE} ({GPUS})" in proc.stdout, proc.stdout
         first = proc.stderr.strip().splitlines()[0]
         print(f"deploy tool, after {took:.0f}s of its {timeout}s: {first}")
-        assert "unschedulable" in first and "Insufficient nvidia.com/gpu" in first, proc.stderr
+        assert "1 of 3 pods of" in first and "unschedulable" in first, proc.stderr
+        assert "Insufficient nvidia.com/gpu" in first, proc.stderr
         assert took < timeout / 2
     finally:
         c.run([*cmd, "delete"], timeout=180, check=False)
