@@ -37,7 +37,7 @@ PROFILE ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image e2e-k8s deploy undeploy bench soak variants demo explain lint test-fast test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s e2e-fleet deploy undeploy bench soak variants demo explain lint test-fast test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -125,6 +125,9 @@ image: archive ## build the serving image IMAGE=... with Docker, or buildah with
 
 e2e-k8s: install protos k8s-tools ## the chart on a real single-node Kubernetes built here (root; skips where it can't run)
 	PY=$(PY) bash k8s/cluster/e2e.sh $(PYTEST_ARGS)
+
+e2e-fleet: install protos k8s-tools ## only the simulated GPU fleet (kwok: 120 nodes, 600 to 940 pods) on the e2e cluster -> bench/results/fleet-*.json
+	PY=$(PY) bash k8s/cluster/e2e.sh -m fleet $(PYTEST_ARGS)
 
 deploy: install ## apply k8s/manifests to the KUBECONFIG cluster, wait for Ready, smoke-predict (ARGS=--namespace ...)
 	$(PY) -m scripts.deploy apply $(ARGS)
