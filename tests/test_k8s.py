@@ -51,6 +51,9 @@ def test_every_offline_check_passes():
         (["autoscaling.maxReplica=3"], "maxReplica"),
         (["models.source.type=s3"], "models.source.type"),
         (["autoscaling.targetRequestsPerSecond.cnn=0"], "targetRequestsPerSecond"),
+        (["topologySpread.zone.whenUnsatisfiable=Always"], "whenUnsatisfiable"),
+        (["rollingUpdate.maxSurge=ten"], "maxSurge"),
+        (["podDisruptionBudget.maxUnavailable=0"], "maxUnavailable"),
     ],
 )
 def test_schema_refuses_bad_values(values, message):
@@ -890,3 +893,37 @@ def test_grpc_connections_age_out_within_the_drain():
     command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
     assert command[command.index("--settle") + 1] == "13"  # settleSeconds 5 + age 7 + 1 s of jitter
     assert spec["terminationGracePeriodSeconds"] == 60 + 13 + 20
+
+
+def test_zone_spread_is_soft_by_default_hard_on_request_and_counts_one_revision():
+    """A hard zone constraint strands every pod on a cluster without zone labels: soft is the default."""
+
+    def constraints(*sets: str) -> list[dict]:
+        docs = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], *[a for v in sets for a in ("--set", v)])
+        return by_group(docs, "Deployment")["cnn"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
+
+    by_key = {c["topologyKey"]: c for c in constraints()}
+    assert by_key["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert by_key["kubernetes.io/hostname"]["whenUnsatisfiable"] == "ScheduleAnyway"
+    for c in by_key.values():
+        assert c["matchLabelKeys"] == ["pod-template-hash"]  # a rollout's new pods spread among themselves
+        assert c["labelSelector"]["matchLabels"]["torchserve-models/group"] == "cnn"
+    hard = {c["topologyKey"]: c for c in constraints("topologySpread.zone.whenUnsatisfiable=DoNotSchedule")}
+    assert hard["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert [c["topologyKey"] for c in constraints("topologySpread.zone.whenUnsatisfiable=")] == [
+        "kubernetes.io/hostname"
+    ]
+
+
+def test_the_rollout_surge_and_the_pdb_take_counts_or_percentages():
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1],
+        *("--set", "rollingUpdate.maxSurge=10%", "--set", "podDisruptionBudget.maxUnavailable=10%"),
+        *("--set", "groups.lstm.podDisruptionBudget.maxUnavailable=2"),
+    )
+    deps, pdbs = by_group(docs, "Deployment"), by_group(docs, "PodDisruptionBudget")
+    assert deps["cnn"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": "10%", "maxUnavailable": 0}
+    assert pdbs["cnn"]["spec"]["maxUnavailable"] == "10%" and pdbs["lstm"]["spec"]["maxUnavailable"] == 2
+    defaults = by_group(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1]), "Deployment")
+    assert defaults["cnn"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert "both 0" in render_error("rollingUpdate.maxSurge=0")
