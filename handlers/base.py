@@ -46,6 +46,13 @@ def safe_message(text: str, limit: int = MAX_MESSAGE) -> str:
     return printable if len(printable) <= limit else printable[: limit - 3] + "..."
 
 
+def _not_per_batch_noise(record: logging.LogRecord) -> bool:
+    # TorchServe's worker logs "Backend received inference at: <time>" at INFO for every batch, on
+    # its stdout; the frontend parses each such line and writes it again to model_log.log. It says
+    # nothing the access log does not, and cost ~0.1 ms of a one-client request.
+    return record.msg != "Backend received inference at: %d"
+
+
 class InvalidInput(ValueError):
     """A request that can't be processed; ``code`` is the HTTP status it gets (4xx).
 
@@ -170,7 +177,7 @@ class CheckpointHandler(BaseHandler):
     """Rebuilds the model from the checkpoint's own config; subclasses define the data path."""
 
     task: str = ""  # the checkpoint task this handler serves (a checkpoint for another is refused)
-    busy_dir: str | None = None  # set by initialize from TS_BUSY_DIR
+    busy_fd: int | None = None  # this worker's busy marker, opened by initialize when TS_BUSY_DIR is set
     # A profiler (scripts/bench.py) sets a StageClock to have the batch path timed stage by stage.
     stages: StageClock | None = None
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
@@ -191,10 +198,19 @@ class CheckpointHandler(BaseHandler):
 
     def _initialize(self, context) -> None:
         self.context = context
-        # While a batch runs, its worker holds a file <TS_BUSY_DIR>/torchserve-busy-<pid>: TorchServe's
-        # describe-model shows queued requests but not the batch a worker is processing, and the
-        # preStop drain (scripts/pod.py) must wait for both.
-        self.busy_dir = os.environ.get("TS_BUSY_DIR")
+        # Each worker keeps a file <TS_BUSY_DIR>/torchserve-busy-<pid> whose first byte is 1 while it
+        # runs a batch: TorchServe's describe-model shows queued requests but not the batch a worker
+        # is processing, and the preStop drain (scripts/pod.py) must wait for both. The file stays
+        # open for the worker's life and only its byte is rewritten: creating and removing a file
+        # per batch cost ~0.1 ms of a one-client request.
+        root = logging.getLogger()  # the worker's logging.info calls log on the root logger itself
+        if _not_per_batch_noise not in root.filters:
+            root.addFilter(_not_per_batch_noise)
+        busy_dir = os.environ.get("TS_BUSY_DIR")
+        if busy_dir:
+            path = os.path.join(busy_dir, f"torchserve-busy-{os.getpid()}")
+            self.busy_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self.busy_fd, b"0", 0)
         props = context.system_properties
         model_dir = props.get("model_dir") or "."
         defaults = {**self.common_defaults, **self.defaults}
@@ -293,15 +309,13 @@ class CheckpointHandler(BaseHandler):
         return torch.autocast("cpu", enabled=False)
 
     def handle(self, data: list[dict], context) -> list[Any]:
-        if not self.busy_dir:
+        if self.busy_fd is None:
             return self._handle(data, context)
-        busy = os.path.join(self.busy_dir, f"torchserve-busy-{os.getpid()}")
-        with open(busy, "w") as f:
-            f.write(str(len(data)))
+        os.pwrite(self.busy_fd, b"1", 0)
         try:
             return self._handle(data, context)
         finally:
-            os.unlink(busy)
+            os.pwrite(self.busy_fd, b"0", 0)
 
     def _handle(self, data: list[dict], context) -> list[Any]:
         self.context = context

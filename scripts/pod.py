@@ -37,7 +37,7 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 DRAIN_MARKER = Path(os.environ.get("TS_DRAIN_MARKER", "/tmp/torchserve-draining"))
 MANAGEMENT = os.environ.get("TS_MANAGEMENT_URL", "http://127.0.0.1:8081")
-# Workers hold <TS_BUSY_DIR>/torchserve-busy-<pid> while a batch runs (handlers/base.py).
+# Each worker keeps <TS_BUSY_DIR>/torchserve-busy-<pid>, its first byte 1 while a batch runs (handlers/base.py).
 BUSY_DIR = os.environ.get("TS_BUSY_DIR")
 
 
@@ -286,13 +286,13 @@ def ready(url: str = MANAGEMENT, expected: list[str] | None = None, timeout: flo
 
 
 def busy_workers(busy_dir: str | None = BUSY_DIR) -> int:
-    """Workers running a batch: busy files whose worker process is still alive.
+    """Workers running a batch: busy files marked 1 whose worker process is still alive.
 
-    A worker killed mid-batch never removes its file; such a file names a dead PID and is removed
+    A worker killed mid-batch leaves its file marked; such a file names a dead PID and is removed
     here, so it cannot hold every later drain for its whole timeout."""
     if not busy_dir:
         return 0
-    alive = 0
+    busy = 0
     for path in Path(busy_dir).glob("torchserve-busy-*"):
         try:
             os.kill(int(path.name.rsplit("-", 1)[1]), 0)
@@ -303,8 +303,11 @@ def busy_workers(busy_dir: str | None = BUSY_DIR) -> int:
             continue
         except PermissionError:
             pass  # alive, owned by another user
-        alive += 1
-    return alive
+        try:
+            busy += path.read_bytes()[:1] == b"1"
+        except FileNotFoundError:
+            continue
+    return busy
 
 
 def in_flight(states: dict[str, list[dict]]) -> int:

@@ -599,15 +599,18 @@ def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
     assert ready().returncode == 0
 
 
-def test_a_dead_workers_busy_file_is_not_in_flight(tmp_path):
+def test_only_a_live_worker_marked_busy_is_in_flight(tmp_path):
     from scripts import pod
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (tmp_path / f"torchserve-busy-{os.getpid()}").write_text("3")
-    (tmp_path / f"torchserve-busy-{dead.pid}").write_text("8")  # killed mid-batch: never removed
+    mine = tmp_path / f"torchserve-busy-{os.getpid()}"
+    mine.write_bytes(b"1")  # a live worker in a batch
+    (tmp_path / f"torchserve-busy-{dead.pid}").write_bytes(b"1")  # killed mid-batch: left marked
     assert pod.busy_workers(str(tmp_path)) == 1
     assert not (tmp_path / f"torchserve-busy-{dead.pid}").exists()
+    mine.write_bytes(b"0")  # the same worker between batches
+    assert pod.busy_workers(str(tmp_path)) == 0
 
 
 class Refusing(http.server.BaseHTTPRequestHandler):
