@@ -140,7 +140,7 @@ def fleet(cluster: Cluster):
     nodes_s = time.monotonic() - t0
     c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
     watch = PodWatch(NAMESPACE).start()
-    f = Fleet(c, watch, image_values(c), image_values(c)[-1].split("=", 1)[1])
+    f = Fleet(c, watch, image_values(c), c.image.rpartition(":")[2])
     try:
         t1 = time.monotonic()
         c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), *f.helm_args)
