@@ -105,6 +105,18 @@ def versions_answering(c: Cluster, group: str, model: str, payload: bytes, n: in
     return seen
 
 
+def wait_routed(c: Cluster, group: str, payload: bytes, versions: set[str], timeout: float = 60) -> None:
+    """Until a handful of answers through the group's Service come from exactly ``versions``: a pod
+    that turned Ready reaches the Service's EndpointSlice, then kube-proxy's rules, a moment later
+    (and one that left, likewise), so a sample taken at once can miss it."""
+    c.wait(
+        f"the {group} Service routing to versions {sorted(versions)}",
+        lambda: set(versions_answering(c, group, group, payload, 10)) == versions,
+        timeout,
+        poll=1.0,
+    )
+
+
 def requests_served(ip: str, model: str) -> float:
     """The pod's own count of inference requests for ``model`` (TorchServe's Prometheus counter)."""
     conn = http.client.HTTPConnection(ip, 8082, timeout=10)
@@ -179,17 +191,20 @@ def test_a_canary_answers_beside_the_stable_version_then_is_promoted_and_rolled_
     # A canary of the cnn group with archive 2.0: 1 of its 2 pods, so about half of the traffic.
     upgrade(c, *lstm_v2, "--set", "groups.cnn.canary.enabled=true", *source_v2("groups.cnn.canary"))
     assert ready(c, "cnn", "canary") == 1 and ready(c, "cnn", "stable") == 1
+    wait_routed(c, "cnn", inputs["cnn"], {"1.0", "2.0"})
     mixed = versions_answering(c, "cnn", "cnn", inputs["cnn"], 60)
     print(f"cnn with a 1-of-2 canary: {dict(mixed)}")
     assert set(mixed) == {"1.0", "2.0"}, mixed
     # Promotion: the stable Deployment takes the canary's version, and the canary goes.
     upgrade(c, *lstm_v2, *source_v2("groups.cnn"))
     only_current_pods(c)
+    wait_routed(c, "cnn", inputs["cnn"], {"2.0"})
     promoted = versions_answering(c, "cnn", "cnn", inputs["cnn"], 20)
     assert promoted == {"2.0": 20}, promoted
     assert not c.pods(f"{SELECTOR},torchserve-models/track=canary")
     # Rolling back is one command: the revision before the canary, cnn at 1.0 again.
     c.helm("rollback", RELEASE, str(before), "--wait", "--timeout", "300s", timeout=320)
     only_current_pods(c)
+    wait_routed(c, "cnn", inputs["cnn"], {"1.0"})
     rolled_back = versions_answering(c, "cnn", "cnn", inputs["cnn"], 20)
     assert rolled_back == {"1.0": 20}, rolled_back
