@@ -33,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the e2e has no display
 import matplotlib.pyplot as plt
 import pytest
+from kubernetes.utils import parse_quantity
 
 from scripts.registry import sample_inputs
 from tests.e2e.cluster import ROOT, Cluster, PacedLoad, StepFailed
@@ -97,14 +98,8 @@ def metric_value(hpa: dict) -> float | None:
         if "averageUtilization" in current:
             return float(current["averageUtilization"])
         if "averageValue" in current:
-            return quantity(current["averageValue"])
+            return float(parse_quantity(current["averageValue"]))
     return None
-
-
-def quantity(q: str) -> float:
-    """A Kubernetes quantity as a float: 1500m -> 1.5, 2k -> 2000."""
-    scale = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
-    return float(q[:-1]) * scale[q[-1]] if q[-1] in scale else float(q)
 
 
 class Timeline:

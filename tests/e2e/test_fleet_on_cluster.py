@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes.utils import parse_quantity
 
 from tests.e2e.cluster import ROOT, Cluster
 from tests.e2e.fleet import GPU, POOL, POOLS, ZONE, PodWatch, node_objects
@@ -105,17 +106,8 @@ def requests_of(pod: dict) -> collections.Counter[str]:
     out: collections.Counter[str] = collections.Counter()
     for container in pod["spec"]["containers"]:
         for resource, value in container.get("resources", {}).get("requests", {}).items():
-            out[resource] += quantity(value)
+            out[resource] += float(parse_quantity(value))
     return out
-
-
-def quantity(value: str) -> float:
-    """A Kubernetes quantity as a number (cpu in cores, memory in bytes): the suffixes the chart uses."""
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-    for suffix, factor in units.items():
-        if value.endswith(suffix):
-            return float(value[: -len(suffix)]) * factor
-    return float(value)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +184,12 @@ def test_every_pod_lands_on_a_node_of_its_pool_and_no_node_is_over_capacity(flee
     for name, requested in used.items():
         allocatable = nodes[name]["status"]["allocatable"]
         for resource, amount in requested.items():
-            assert amount <= quantity(allocatable.get(resource, "0")), (name, resource, amount, allocatable)
+            assert amount <= float(parse_quantity(allocatable.get(resource, "0"))), (
+                name,
+                resource,
+                amount,
+                allocatable,
+            )
     gpus = sum(u[GPU] for u in used.values())
     slices = sum(u[MIG] for u in used.values())
     full = sum(1 for u in used.values() if u[GPU] == 8)
