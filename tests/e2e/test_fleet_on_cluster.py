@@ -32,6 +32,7 @@ from kubernetes.utils import parse_quantity
 from tests.e2e.cluster import ROOT, Cluster
 from tests.e2e.fleet import GPU, POOL, POOLS, ZONE, PodWatch, node_objects
 from tests.e2e.test_chart_on_cluster import image_values
+from tests.e2e.test_gpu_on_cluster import unschedulable_reason
 
 pytestmark = pytest.mark.fleet
 
@@ -361,11 +362,7 @@ def test_beyond_capacity_pods_wait_for_a_gpu_and_the_deploy_tool_says_how_many_i
     pending = [
         p
         for p in fleet.pods()
-        if not p["spec"].get("nodeName")
-        and any(
-            x["type"] == "PodScheduled" and "Insufficient nvidia.com/gpu" in x.get("message", "")
-            for x in p["status"].get("conditions", [])
-        )
+        if not p["spec"].get("nodeName") and "Insufficient nvidia.com/gpu" in (unschedulable_reason(p) or "")
     ]
     assert len(pending) == BEYOND, len(pending)
     record(
