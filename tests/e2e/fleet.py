@@ -13,6 +13,8 @@ import json
 import threading
 import time
 
+from tests.e2e.cluster import Cluster
+
 ZONE = "topology.kubernetes.io/zone"
 POOL = "e2e.torchserve-models/pool"  # which pool a fleet node belongs to (the test's own label)
 GPU = "nvidia.com/gpu"
@@ -102,13 +104,12 @@ class PodState:
 
 
 def pod_state(pod: dict) -> PodState:
-    meta, status = pod["metadata"], pod.get("status", {})
-    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
+    meta = pod["metadata"]
     return PodState(
         group=meta.get("labels", {}).get(GROUP, ""),
         revision=meta.get("labels", {}).get(HASH, ""),
         node=pod.get("spec", {}).get("nodeName"),
-        ready=ready and status.get("phase") == "Running",
+        ready=Cluster.is_ready(pod),
         deleting=bool(meta.get("deletionTimestamp")),
     )
 
