@@ -68,6 +68,14 @@ class PayloadTooLarge(InvalidInput):
         super().__init__(message, 413)
 
 
+class BatchFull(InvalidInput):
+    """A legal request that did not fit in this batch's work budget (503: retry). Not the client's
+    fault, but answered the same way: alone, at once, with a short ASCII message."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 503)
+
+
 def error_body(exc: InvalidInput) -> dict:
     """The body a failed request gets; clients (REST and gRPC) recognise it by ``code``."""
     return {"code": exc.code, "type": type(exc).__name__, "message": str(exc)}
@@ -180,6 +188,7 @@ class CheckpointHandler(BaseHandler):
     busy_fd: int | None = None  # this worker's busy marker, opened by initialize when TS_BUSY_DIR is set
     # A profiler (scripts/bench.py) sets a StageClock to have the batch path timed stage by stage.
     stages: StageClock | None = None
+    work_unit: str = "items"  # what cost() counts, named in the 503 of a full batch
     defaults: dict[str, Any] = {}  # handler options, overridden by model-config.yaml's `handler:`
     common_defaults: dict[str, Any] = {  # options every handler takes
         "cuda_dtype": "float32",  # autocast dtype on CUDA: float32 (off), bfloat16, float16
@@ -279,6 +288,16 @@ class CheckpointHandler(BaseHandler):
         """Model output -> one JSON-able answer per item."""
         raise NotImplementedError
 
+    def cost(self, items: list[Any], explain: bool) -> int:
+        """The work of one request's parsed items, in the units of ``budget``; raise InvalidInput
+        to refuse a request that is too much work on its own."""
+        return len(items)
+
+    def budget(self) -> int | None:
+        """The most work one batch may hold (None: no limit). Past it, requests are admitted
+        smallest first, and the rest get BatchFull (503)."""
+        return None
+
     # -- the batch path -----------------------------------------------------------------------
 
     def explain_items(self, items: list[Any]) -> list[Any]:
@@ -322,7 +341,8 @@ class CheckpointHandler(BaseHandler):
         clock = self.stages or _no_clock
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(data)
-        groups: list[tuple[int, int, bool, bool]] = []  # (request index, item count, sent a list, explain)
+        # (request index, item count, sent a list, explain, parsed items, cost)
+        groups: list[tuple[int, int, bool, bool, list, int]] = []
         items: dict[bool, list[Any]] = {False: [], True: []}  # predictions, explanations
         for i, request in enumerate(data):
             try:
@@ -337,6 +357,7 @@ class CheckpointHandler(BaseHandler):
                     payload = maybe_json(request_payload(request or {}))
                     explain = _wants_explanation(context, i, payload)
                     parsed, many = self.parse(payload)
+                    cost = self.cost(parsed, explain)
             except InvalidInput as e:
                 results[i] = self._fail(context, i, e)
                 continue
@@ -346,7 +367,9 @@ class CheckpointHandler(BaseHandler):
                     context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500)
                 )
                 continue
-            groups.append((i, len(parsed), many, explain))
+            groups.append((i, len(parsed), many, explain, parsed, cost))
+        groups = self._admit(context, groups, results)
+        for _, _, _, explain, parsed, _ in groups:
             items[explain].extend(parsed)
         answers = {False: self.predict_items(items[False]) if items[False] else [], True: []}
         if items[True]:
@@ -359,13 +382,13 @@ class CheckpointHandler(BaseHandler):
                 logger.exception("explanations failed")
                 refused = InvalidInput(f"could not explain ({type(e).__name__})", 500)
             if refused is not None:
-                for i, _, _, explain in groups:
+                for i, _, _, explain, _, _ in groups:
                     if explain:
                         results[i] = self._fail(context, i, refused)
                 groups = [g for g in groups if not g[3]]
         pos = {False: 0, True: 0}
         with clock("serialise"):
-            for i, n, many, explain in groups:
+            for i, n, many, explain, _, _ in groups:
                 out = answers[explain][pos[explain] : pos[explain] + n]
                 pos[explain] += n
                 results[i] = _json(out if many else out[0])
@@ -387,6 +410,27 @@ class CheckpointHandler(BaseHandler):
         )
         self._emit_metrics(context, ms, [context.get_response_status(i)[0] for i in range(len(data))] if failed else [])
         return results
+
+    def _admit(self, context, groups: list, results: list) -> list:
+        """The parsed requests that fit in this batch's budget, in their order; those that do not
+        (the largest, once the smaller ones are in) get BatchFull."""
+        budget = self.budget()
+        if budget is None or sum(g[5] for g in groups) <= budget:
+            return groups
+        admitted, used = set(), 0
+        for g in sorted(groups, key=lambda g: g[5]):  # stable: equal costs keep their arrival order
+            if used + g[5] <= budget:
+                admitted.add(g[0])
+                used += g[5]
+            else:
+                results[g[0]] = self._fail(
+                    context,
+                    g[0],
+                    BatchFull(
+                        f"this batch is full ({used} of {budget} {self.work_unit} taken, the request needs {g[5]}): retry"
+                    ),
+                )
+        return [g for g in groups if g[0] in admitted]
 
     def _emit_metrics(self, context, ms: float, codes: list) -> None:
         """TorchServe's HandlerTime (BaseHandler.handle emits it; this handle replaces that one) and

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -378,9 +379,10 @@ def test_translator_alignment_is_a_distribution_over_the_source_per_target_token
     assert [s for s, _ in statuses] == [200, 200]
     explained, predicted = answers
     assert explained["translation"] == predicted["translation"]
-    align = np.array(explained["alignment"])
-    assert explained["source_tokens"][0] == "<bos>" and explained["source_tokens"][-1] == "<eos>"
-    assert align.shape == (len(explained["target_tokens"]), len(explained["source_tokens"]))
+    [sentence] = explained["sentences"]
+    align = np.array(sentence["alignment"])
+    assert sentence["source_tokens"][0] == "<bos>" and sentence["source_tokens"][-1] == "<eos>"
+    assert align.shape == (len(sentence["target_tokens"]), len(sentence["source_tokens"]))
     assert np.allclose(align.sum(1), 1.0, atol=1e-3)
 
 
@@ -393,10 +395,10 @@ PARAGRAPH = (
 
 def test_translator_translates_a_paragraph_sentence_by_sentence(handlers):
     handler, ctx = handlers["transformer"]
-    sentences = handler.segmenter.segment(PARAGRAPH)
+    sentences = handler.sentences(PARAGRAPH)
     assert len(sentences) == 5 and len(handler.check(PARAGRAPH)) == 5
     # The paragraph, and its five sentences sent as a list, in one batch with a neighbour.
-    requests = [{"body": PARAGRAPH}, {"body": {"text": [t.strip() for t in sentences]}}, {"body": "God is love."}]
+    requests = [{"body": PARAGRAPH}, {"body": {"text": sentences}}, {"body": "God is love."}]
     answers, statuses, _ = run_batch(handler, ctx, requests)
     assert [s for s, _ in statuses] == [200] * 3
     one_by_one = [a["translation"] for a in answers[1]]
@@ -440,19 +442,86 @@ def test_translator_alignment_covers_every_sentence_of_a_text(handlers):
     assert [s for s, _ in statuses] == [200, 200]
     explained = answers[0]
     assert explained["translation"] == answers[1]["translation"]
-    assert len(explained["sentences"]) == 5
-    align = np.array(explained["alignment"])
-    assert align.shape == (len(explained["target_tokens"]), len(explained["source_tokens"]))
-    assert np.allclose(align.sum(1), 1.0, atol=1e-3)
-    # Each target token attends within its own sentence only: the alignment is block-diagonal.
-    row = col = 0
+    assert set(explained) == {"translation", "method", "sentences"}
+    # Each sentence has its own alignment over its own source tokens: the response grows with the
+    # sentences, not with their square (one dense matrix of mostly zeros did).
+    assert [s["source_tokens"][1:-1] for s in explained["sentences"]] == [
+        [handler.tokenizer.piece(i) for i in ids[1:-1]] for ids in handler.check(PARAGRAPH)
+    ]
     for sentence in explained["sentences"]:
-        rows, cols = len(sentence["target_tokens"]), len(sentence["source_tokens"])
-        assert explained["source_tokens"][col : col + cols] == sentence["source_tokens"]
-        block = align[row : row + rows]
-        assert np.allclose(block[:, col : col + cols].sum(1), 1.0, atol=1e-3)
-        row, col = row + rows, col + cols
-    assert (row, col) == align.shape
+        align = np.array(sentence["alignment"])
+        assert align.shape == (len(sentence["target_tokens"]), len(sentence["source_tokens"]))
+        assert np.allclose(align.sum(1), 1.0, atol=1e-3)
+    assert explained["translation"] == " ".join(s["translation"] for s in explained["sentences"] if s["translation"])
+
+
+def test_translator_decodes_in_chunks_with_the_same_answers(handlers):
+    """A batch's pieces are decoded in chunks of at most DECODE_ROWS rows (beam search's cost per
+    row grows with the rows of one call); chunked or whole, the answers are the same."""
+    handler, ctx = handlers["transformer"]
+
+    def requests():  # anew for each batch: the handler takes "explain" out of the body it reads
+        return [
+            {"body": PARAGRAPH},
+            {"body": {"text": [PARAGRAPH, "God is love."], "beam": 3}},
+            {"body": {"text": PARAGRAPH, "explain": True}},
+        ]
+
+    whole, statuses, _ = run_batch(handler, ctx, requests())
+    with mock.patch("handlers.translator.DECODE_ROWS", 3):
+        chunked, chunked_statuses, _ = run_batch(handler, ctx, requests())
+    assert [s for s, _ in statuses] == [s for s, _ in chunked_statuses] == [200, 200, 200]
+    assert chunked[:2] == whole[:2]
+    assert [(s["translation"], s["source_tokens"]) for s in chunked[2]["sentences"]] == [
+        (s["translation"], s["source_tokens"]) for s in whole[2]["sentences"]
+    ]
+
+
+def limited(handler, **options):
+    """The handler with some options changed for one test (small limits keep the decodes short)."""
+    return mock.patch.dict(handler.options, options)
+
+
+def test_translator_refuses_a_request_over_its_decoder_rows_with_413(handlers):
+    handler, ctx = handlers["transformer"]
+    with limited(handler, max_rows=12):
+        twelve = " ".join(["Go."] * 12)
+        requests = [
+            {"body": {"text": [twelve]}},  # 12 pieces: at the limit
+            {"body": {"text": [twelve, "Go."]}},  # 13 pieces over two texts
+            {"body": {"text": "Go. Come. Stay.", "beam": 5}},  # 3 pieces x beam 5 = 15 rows
+            {"body": "God is love."},
+        ]
+        answers, statuses, _ = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [200, 413, 413, 200]
+    assert "13 sentence pieces x beam 1 = 13 decoder rows, the limit is 12" in statuses[1][1]
+    assert "3 sentence pieces x beam 5 = 15 decoder rows" in statuses[2][1]
+    alone, _, _ = run_batch(handler, ctx, [{"body": "God is love."}])
+    assert answers[3] == alone[0]
+
+
+def test_a_full_batch_admits_the_smallest_requests_first_and_503s_the_rest(handlers):
+    """Two requests at the row limit and two small neighbours, in a batch of 20 rows: the
+    neighbours and the first large request are decoded; the second large one gets 503 alone."""
+    handler, ctx = handlers["transformer"]
+    large = {"body": " ".join(["Go."] * 12)}
+    with limited(handler, max_rows=12, max_batch_rows=20):
+        requests = [large, {"body": "God is love."}, large, {"body": {"text": ["Jesus wept.", "God is love."]}}]
+        answers, statuses, _ = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [200, 200, 503, 200]
+    assert "this batch is full (15 of 20 decoder rows taken, the request needs 12): retry" in statuses[2][1]
+    assert answers[2] == {"code": 503, "type": "BatchFull", "message": statuses[2][1]}
+    alone, _, _ = run_batch(handler, ctx, [large, {"body": "God is love."}])
+    assert answers[0] == alone[0] and answers[1] == alone[1]
+
+
+def test_an_explanation_over_its_piece_limit_is_413(handlers):
+    handler, ctx = handlers["transformer"]
+    with limited(handler, max_explain_pieces=4):
+        requests = [{"body": {"text": PARAGRAPH, "explain": True}}, {"body": {"text": PARAGRAPH}}]
+        answers, statuses, _ = run_batch(handler, ctx, requests)
+    assert [s for s, _ in statuses] == [413, 200]
+    assert "an explanation covers at most 4 sentence pieces, the text has 5" in statuses[0][1]
 
 
 def test_explanations_follow_the_bad_input_rules_and_leave_predictions_alone(handlers):
