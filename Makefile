@@ -37,7 +37,7 @@ PROFILE ?=
 SERVE := $(PY) -m scripts.serve --run-dir $(RUN_DIR) --model-store $(STORE) $(if $(filter 0,$(AUTH)),--no-auth)
 
 .PHONY: help install data train train-all train-quick archive verify-archives protos serve stop status predict \
-	k8s-tools manifests check-k8s image e2e-k8s e2e-fleet deploy undeploy bench soak variants demo explain lint test-fast test clean FORCE
+	k8s-tools manifests check-k8s image e2e-k8s e2e-fleet deploy undeploy bench limits soak variants demo explain lint test-fast test clean FORCE
 # Checkpoints are built on demand for archives; never delete them as intermediates.
 .PRECIOUS: $(CHECKPOINT_DIR)/%/checkpoint.pt
 
@@ -137,6 +137,9 @@ undeploy: install ## delete what `make deploy` applied (keeps the namespace)
 
 bench: archive protos ## served vs in-process throughput and latency, cold start, RSS -> bench/results (BENCH=quick: ~1 min)
 	$(PY) -m scripts.bench $(if $(filter quick,$(BENCH)),--quick) --models $(MODELS) $(ARGS)
+
+limits: archive protos ## the translator's work bounds: worst batch in process, largest legal and hostile requests served with neighbours -> bench/results/limits-*.json
+	$(PY) -m scripts.limits --checkpoint $(CHECKPOINT_DIR)/transformer/checkpoint.pt --model-store $(STORE) $(ARGS)
 
 soak: archive protos ## >=10,000 mixed good and hostile requests (REST+gRPC, 24 clients), one worker killed -> bench/results/soak-*.json
 	$(PY) -m scripts.soak $(ARGS)

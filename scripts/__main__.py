@@ -19,6 +19,7 @@ VERBS = {
     "client": "predict, describe or list over REST or gRPC",
     "demo": "serve the archives and call every model",
     "bench": "measure serving against the in-process limit",
+    "limits": "the translator's work bounds, in process and served",
     "soak": "good and hostile requests, with a worker killed midway",
     "variants": "parity and speed of the optimised variants",
     "deploy": "apply the chart to a cluster, wait and smoke-test",

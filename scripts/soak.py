@@ -7,12 +7,14 @@ Starts its own server (token auth on) from model-store/, sends a bounded number 
 bounded time from ``--clients`` threads (half REST, half gRPC), each request drawn from a fixed,
 seeded mix: good test-split inputs for every model and the hostile classes that once killed a
 worker or failed a whole batch (non-ASCII messages, deeply nested JSON, huge keys, garbage and
-damaged images). Once a third of the requests are sent it SIGKILLs one worker.
+damaged images, texts that break regex sentence splitters, the translator's largest legal
+requests). Once a third of the requests are sent it SIGKILLs one worker.
 
 Every outcome is written by class to bench/results/soak-<time>.json. It passes (exit 0) when:
 good requests got 2xx except those that were in flight on the killed worker (500/507 "Worker died." /
-gRPC INTERNAL, within the kill window), hostile ones a 4xx (the same exception), none hung (client timeout), and every
-worker PID but the killed one is unchanged.
+gRPC INTERNAL, within the kill window), hostile ones a 4xx (the same exception), splitter texts a 2xx
+or a 4xx, the largest legal requests a 2xx or a 503 (their batch was full), none hung (client
+timeout), and every worker PID but the killed one is unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import pod, registry, serve
+from . import hostile, pod, registry, serve
 from .client import Client, ClientError, Settings, Timeout
 from .common import ROOT, CLIError, run_cli
 from .registry import request_inputs
@@ -39,14 +41,18 @@ KILL_WINDOW_S = 15.0  # requests failing this soon after the kill count as in fl
 
 
 def hostile_classes(digit_png: bytes) -> dict[str, tuple[str, object]]:
-    """name -> (model, payload): the requests a hostile tester found harmful."""
+    """class -> (model, payload): the requests a hostile tester found harmful. "hostile:" ones must
+    get a 4xx; "text:" ones, texts that break regex sentence splitters, a 2xx or a 4xx; "large:"
+    ones, the translator's largest legal requests, a 2xx, or a 503 when their batch is already full."""
 
     def deep(key: str, leaf: str) -> bytes:
         return (f'{{"{key}":' * 100_000 + leaf + "}" * 100_000).encode()
 
     damaged = bytearray(digit_png)
     damaged[len(damaged) // 2] ^= 0xFF
-    return {
+    options = registry.get("transformer").model_config()["handler"]
+    rows, texts, beam = options["max_rows"], options["max_texts"], options["max_beam"]
+    classes = {
         "non_ascii_key": ("lstm", {"text": "x", "\u00e9": 1}),
         "non_ascii_topk": ("cnn", {"data": "aGk=", "topk": "\u00fc"}),
         "non_ascii_max_length": ("transformer", {"text": "hi", "max_length": "\u00e9"}),
@@ -57,6 +63,11 @@ def hostile_classes(digit_png: bytes) -> dict[str, tuple[str, object]]:
         "truncated_png": ("cnn", digit_png[: len(digit_png) // 3]),
         "bad_utf8": ("transformer", b"\xc3\x28 bad"),
     }
+    out = {f"hostile:{name}": value for name, value in classes.items()}
+    out |= {f"text:{name}": ("transformer", text) for name, text in hostile.texts(options["max_chars"]).items()}
+    out["large:one_word_sentences"] = ("transformer", hostile.one_word_sentences(rows, texts))
+    out["large:one_word_sentences_beam"] = ("transformer", hostile.one_word_sentences(rows // beam, texts, beam))
+    return out
 
 
 def build_plan(n: int, hostile_share: float, seed: int) -> tuple[list[tuple[str, str, object]], dict]:
@@ -67,11 +78,15 @@ def build_plan(n: int, hostile_share: float, seed: int) -> tuple[list[tuple[str,
     # Good requests weighted by 1/cost, so that each model gets a similar share of worker time.
     weights = {m: 1 / registry.get(m).cost for m in MODELS}
     plan = []
+    # Each kind of hostile request as often as its share, whatever the number of its classes; the
+    # largest legal requests are rarer, as each is a second of worker time or more.
+    shares = {"hostile": 0.45, "text": 0.45, "large": 0.1}
+    kinds = {k: sorted(c for c in hostile if c.startswith(f"{k}:")) for k in shares}
     for _ in range(n):
         if rng.random() < hostile_share:
-            name = rng.choice(sorted(hostile))
-            model, payload = hostile[name]
-            plan.append((f"hostile:{name}", model, payload))
+            cls = rng.choice(kinds[rng.choices(list(shares), list(shares.values()))[0]])
+            model, payload = hostile[cls]
+            plan.append((cls, model, payload))
         else:
             model = rng.choices(list(weights), list(weights.values()))[0]
             plan.append((f"good:{model}", model, rng.choice(goods[model])))
@@ -140,7 +155,7 @@ def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, 
         if replaced or time.monotonic() > deadline:
             break
         time.sleep(1)
-    hostile_models = {cls.split(":", 1)[1]: model for cls, model, _ in plan if cls.startswith("hostile:")}
+    hostile_models = {cls: model for cls, model, _ in plan if not cls.startswith("good:")}
     return judge(
         records,
         before,
@@ -155,7 +170,20 @@ def soak(cfg: serve.ServerConfig, plan: list, clients: int, max_seconds: float, 
 
 def model_of(cls: str, hostile_models: dict[str, str]) -> str:
     kind, name = cls.split(":", 1)
-    return name if kind == "good" else hostile_models[name]
+    return name if kind == "good" else hostile_models[cls]
+
+
+def expected(cls: str, outcome: str) -> bool:
+    """Whether ``outcome`` is what a request of class ``cls`` must get (hostile_classes)."""
+    kind = cls.split(":", 1)[0]
+    client_error = outcome.isdigit() and 400 <= int(outcome) < 500
+    if kind == "good":
+        return outcome == "2xx"
+    if kind == "text":
+        return outcome == "2xx" or client_error
+    if kind == "large":
+        return outcome in ("2xx", "503")
+    return client_error
 
 
 def lost_with_worker(outcome: str, sent: float, finished: float, kill_at: float | None) -> bool:
@@ -180,9 +208,7 @@ def judge(records, before, after, kill, kill_model, elapsed, hostile_models, hun
     hangs = hung_threads
     for cls, transport, outcome, sent, at, error in records:
         by_class[f"{cls} {transport}"][outcome] += 1
-        good = cls.startswith("good:")
-        ok = outcome == "2xx" if good else (outcome.isdigit() and 400 <= int(outcome) < 500)
-        if ok:
+        if expected(cls, outcome):
             continue
         if model_of(cls, hostile_models) == kill_model and lost_with_worker(outcome, sent, at, kill["at"]):
             in_flight_on_killed[f"{cls} {transport} {outcome}"] += 1

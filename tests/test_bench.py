@@ -175,6 +175,19 @@ def test_soak_mixes_good_and_hostile_requests_and_survives_a_killed_worker(archi
     classes = r["outcomes_by_class"]
     assert {c.split()[0] for c in classes} >= {"good:cnn", "good:lstm", "good:transformer", "hostile:non_ascii_key"}
     assert all(set(o) <= {"400", "413", "500", "507"} for c, o in classes.items() if c.startswith("hostile:"))
+    # Texts that break regex splitters, and the translator's largest legal requests, are in the mix.
+    assert any(c.startswith("text:") for c in classes) and any(c.startswith("large:") for c in classes)
+    assert all(set(o) <= {"2xx", "400", "413"} for c, o in classes.items() if c.startswith("text:"))
+    assert all(set(o) <= {"2xx", "503"} for c, o in classes.items() if c.startswith("large:"))
+
+
+def test_soak_expects_each_kind_of_request_its_own_outcomes():
+    from scripts.soak import expected
+
+    assert expected("good:lstm", "2xx") and not expected("good:lstm", "400")
+    assert expected("hostile:deep_json", "400") and not expected("hostile:deep_json", "2xx")
+    assert expected("text:dots", "2xx") and expected("text:spaces", "400") and not expected("text:dots", "500")
+    assert expected("large:one_word_sentences", "503") and not expected("large:one_word_sentences", "413")
 
 
 def test_soak_judges_failures_outside_the_kill_window():
@@ -189,12 +202,12 @@ def test_soak_judges_failures_outside_the_kill_window():
         # Sent before the kill to the killed model, never answered until the client's deadline.
         ("good:lstm", "grpc", "hang", 99.9, 129.9, "deadline exceeded"),
     ]
-    ok = judge(records, before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
+    ok = judge(records, before, after, kill, "lstm", 10.0, {"hostile:deep_json": "lstm"})
     assert ok["passed"] and ok["hangs"] == 0
     assert ok["killed_worker"]["in_flight_outcomes"] == {"good:lstm rest 507": 1, "good:lstm grpc hang": 1}
     # The same deadline on a request sent after the kill, or to another model, is a hang.
     for hung in [("good:lstm", "grpc", "hang", 100.1, 130.1, "x"), ("good:cnn", "grpc", "hang", 99.9, 129.9, "x")]:
-        verdict = judge([*records, hung], before, after, kill, "lstm", 10.0, {"deep_json": "lstm"})
+        verdict = judge([*records, hung], before, after, kill, "lstm", 10.0, {"hostile:deep_json": "lstm"})
         assert not verdict["passed"] and verdict["hangs"] == 1, verdict
     late = judge(
         [*records, ("good:lstm", "grpc", "500", 129.0, 130.0, "Worker died.")],
@@ -203,10 +216,12 @@ def test_soak_judges_failures_outside_the_kill_window():
         kill,
         "lstm",
         10.0,
-        {"deep_json": "lstm"},
+        {"hostile:deep_json": "lstm"},
     )
     assert not late["passed"] and late["failures"] == {"good:lstm grpc 500": 1}
-    restarted = judge(records, before, {"lstm": {8, 10}, "cnn": {11}}, kill, "lstm", 10.0, {"deep_json": "lstm"})
+    restarted = judge(
+        records, before, {"lstm": {8, 10}, "cnn": {11}}, kill, "lstm", 10.0, {"hostile:deep_json": "lstm"}
+    )
     assert not restarted["passed"] and restarted["unexpected_restarts"] == {"cnn": [9]}
 
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from handlers.base import InvalidInput
+from scripts import hostile
 from scripts.registry import load_dataset
 from tests.helpers import load_handler, png, run_batch
 
@@ -154,63 +155,6 @@ def test_any_request_ends_in_2xx_or_4xx_and_fails_alone(model, handlers):
 
 # ----------------------------------------------------------------------------- the translator's splitter
 
-# Texts that kept pysbd 0.3.4 (the translator's earlier splitter) in catastrophic backtracking:
-# the first, 43 characters long, ran for more than 20 s and had TorchServe kill the worker with its
-# batch. Kept as regression examples of the shapes below.
-SPLITTER_REGRESSIONS = [
-    "..[111 111 111 111 111 111 111 111 111 111]",
-    "......[289852000000260698,289852000000260744",
-    "f.302205302116302416302500302513915bd",
-    "Rok bud.2027777983834843834843042003200220012000199919981997199619951994199319921991199019891988198",
-    '<iframe width="100%" height="166" src="url ' + "Lorem ipsum dolor sit amet, " * 20,
-]
-# Units that break regex splitters when repeated: runs of dots and other punctuation, numbered
-# references in brackets, digit strings, unclosed tags and quotes, abbreviations, long words,
-# mixed scripts, whitespace floods.
-SPLITTER_UNITS = [
-    ".",
-    "..",
-    "...",
-    "!?",
-    "?!.",
-    "-.",
-    ". ",
-    "[1]",
-    "[12] ",
-    "[111 ",
-    "111 ",
-    "1",
-    "1.",
-    "3.14 ",
-    ",",
-    ";",
-    "<a ",
-    "<b>",
-    '="',
-    '"',
-    "'",
-    "\u201c",
-    "\u2019",
-    "(",
-    ")",
-    "x",
-    "word ",
-    "Go. ",
-    "Mr. ",
-    "U.S.",
-    "e.g. ",
-    "a@b.c ",
-    "http://a.b/c. ",
-    " ",
-    "\n",
-    "\t",
-    "\u3002",
-    "\u6f22",
-    "\u05e7",
-    "\u060c",
-    "\u00e9",
-    "\u200b",
-]
 # The bound on one text's split: sentencex splits a 4,000-character adversarial text in about
 # 1 ms (README); pysbd took over 20 s on the first regression example. One second is a bound that
 # still fails every quadratic or exponential regression on texts this long, not a speed goal.
@@ -219,10 +163,11 @@ SPLIT_BOUND_S = 1.0
 
 @st.composite
 def splitter_texts(draw, max_chars: int = 4000) -> str:
-    """Up to ``max_chars`` characters: a few units, each repeated many times, with text between."""
+    """Up to ``max_chars`` characters: a few units (scripts/hostile.py's, or any short text), each
+    repeated many times, with text between."""
     parts = []
-    while sum(map(len, parts)) < max_chars and len(parts) < draw(st.integers(1, 6)):
-        unit = draw(st.sampled_from(SPLITTER_UNITS) | st.text(min_size=1, max_size=8))
+    for _ in range(draw(st.integers(1, 3))):
+        unit = draw(st.sampled_from(sorted(hostile.UNITS.values())) | st.text(min_size=1, max_size=8))
         parts.append(unit * draw(st.integers(1, max_chars // len(unit) + 1)))
         parts.append(draw(st.text(max_size=20)))
     return "".join(parts)[:max_chars]
@@ -254,7 +199,7 @@ def test_the_splitter_is_bounded_and_covers_the_text(handlers):
 
     @FUZZ
     @given(splitter_texts(max_chars))
-    @example_each(SPLITTER_REGRESSIONS + [u * (max_chars // len(u)) for u in SPLITTER_UNITS])
+    @example_each(list(hostile.texts(max_chars).values()))
     def run(text):
         t0 = time.perf_counter()
         pieces = handler.sentences(text)
@@ -272,7 +217,7 @@ def test_check_is_bounded_and_every_piece_fits_the_model(handlers):
 
     @FUZZ
     @given(splitter_texts(handler.options["max_chars"]))
-    @example_each(SPLITTER_REGRESSIONS)
+    @example_each(list(hostile.REGRESSIONS.values()))
     def run(text):
         t0 = time.perf_counter()
         try:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from scripts import pod, serve
+from scripts import hostile, pod, registry, serve
 from scripts.client import (
     BadInput,
     Client,
@@ -189,6 +189,22 @@ WIRE_BAD = {
     ],
 }
 WIRE_GOOD = {"lstm": "a warm film", "transformer": "God is love."}
+LIMITS = registry.get("transformer").model_config()["handler"]
+WIRE_BAD["transformer"] += [
+    (hostile.one_word_sentences(LIMITS["max_rows"] + 1, LIMITS["max_texts"]), 413, "decoder rows, the limit is"),
+    (
+        hostile.one_word_sentences(
+            LIMITS["max_rows"] // LIMITS["max_beam"] + 1, LIMITS["max_texts"], LIMITS["max_beam"]
+        ),
+        413,
+        f"x beam {LIMITS['max_beam']} =",
+    ),
+    (
+        {"text": "Go. " * (LIMITS["max_explain_pieces"] + 1), "explain": True},
+        413,
+        f"an explanation covers at most {LIMITS['max_explain_pieces']} sentence pieces",
+    ),
+]
 
 
 def worker_pids(cfg, model) -> list[int]:
@@ -212,6 +228,33 @@ def test_bad_input_over_the_wire_gets_its_4xx_neighbours_succeed_worker_survives
             assert err.value.status == code and message in str(err.value), (bad, err.value)
         assert c.predict(model, good) == expected
     assert worker_pids(server, model) == pids, "a worker restarted"
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_splitter_texts_and_the_largest_requests_are_answered_and_spare_their_neighbours(server, transport):
+    """Every text of scripts/hostile.py (regex splitters backtrack on them) and the largest legal
+    requests, each between two good neighbours: a 2xx or a clear 4xx, the neighbours' answers
+    unchanged, no worker replaced."""
+    cases = [*hostile.texts(LIMITS["max_chars"]).values()]
+    cases += [
+        hostile.one_word_sentences(LIMITS["max_rows"], LIMITS["max_texts"]),
+        hostile.one_word_sentences(LIMITS["max_rows"] // LIMITS["max_beam"], LIMITS["max_texts"], LIMITS["max_beam"]),
+    ]
+    pids, good, answered = worker_pids(server, "transformer"), WIRE_GOOD["transformer"], 0
+    with Client(transport, settings(server)) as c:
+        expected = c.predict("transformer", good)
+        for body in cases:
+            with ThreadPoolExecutor(3) as pool:
+                futures = [pool.submit(c.predict, "transformer", p) for p in (good, body, good)]
+                try:
+                    answer = futures[1].result()
+                    assert "translation" in (answer if isinstance(body, str) else answer[-1]), body
+                    answered += 1
+                except BadInput as e:  # too many pieces, or nothing the tokenizer keeps
+                    assert ("decoder rows" in str(e) and e.status == 413) or "nothing to translate" in str(e), e
+                assert futures[0].result() == expected and futures[2].result() == expected
+    assert answered >= len(cases) // 2  # most are translated, not refused
+    assert worker_pids(server, "transformer") == pids, "a worker restarted"
 
 
 def test_handlers_report_handler_time_and_refused_requests_on_the_metrics_endpoint(server):
@@ -450,7 +493,8 @@ def test_explanations_over_the_wire(server, transport, digit):
         lstm = c.explain("lstm", "a warm, funny film")
         assert [t for t, _ in lstm["tokens"]] == ["a", "warm", ",", "funny", "film"]
         translation = c.explain("transformer", "God is love.")
-        assert len(translation["alignment"]) == len(translation["target_tokens"])
+        [sentence] = translation["sentences"]
+        assert len(sentence["alignment"]) == len(sentence["target_tokens"])
         with pytest.raises(BadInput, match="'explain' must be true or false"):
             c.predict("lstm", {"text": "x", "explain": 1})
 
