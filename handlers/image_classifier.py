@@ -26,8 +26,8 @@ class ImageClassifierHandler(CheckpointHandler):
         "max_bytes": 10 * 1024 * 1024,  # encoded image size limit
         "max_pixels": 4096 * 4096,  # decoded size limit: refuses decompression bombs before decoding
         "invert_light": True,  # invert dark-on-light images to MNIST's light-on-dark
-        # NHWC tensors: convolutions and pooling ran 1.5-2x faster than NCHW on CPU (README,
-        # Performance). Ignored by the aoti variant, which keeps the layout it was compiled for.
+        # NHWC tensors: convolutions and pooling ran 1.5-2x faster than NCHW on CPU
+        # (docs/performance.md). Ignored by the aoti variant, which keeps the layout it was compiled for.
         "channels_last": True,
         "explain_steps": 32,  # Integrated Gradients steps per explained image (its cost: steps x a forward+backward)
     }

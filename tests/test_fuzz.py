@@ -156,7 +156,7 @@ def test_any_request_ends_in_2xx_or_4xx_and_fails_alone(model, handlers):
 # ----------------------------------------------------------------------------- the translator's splitter
 
 # The bound on one text's split: sentencex splits a 4,000-character adversarial text in about
-# 1 ms (README); pysbd took over 20 s on the first regression example. One second is a bound that
+# 1 ms (docs/serving.md); pysbd took over 20 s on the first regression example. One second is a bound that
 # still fails every quadratic or exponential regression on texts this long, not a speed goal.
 SPLIT_BOUND_S = 1.0
 
