@@ -931,3 +931,24 @@ def test_the_rollout_surge_and_the_pdb_take_counts_or_percentages():
     defaults = by_group(k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1]), "Deployment")
     assert defaults["cnn"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert "both 0" in render_error("rollingUpdate.maxSurge=0")
+
+
+@pytest.mark.parametrize(
+    "release", ["ts", "torchserve-models", "team-a-torchserve-models-v2", "x" * 53]
+)  # 53: helm's longest
+def test_the_e2e_harness_names_objects_as_the_chart_does(release):
+    """tests/e2e/harness/release.py mirrors the chart's fullname: the names and selectors the e2e
+    looks objects up by are the ones helm renders, for any release name."""
+    from tests.e2e.harness.release import Release
+
+    out = k8s_tool.run(
+        [k8s_tool.tool("helm"), "template", release, str(k8s_tool.CHART), "--skip-tests"], f"helm template {release}"
+    )
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    names = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    r = Release(release)
+    assert len(names) == 3 and set(names) == {r.group(g) for g in ("cnn", "lstm", "transformer")}
+    assert all(len(d["metadata"]["name"]) <= 63 for d in docs if d["kind"] != "Secret")
+    for group in ("cnn", "lstm", "transformer"):
+        labels = names[r.group(group)]["spec"]["template"]["metadata"]["labels"]
+        assert dict(kv.split("=") for kv in r.group_selector(group).split(",")).items() <= labels.items()

@@ -146,9 +146,18 @@ groups. allInOnePod replaces the groups with one, "all", serving every model in 
 {{- toJson $out -}}
 {{- end -}}
 
-{{/* <fullname>-<group>: a group's Deployment, Services, HPA, PDB and ConfigMap. */}}
+{{/* <fullname>-<suffix>, the fullname cut so that the whole stays within 63 characters. */}}
+{{- define "tsm.nameWith" -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s-%s" (include "tsm.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{/* <fullname>-<group>: a group's Deployment, Services, HPA, PDB and ConfigMap. The fullname is cut
+first, so that a long release name never cuts the group away (which made two groups' objects one),
+and 7 characters are left for the suffixes (-grpc, -canary, -config): every name stays within 63. */}}
 {{- define "tsm.groupName" -}}
-{{- printf "%s-%s" (include "tsm.fullname" (index . 0)) (index . 1) | trunc 63 | trimSuffix "-" -}}
+{{- $group := index . 1 -}}
+{{- printf "%s-%s" (include "tsm.fullname" (index . 0) | trunc (int (sub 55 (len $group))) | trimSuffix "-") $group -}}
 {{- end -}}
 
 {{/* Selector labels of one group's pods, every track (the group's Services select these). */}}
