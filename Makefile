@@ -152,10 +152,13 @@ demo: install protos ## the main job end to end: data -> quick training -> archi
 	@$(MAKE) --no-print-directory archive
 	$(PY) -m scripts.demo $(ARGS)
 
-lint: install ## ruff (lint and format check) and the import layers models <- handlers <- scripts
+lint: install ## ruff (lint and format check), the import layers models <- handlers <- scripts, no test module importing another, shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	@! grep -rnE '^\s*(from|import) tests\.(e2e\.)?test_' tests/ || \
+	  { echo "lint: a test module imports another; shared code goes in tests/helpers.py or tests/e2e/harness/"; exit 1; }
+	bash k8s/shellcheck.sh
 
 test-fast: install protos k8s-tools ## unit tests only: no server, no archiver, no cluster (under 2 minutes)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

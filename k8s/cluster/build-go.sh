@@ -57,17 +57,17 @@ case $name in
 esac
 
 # The commands to build: the go.mod's `tool` lines, single or in a block.
-tools=$(awk '/^tool \(/{b=1; next} b && /^\)/{b=0} b{print $1} /^tool [^(]/{print $2}' "$mod/go.mod")
+mapfile -t tools < <(awk '/^tool \(/{b=1; next} b && /^\)/{b=0} b{print $1} /^tool [^(]/{print $2}' "$mod/go.mod")
 tmp=$(mktemp -d "${TMPDIR:-/var/tmp}/build-go.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS
 # -mod=readonly: the build fails rather than change go.mod or go.sum, so the pins hold.
 # CGO off: static binaries that need nothing of the host's C libraries.
-(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp/" $tools) \
+(cd "$mod" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -tags "$tags" -ldflags "$ldflags" -o "$tmp/" "${tools[@]}") \
   >"$tmp/build.log" 2>&1 || { tail -40 "$tmp/build.log" >&2; exit 1; }
 mkdir -p "$out"
 for b in "$tmp"/*; do
-  [ -f "$b" ] && [ -x "$b" ] || continue
+  if [ ! -f "$b" ] || [ ! -x "$b" ]; then continue; fi
   bin=$(basename "$b")
   # etcd's command is its server module itself (go.etcd.io/etcd/server/v3): go names it "server".
   [ "$name" = etcd ] && [ "$bin" = server ] && bin=etcd
@@ -86,5 +86,5 @@ if [ "$name" = kwok ]; then
   cp "$src"/node/fast/node-initialize.yaml "$src"/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
     "$src"/pod/fast/pod-ready.yaml "$src"/pod/fast/pod-complete.yaml "$src"/pod/fast/pod-delete.yaml "$out/stages/"
 fi
-echo "$name: built $(cd "$out" && ls | tr '\n' ' ')in $((SECONDS - start))s"
+echo "$name: built $(find "$out" -mindepth 1 -maxdepth 1 -printf '%f ')in $((SECONDS - start))s"
 touch "$out/.complete"

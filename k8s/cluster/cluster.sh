@@ -10,10 +10,10 @@
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
-# Environment: K8S_BIN and ETCD_BIN (the binaries from build-go.sh), PAUSE_TAR (from base-image.sh),
+# Environment: BIN_kubernetes and BIN_etcd (the binaries from build-go.sh), PAUSE_TAR (from base-image.sh),
 # KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e); for `metrics`, the folders
-# build-go.sh filled: METRICS_SERVER_BIN, PROMETHEUS_BIN, PROMETHEUS_ADAPTER_BIN, KEDA_BIN, and ADAPTER_RULES (a
-# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml); for `fleet`, KWOK_BIN.
+# build-go.sh filled: BIN_metrics_server, BIN_prometheus, BIN_prometheus_adapter, BIN_keda, and ADAPTER_RULES (a
+# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml); for `fleet`, BIN_kwok.
 #
 # The metrics pipeline runs as processes in the same namespace, as the control plane does, each
 # registered with the API server the way its upstream manifests do it (APIService objects behind
@@ -36,25 +36,25 @@ NODE_NAME=e2e-node
 POD_CIDR=10.244.0.0/24
 SERVICE_CIDR=10.96.0.0/16
 API_SERVICE_IP=10.96.0.1
-K8S_BIN=${K8S_BIN:-}
-ETCD_BIN=${ETCD_BIN:-}
+BIN_kubernetes=${BIN_kubernetes:-}
+BIN_etcd=${BIN_etcd:-}
 PAUSE_TAR=${PAUSE_TAR:-}
 PAUSE_IMAGE=localhost/pause:3.2
 KUBECTL=${KUBECTL:-kubectl}
 SOCK=$RUN/containerd/containerd.sock
-# Host-global sysctls the kubelet writes (../shared/docs/K8S.md): saved by `up`, restored by `down`.
+# Host-global sysctls the kubelet writes: saved by `up`, restored by `down`.
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
 CORE=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
 METRICS=(metrics-server prometheus prometheus-adapter keda-operator keda-metrics-apiserver)
 FLEET=(kwok)
 COMPONENTS=("${CORE[@]}" "${METRICS[@]}" "${FLEET[@]}")
-METRICS_SERVER_BIN=${METRICS_SERVER_BIN:-}
-PROMETHEUS_ADAPTER_BIN=${PROMETHEUS_ADAPTER_BIN:-}
-KEDA_BIN=${KEDA_BIN:-}
+BIN_metrics_server=${BIN_metrics_server:-}
+BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
+BIN_keda=${BIN_keda:-}
 ADAPTER_RULES=${ADAPTER_RULES:-}
-PROMETHEUS_BIN=${PROMETHEUS_BIN:-}
+BIN_prometheus=${BIN_prometheus:-}
 PROMETHEUS_PORT=9090
-KWOK_BIN=${KWOK_BIN:-}
+BIN_kwok=${BIN_kwok:-}
 KWOK_PORT=10247
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
@@ -161,7 +161,7 @@ state = "$RUN/containerd"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   # This VM withholds CAP_SYS_RESOURCE: without this, runc cannot give the pause container its
-  # oom_score_adj of -998 and every sandbox fails (../shared/docs/K8S.md).
+  # oom_score_adj of -998 and every sandbox fails.
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -228,8 +228,8 @@ node_ready() {
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 up() {
-  [ -x "$K8S_BIN/kube-apiserver" ] || die "K8S_BIN=$K8S_BIN has no kube-apiserver (build-go.sh kubernetes)"
-  [ -x "$ETCD_BIN/etcd" ] || die "ETCD_BIN=$ETCD_BIN has no etcd (build-go.sh etcd)"
+  [ -x "$BIN_kubernetes/kube-apiserver" ] || die "BIN_kubernetes=$BIN_kubernetes has no kube-apiserver (build-go.sh kubernetes)"
+  [ -x "$BIN_etcd/etcd" ] || die "BIN_etcd=$BIN_etcd has no etcd (build-go.sh etcd)"
   [ -f "$PAUSE_TAR" ] || die "PAUSE_TAR=$PAUSE_TAR not found (run base-image.sh)"
   ! ip netns list | grep -qw "$NETNS" || die "network namespace $NETNS exists: run \`$0 down\` first"
   mkdir -p "$STATE" "$RUN"
@@ -255,11 +255,11 @@ up() {
   pki
   configs
 
-  start etcd "$ETCD_BIN/etcd" --name e2e --data-dir "$STATE/etcd" --listen-client-urls http://127.0.0.1:2379 \
+  start etcd "$BIN_etcd/etcd" --name e2e --data-dir "$STATE/etcd" --listen-client-urls http://127.0.0.1:2379 \
     --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
     --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e2e=http://127.0.0.1:2380
   start containerd containerd --config "$STATE/containerd.toml"
-  start kube-apiserver "$K8S_BIN/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
+  start kube-apiserver "$BIN_kubernetes/kube-apiserver" --etcd-servers=http://127.0.0.1:2379 \
     --advertise-address="$NODE_IP" --bind-address="$NODE_IP" --secure-port=6443 \
     --service-cluster-ip-range="$SERVICE_CIDR" --client-ca-file="$STATE/pki/ca.crt" \
     --tls-cert-file="$STATE/pki/apiserver.crt" --tls-private-key-file="$STATE/pki/apiserver.key" \
@@ -275,16 +275,16 @@ up() {
   wait_for 60 "containerd answers" test -S "$SOCK" || return 1
   ctr --address "$SOCK" -n k8s.io images import "$PAUSE_TAR" >/dev/null
   wait_for 90 "API server ready" kc get --raw /readyz || return 1
-  start kube-controller-manager "$K8S_BIN/kube-controller-manager" --kubeconfig="$STATE/admin.kubeconfig" \
+  start kube-controller-manager "$BIN_kubernetes/kube-controller-manager" --kubeconfig="$STATE/admin.kubeconfig" \
     --service-account-private-key-file="$STATE/pki/sa.key" --root-ca-file="$STATE/pki/ca.crt" \
     --leader-elect=false --use-service-account-credentials=false --bind-address=127.0.0.1 \
     --horizontal-pod-autoscaler-sync-period="${HPA_SYNC_PERIOD:-5s}" \
     --kube-api-qps=100 --kube-api-burst=200  # the fleet test's 600 to 940 pods: 20/s (the default) would pace them
-  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$STATE/admin.kubeconfig" --leader-elect=false \
+  start kube-scheduler "$BIN_kubernetes/kube-scheduler" --kubeconfig="$STATE/admin.kubeconfig" --leader-elect=false \
     --bind-address=127.0.0.1
-  start kubelet "$K8S_BIN/kubelet" --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/admin.kubeconfig" \
+  start kubelet "$BIN_kubernetes/kubelet" --config="$STATE/kubelet.yaml" --kubeconfig="$STATE/admin.kubeconfig" \
     --root-dir="$STATE/kubelet" --node-ip="$NODE_IP" --hostname-override="$NODE_NAME"
-  start kube-proxy "$K8S_BIN/kube-proxy" --config="$STATE/kube-proxy.yaml"
+  start kube-proxy "$BIN_kubernetes/kube-proxy" --config="$STATE/kube-proxy.yaml"
   wait_for 120 "node Ready" node_ready || return 1
   wait_for 60 "default service account" kc get serviceaccount default -n default || return 1
   for c in "${CORE[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
@@ -335,24 +335,24 @@ api_available() {
 
 # The flags every aggregated API server here shares: the admin identity (system:masters) for
 # delegated authentication and authorization. Each names the kubeconfig for its own calls its way.
-aggregated() {
-  echo --authentication-kubeconfig="$STATE/admin.kubeconfig" \
-    --authorization-kubeconfig="$STATE/admin.kubeconfig" --bind-address="$NODE_IP"
-}
+# The flags every aggregated API server takes (metrics-server, prometheus-adapter, KEDA's): set by metrics.
+AGGREGATED=()
 
 metrics() {
+  AGGREGATED=(--authentication-kubeconfig="$STATE/admin.kubeconfig" --authorization-kubeconfig="$STATE/admin.kubeconfig"
+    --bind-address="$NODE_IP")
   local missing=() c
-  [ -x "$METRICS_SERVER_BIN/metrics-server" ] || missing+=("METRICS_SERVER_BIN=$METRICS_SERVER_BIN has no metrics-server")
-  [ -x "$PROMETHEUS_ADAPTER_BIN/adapter" ] || missing+=("PROMETHEUS_ADAPTER_BIN=$PROMETHEUS_ADAPTER_BIN has no adapter")
-  [ -x "$KEDA_BIN/operator" ] || missing+=("KEDA_BIN=$KEDA_BIN has no operator")
+  [ -x "$BIN_metrics_server/metrics-server" ] || missing+=("BIN_metrics_server=$BIN_metrics_server has no metrics-server")
+  [ -x "$BIN_prometheus_adapter/adapter" ] || missing+=("BIN_prometheus_adapter=$BIN_prometheus_adapter has no adapter")
+  [ -x "$BIN_keda/operator" ] || missing+=("BIN_keda=$BIN_keda has no operator")
   [ -f "$ADAPTER_RULES" ] || missing+=("ADAPTER_RULES=$ADAPTER_RULES not found")
-  [ -x "$PROMETHEUS_BIN/prometheus" ] || missing+=("PROMETHEUS_BIN=$PROMETHEUS_BIN has no prometheus")
+  [ -x "$BIN_prometheus/prometheus" ] || missing+=("BIN_prometheus=$BIN_prometheus has no prometheus")
   ((${#missing[@]} == 0)) || die "metrics: $(IFS=';'; echo "${missing[*]}")"
   kc create namespace monitoring >/dev/null
   kc create namespace keda >/dev/null
 
   # metrics-server: the kubelet's resource metrics (the kubelet's serving certificate is self-signed).
-  start metrics-server "$METRICS_SERVER_BIN/metrics-server" $(aggregated) --kubeconfig="$STATE/admin.kubeconfig" \
+  start metrics-server "$BIN_metrics_server/metrics-server" "${AGGREGATED[@]}" --kubeconfig="$STATE/admin.kubeconfig" \
     --secure-port=4443 --cert-dir="$STATE/metrics-server" --kubelet-insecure-tls \
     --kubelet-preferred-address-types=InternalIP --metric-resolution=10s --kubelet-request-timeout=5s
   node_service kube-system metrics-server 443 4443
@@ -382,14 +382,14 @@ scrape_configs:
       - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
       - {action: labelmap, regex: __meta_kubernetes_pod_label_(.+)}
 EOF
-  start prometheus "$PROMETHEUS_BIN/prometheus" --config.file="$STATE/prometheus/prometheus.yml" \
+  start prometheus "$BIN_prometheus/prometheus" --config.file="$STATE/prometheus/prometheus.yml" \
     --storage.tsdb.path="$STATE/prometheus/data" --storage.tsdb.retention.time=2h \
     --web.listen-address="$NODE_IP:$PROMETHEUS_PORT"
   # The Service the chart's defaults name (prometheus-operated.monitoring), for clients in the cluster.
   node_service monitoring prometheus-operated "$PROMETHEUS_PORT" "$PROMETHEUS_PORT"
 
   # prometheus-adapter: the chart's Pods metrics, by the rules of k8s/prometheus-adapter-values.yaml.
-  start prometheus-adapter "$PROMETHEUS_ADAPTER_BIN/adapter" $(aggregated) \
+  start prometheus-adapter "$BIN_prometheus_adapter/adapter" "${AGGREGATED[@]}" \
     --lister-kubeconfig="$STATE/admin.kubeconfig" --secure-port=6444 \
     --cert-dir="$STATE/prometheus-adapter" --prometheus-url="http://$NODE_IP:$PROMETHEUS_PORT/" \
     --metrics-relist-interval=10s --config="$ADAPTER_RULES"
@@ -399,16 +399,16 @@ EOF
 
   # KEDA: its CRDs, then the operator and its metrics API server, which talk over mutual TLS with
   # the certificates in keda-certs (what the operator's cert rotation writes in a pod).
-  kc apply --server-side -f "$KEDA_BIN/crds" >/dev/null
+  kc apply --server-side -f "$BIN_keda/crds" >/dev/null
   keda_pki
   local keda_env=(env POD_NAMESPACE=keda WATCH_NAMESPACE= KEDA_CLUSTER_OBJECT_NAMESPACE=keda
                   KUBECONFIG="$STATE/admin.kubeconfig")
-  start keda-operator "${keda_env[@]}" "$KEDA_BIN/operator" --leader-elect=false \
+  start keda-operator "${keda_env[@]}" "$BIN_keda/operator" --leader-elect=false \
     --metrics-bind-address=127.0.0.1:8085 --health-probe-bind-address=127.0.0.1:8086 \
     --metrics-service-bind-address="$NODE_IP:9666" --cert-dir="$STATE/keda-certs" --enable-cert-rotation=false \
     --enable-webhook-patching=false --enable-apiservice-patching=false --ca-dir="$STATE/keda-certs" \
     --zap-log-level=info --zap-encoder=console
-  start keda-metrics-apiserver "${keda_env[@]}" "$KEDA_BIN/adapter" $(aggregated) \
+  start keda-metrics-apiserver "${keda_env[@]}" "$BIN_keda/adapter" "${AGGREGATED[@]}" \
     --lister-kubeconfig="$STATE/admin.kubeconfig" --secure-port=6445 \
     --cert-dir="$STATE/keda-certs" --metrics-service-address="$NODE_IP:9666" \
     --metrics-service-grpc-authority=keda-operator.keda.svc --port=8087
@@ -427,11 +427,11 @@ EOF
 # the kubelet's. kwok's own Stages (built with it) make its nodes Ready, with heartbeats through
 # leases, and its pods Running and Ready. Its pods run no container.
 fleet() {
-  [ -x "$KWOK_BIN/kwok" ] || die "fleet: KWOK_BIN=$KWOK_BIN has no kwok"
+  [ -x "$BIN_kwok/kwok" ] || die "fleet: BIN_kwok=$BIN_kwok has no kwok"
   local stages=() f
-  for f in "$KWOK_BIN"/stages/*.yaml; do stages+=(--config="$f"); done
-  ((${#stages[@]})) || die "fleet: no Stage files in $KWOK_BIN/stages"
-  start kwok "$KWOK_BIN/kwok" "${stages[@]}" --kubeconfig="$STATE/admin.kubeconfig" \
+  for f in "$BIN_kwok"/stages/*.yaml; do stages+=(--config="$f"); done
+  ((${#stages[@]})) || die "fleet: no Stage files in $BIN_kwok/stages"
+  start kwok "$BIN_kwok/kwok" "${stages[@]}" --kubeconfig="$STATE/admin.kubeconfig" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
     --cidr="$KWOK_POD_CIDR" --node-lease-duration-seconds=40 --server-address="127.0.0.1:$KWOK_PORT"
   wait_for 60 "kwok healthy" in_ns curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz" || return 1

@@ -63,8 +63,6 @@ for component in kubernetes etcd metrics-server prometheus prometheus-adapter ke
   bash "$here/build-go.sh" "$component" "$dir"
   export "BIN_${component//-/_}=$dir"
 done
-export K8S_BIN=$BIN_kubernetes ETCD_BIN=$BIN_etcd METRICS_SERVER_BIN=$BIN_metrics_server PROMETHEUS_BIN=$BIN_prometheus
-export PROMETHEUS_ADAPTER_BIN=$BIN_prometheus_adapter KEDA_BIN=$BIN_keda KWOK_BIN=$BIN_kwok
 
 step "base and pause images (cached)"
 images="$CACHE/images-$(key "$here/base-image.sh")"

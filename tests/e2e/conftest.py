@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.e2e.cluster import Cluster
+from tests.e2e.harness.cluster import Cluster
 
 
 def pytest_collection_modifyitems(config, items):

@@ -35,13 +35,15 @@ import matplotlib.pyplot as plt
 import pytest
 from kubernetes.utils import parse_quantity
 
+from scripts.common import ROOT
 from scripts.registry import sample_inputs
-from tests.e2e.cluster import ROOT, Cluster, PacedLoad, StepFailed
-from tests.e2e.test_chart_on_cluster import READY_BOUND_S, VALUES, image_values
+from tests.e2e.harness.cluster import Cluster, StepFailed
+from tests.e2e.harness.load import PacedLoad
+from tests.e2e.harness.release import CHART, READY_BOUND_S, VALUES, Release, image_values
 
-RELEASE = "tsa"
+RELEASE = Release("tsa")
 NAMESPACE = "e2e-autoscale"
-SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+SELECTOR = RELEASE.selector
 TARGET_RPS = 20  # per pod, each group
 LOAD_RPS = 50  # 2.5 pods' worth: the HPA wants ceil(50 / 20) = 3 replicas
 TRICKLE_RPS = {"cnn": 2.0, "lstm": 1.0}
@@ -66,10 +68,6 @@ COMMON = [
 ]
 
 
-def name(group: str) -> str:
-    return f"{RELEASE}-torchserve-models-{group}"
-
-
 @dataclasses.dataclass
 class Way:
     """One way of autoscaling: the chart values that select it, the HPA that results, how to read
@@ -80,7 +78,7 @@ class Way:
     unit: str = "req/s per pod"
 
     def hpa(self, group: str) -> str:
-        return self.hpa_prefix + name(group)
+        return self.hpa_prefix + RELEASE.group(group)
 
 
 WAYS = {
@@ -129,7 +127,7 @@ class Timeline:
         deps = {i["metadata"]["name"]: i for i in items if i["kind"] == "Deployment"}
         row: dict = {"t": round(now - self.t0, 1)}
         for group in ("cnn", "lstm"):
-            hpa, dep = hpas.get(self.way.hpa(group), {}), deps.get(name(group), {})
+            hpa, dep = hpas.get(self.way.hpa(group), {}), deps.get(RELEASE.group(group), {})
             row[group] = {
                 "desired": hpa.get("status", {}).get("desiredReplicas"),
                 "replicas": dep.get("spec", {}).get("replicas"),
@@ -156,16 +154,16 @@ class Timeline:
 
 
 def ready(c: Cluster, group: str) -> int:
-    return len(c.ready_pods(f"{SELECTOR},torchserve-models/group={group}"))
+    return len(c.ready_pods(RELEASE.group_selector(group)))
 
 
 def pods_of(c: Cluster, group: str) -> int:
     """Pods of the group that exist, terminating ones included."""
-    return len(c.pods(f"{SELECTOR},torchserve-models/group={group}"))
+    return len(c.pods(RELEASE.group_selector(group)))
 
 
 def replicas(c: Cluster, group: str) -> int:
-    return c.json("get", "deployment", name(group))["spec"]["replicas"]
+    return c.json("get", "deployment", RELEASE.group(group))["spec"]["replicas"]
 
 
 def plot(way: str, result: dict, path: Path) -> None:
@@ -212,16 +210,16 @@ def test_a_group_scales_up_under_load_and_back_down_with_no_failed_request(autos
     values = [*COMMON, *w.values]
     if way == "keda":
         values += ["--set", f"autoscaling.keda.prometheusAddress={c.prometheus_url()}"]
-    c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *values)
+    c.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(c), *values)
     try:
         run_one_way(c, inputs, way, w)
     finally:
-        c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
+        c.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", timeout=150, check=False)
 
 
 def run_one_way(c: Cluster, inputs: dict, way: str, w: Way) -> None:
     c.wait("one Ready pod in each group", lambda: ready(c, "cnn") == 1 and ready(c, "lstm") == 1, READY_BOUND_S)
-    service_ip = {g: c.json("get", "service", name(g))["spec"]["clusterIP"] for g in ("cnn", "lstm")}
+    service_ip = {g: c.json("get", "service", RELEASE.group(g))["spec"]["clusterIP"] for g in ("cnn", "lstm")}
     trickles = {
         f"trickle-{g}": PacedLoad(service_ip[g], g, inputs[g], rate=rate, workers=2).start()
         for g, rate in TRICKLE_RPS.items()

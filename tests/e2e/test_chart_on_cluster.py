@@ -16,7 +16,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,51 +23,50 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.client import Client, ModelNotFound, Settings
+from scripts import k8s
+from scripts.client import Client, ModelNotFound
+from scripts.common import ROOT
 from scripts.inprocess import load_handler, run_batch
 from scripts.registry import sample_inputs
-from tests.e2e.cluster import ROOT, Cluster, Load
+from scripts.serve import PORTS
+from tests.e2e.harness.cluster import Cluster
+from tests.e2e.harness.load import Load
+from tests.e2e.harness.load import service_settings as settings_for
+from tests.e2e.harness.release import (
+    CHART,
+    DRAIN,
+    GRACE_S,
+    GROUP_LABEL,
+    MODELS,
+    POD_GONE_S,
+    READY_BOUND_S,
+    SETTLE_S,
+    VALUES,
+    Release,
+    deploy_tool,
+    image_values,
+)
 
-RELEASE = "ts"
-VALUES = Path(__file__).with_name("values.yaml")
-RELEASE_SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
-GROUPS = {"cnn": ["cnn"], "lstm": ["lstm"], "transformer": ["transformer"]}  # the chart's default
-MODELS = [m for models in GROUPS.values() for m in models]
+RELEASE = Release("ts")
+DEPLOY_TOOL_RELEASE = Release(k8s.RELEASE)  # the release `make deploy` renders
+GROUPS = {m: [m] for m in MODELS}  # the chart's default: one group per model
 GROUP = "lstm"  # the group the roll, drain and restart tests act on
-SELECTOR = f"{RELEASE_SELECTOR},torchserve-models/group={GROUP}"
-DEPLOYMENT = f"{RELEASE}-torchserve-models-{GROUP}"
+SELECTOR = RELEASE.group_selector(GROUP)
+DEPLOYMENT = RELEASE.group(GROUP)
 
 
 def group_of(model: str) -> str:
     return next(g for g, models in GROUPS.items() if model in models)
 
 
-def service(group: str) -> str:
-    return f"{RELEASE}-torchserve-models-{group}"
-
-
-READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
-DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
-SETTLE_S = DRAIN["settleSeconds"] + 5 + 1  # + drain.grpcConnectionAgeSeconds (the chart's default) + jitter
-GRACE_S = DRAIN["timeoutSeconds"] + SETTLE_S + 20  # the chart's terminationGracePeriodSeconds
-# A deleted pod's object goes once the kubelet has reclaimed it on its periodic loops: status sync
-# every 10 s, container garbage collection every minute (measured 10-65 s after the container exited on 1.20).
-POD_GONE_S = GRACE_S + 120
-
-
-def image_values(cluster: Cluster) -> list[str]:
-    repo, _, tag = cluster.image.rpartition(":")
-    return ["--set", f"image.repository={repo}", "--set", f"image.tag={tag}"]
-
-
 @pytest.fixture(scope="module")
 def release(cluster: Cluster):
     cluster.kubectl("create", "namespace", cluster.namespace, namespaced=False)
     t0 = time.monotonic()
-    cluster.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(cluster))
+    cluster.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(cluster))
 
     def every_group_ready():
-        ready = {p["metadata"]["labels"]["torchserve-models/group"]: p for p in cluster.ready_pods(RELEASE_SELECTOR)}
+        ready = {p["metadata"]["labels"][GROUP_LABEL]: p for p in cluster.ready_pods(RELEASE.selector)}
         return ready if set(ready) == set(GROUPS) else None
 
     pods = cluster.wait("a Ready pod in every group (each model with a READY worker)", every_group_ready, READY_BOUND_S)
@@ -77,23 +75,16 @@ def release(cluster: Cluster):
     )
     yield pods
     # Uninstall is asserted by test_uninstall_leaves_nothing; this is the cleanup if a test failed before it.
-    cluster.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", check=False)
+    cluster.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", check=False)
 
 
-def service_settings(cluster: Cluster, name: str = DEPLOYMENT) -> Settings:
+def service_settings(cluster: Cluster, name: str = DEPLOYMENT):
     """Client settings for a group's Service (its ClusterIP), no tokens (the chart's default)."""
-    ip = cluster.json("get", "service", name)["spec"]["clusterIP"]
-    return Settings(
-        host=ip,
-        ports={"inference": 8080, "grpc_inference": 7070, "management": 8081, "metrics": 8082, "grpc_management": 7071},
-        timeout=60,
-        inference_token="",
-        management_token="",
-    )
+    return settings_for(cluster.json("get", "service", name)["spec"]["clusterIP"])
 
 
 def test_every_model_ready_and_objects_accepted(cluster, release):
-    manifest = [d for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE).stdout) if d]
+    manifest = [d for d in yaml.safe_load_all(cluster.helm("get", "manifest", RELEASE.name).stdout) if d]
     versions = {d["kind"]: d["apiVersion"] for d in manifest}
     served = set(cluster.kubectl("api-versions", namespaced=False).split())
     # The HPAs and PDBs were accepted in the only API versions the chart renders.
@@ -109,11 +100,11 @@ def test_every_model_ready_and_objects_accepted(cluster, release):
         )
         assert out.strip() == "ready"
         # Each group scales on its own models' request rates only, and has its own PDB and settings.
-        hpa = cluster.json("get", hpa_kind, service(group))
-        assert hpa["spec"]["scaleTargetRef"]["name"] == service(group) and hpa["spec"]["minReplicas"] == 1
+        hpa = cluster.json("get", hpa_kind, RELEASE.group(group))
+        assert hpa["spec"]["scaleTargetRef"]["name"] == RELEASE.group(group) and hpa["spec"]["minReplicas"] == 1
         assert [m["pods"]["metric"]["selector"]["matchLabels"]["model_name"] for m in hpa["spec"]["metrics"]] == models
-        assert cluster.json("get", pdb_kind, service(group))["spec"]["maxUnavailable"] == 1
-        config = cluster.json("get", "configmap", f"{service(group)}-config")["data"]["config.properties"]
+        assert cluster.json("get", pdb_kind, RELEASE.group(group))["spec"]["maxUnavailable"] == 1
+        config = cluster.json("get", "configmap", f"{RELEASE.group(group)}-config")["data"]["config.properties"]
         assert f"load_models={','.join(f'{m}={m}.mar' for m in models)}\n" in config
 
 
@@ -129,14 +120,14 @@ def test_predictions_through_the_service_equal_the_in_process_handler(cluster, r
         handler, ctx = load_handler(model, ROOT / "checkpoints" / model / "checkpoint.pt")
         answers, statuses, _ = run_batch(handler, ctx, [{"body": payload}])
         assert statuses[0][0] == 200
-        with Client(transport, service_settings(cluster, service(group_of(model)))) as client:
+        with Client(transport, service_settings(cluster, RELEASE.group(group_of(model)))) as client:
             assert client.predict(model, payload) == answers[0], f"{transport} {model}"
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
 def test_each_group_answers_only_its_own_models_and_404_for_the_others(cluster, release, inputs, transport):
     for group in GROUPS:
-        with Client(transport, service_settings(cluster, service(group))) as client:
+        with Client(transport, service_settings(cluster, RELEASE.group(group))) as client:
             for model in MODELS:
                 if model in GROUPS[group]:
                     continue
@@ -152,9 +143,9 @@ def test_management_api_is_not_reachable_from_outside_the_pod(cluster, release):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((ip, port), timeout=5).close()
     # ... while inference on the same address answers, and management answers inside the pod.
-    socket.create_connection((ip, 8080), timeout=5).close()
+    socket.create_connection((ip, PORTS["inference"]), timeout=5).close()
     service_ports = {p["port"] for p in cluster.json("get", "service", DEPLOYMENT)["spec"]["ports"]}
-    assert service_ports == {8080, 7070}
+    assert service_ports == {PORTS["inference"], PORTS["grpc_inference"]}
 
 
 def good_requests(inputs) -> list[tuple[str, bytes, str]]:
@@ -163,7 +154,7 @@ def good_requests(inputs) -> list[tuple[str, bytes, str]]:
 
 
 def test_rollout_restart_under_load_fails_no_request(cluster, release, inputs):
-    url = f"http://{service_settings(cluster).host}:8080"
+    url = f"http://{service_settings(cluster).host}:{PORTS['inference']}"
     before = {p["metadata"]["name"] for p in cluster.ready_pods(SELECTOR)}
     with Load(url, good_requests(inputs), clients=2, max_seconds=400) as load:
         time.sleep(5)
@@ -287,7 +278,7 @@ def test_a_container_killed_by_its_liveness_probe_comes_back_ready(cluster, rele
 def test_helm_test_passes_and_its_pod_is_never_served(cluster, release):
     # (No --logs: the hook pod is deleted once it succeeds; a failing one stays, and its logs show
     # in the evidence.)
-    proc = cluster.helm("test", RELEASE, "--timeout", "180s", timeout=200)
+    proc = cluster.helm("test", RELEASE.name, "--timeout", "180s", timeout=200)
     assert re.search(r"Phase:\s+Succeeded", proc.stdout), proc.stdout
     endpoints = cluster.json("get", "endpoints", DEPLOYMENT)
     ips = {
@@ -299,20 +290,15 @@ def test_helm_test_passes_and_its_pod_is_never_served(cluster, release):
 
 
 def test_uninstall_leaves_nothing(cluster, release):
-    cluster.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150)
+    cluster.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", timeout=150)
     kinds = "all,configmap,secret,serviceaccount,pdb,hpa,networkpolicy,endpoints"
 
     def nothing_left():
-        left = cluster.kubectl("get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "name").split()
-        helm_state = cluster.kubectl("get", "secret", "-l", f"owner=helm,name={RELEASE}", "-o", "name").split()
+        left = cluster.kubectl("get", kinds, "-l", f"app.kubernetes.io/instance={RELEASE.name}", "-o", "name").split()
+        helm_state = cluster.kubectl("get", "secret", "-l", f"owner=helm,name={RELEASE.name}", "-o", "name").split()
         return not left and not helm_state
 
     cluster.wait("nothing of the release left", nothing_left, POD_GONE_S)
-
-
-def deploy_tool(namespace: str, *flags: str) -> list[str]:
-    """`make deploy`'s tool, rendering the chart with the e2e values into ``namespace``."""
-    return [sys.executable, "-m", "scripts.deploy", "--namespace", namespace, "--values", str(VALUES), *flags]
 
 
 def test_deploy_tool_applies_waits_and_smoke_tests_every_group(cluster):
@@ -322,9 +308,9 @@ def test_deploy_tool_applies_waits_and_smoke_tests_every_group(cluster):
     try:
         proc = cluster.run([*cmd, "apply"], timeout=READY_BOUND_S + 120)
         for group in ("cnn", "lstm"):
-            assert re.search(rf"rollout of torchserve-models-{group} done in \d+s: 1 pods Ready", proc.stdout), (
-                proc.stdout
-            )
+            assert re.search(
+                rf"rollout of {DEPLOY_TOOL_RELEASE.group(group)} done in \d+s: 1 pods Ready", proc.stdout
+            ), proc.stdout
         # Each group's own models, each with its own kind of input.
         assert re.search(r'smoke: lstm on \S+-lstm-\S+ -> \{"label": "(fresh|rotten)"', proc.stdout), proc.stdout
         assert re.search(r'smoke: cnn on \S+-cnn-\S+ -> \{"\d": ', proc.stdout), proc.stdout

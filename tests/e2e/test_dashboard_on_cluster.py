@@ -24,14 +24,23 @@ import requests
 
 from scripts.client import encode_payload
 from scripts.registry import sample_inputs
-from tests.e2e.cluster import ROOT, Cluster, PacedLoad
-from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, image_values
+from tests.e2e.harness.cluster import Cluster
+from tests.e2e.harness.load import PacedLoad, predictions_url
+from tests.e2e.harness.release import (
+    CHART,
+    GROUP_LABEL,
+    MODELS,
+    POD_GONE_S,
+    READY_BOUND_S,
+    VALUES,
+    Release,
+    image_values,
+)
 
 NAMESPACE = "e2e-dashboard"
-RELEASE = "tsd"
-MODELS = ["cnn", "lstm", "transformer"]
-SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
-DASHBOARD = ROOT / "k8s" / "chart" / "dashboards" / "torchserve.json"
+RELEASE = Release("tsd")
+SELECTOR = RELEASE.selector
+DASHBOARD = CHART / "dashboards" / "torchserve.json"
 QUEUE = 4  # torchserve.jobQueueSize for this release: a burst of 40 translations overflows it (503)
 # Panels whose data comes from an exporter this cluster has not got: the reason, by a metric they read.
 UNANSWERABLE = {
@@ -69,26 +78,26 @@ def loaded(cluster: Cluster):
         "--set",
         f"torchserve.jobQueueSize={QUEUE}",
     ]
-    c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *values)
+    c.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(c), *values)
     try:
         c.wait(
             "a Ready pod per model",
-            lambda: len({p["metadata"]["labels"]["torchserve-models/group"] for p in c.ready_pods(SELECTOR)}) == 3,
+            lambda: len({p["metadata"]["labels"][GROUP_LABEL] for p in c.ready_pods(SELECTOR)}) == len(MODELS),
             READY_BOUND_S,
         )
         inputs = {m: payload for m, (_, payload) in sample_inputs(MODELS).items()}
-        ips = {m: c.json("get", "service", f"{RELEASE}-torchserve-models-{m}")["spec"]["clusterIP"] for m in MODELS}
+        ips = {m: c.json("get", "service", RELEASE.group(m))["spec"]["clusterIP"] for m in MODELS}
         # Good requests on every model, over both transports, for a little longer than Prometheus's rate windows need.
         loads = [PacedLoad(ips[m], m, inputs[m], rate=4, workers=2, max_seconds=40).start() for m in MODELS]
         bad = {}
         for m in MODELS:
-            resp = requests.post(f"http://{ips[m]}:8080/predictions/{m}", data=b"\xff\xfe not an input", timeout=30)
+            resp = requests.post(predictions_url(ips[m], m), data=b"\xff\xfe not an input", timeout=30)
             bad[m] = resp.status_code
         # A burst of translations beyond the queue: TorchServe answers the overflow 503.
         body, ctype = encode_payload(inputs["transformer"])
 
         def translate(_: int) -> int:
-            url = f"http://{ips['transformer']}:8080/predictions/transformer"
+            url = predictions_url(ips["transformer"], "transformer")
             return requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=120).status_code
 
         with ThreadPoolExecutor(40) as pool:
@@ -103,7 +112,7 @@ def loaded(cluster: Cluster):
         time.sleep(15)  # two more scrapes (5 s) after the last request
         yield c, c.prometheus_url()
     finally:
-        c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
+        c.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", timeout=150, check=False)
         c.wait("the release's pods gone", lambda: not c.pods(SELECTOR), POD_GONE_S)
         c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
 
@@ -116,7 +125,7 @@ def test_every_dashboard_query_answers_for_every_model(loaded):
         if reason:
             unanswerable[title] = reason
             continue
-        result = query(url, expr.replace("$namespace", NAMESPACE).replace("$release", RELEASE))
+        result = query(url, expr.replace("$namespace", NAMESPACE).replace("$release", RELEASE.name))
         if not result:
             empty.append(f"{title}: {expr}")
             continue

@@ -23,26 +23,33 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from kubernetes.utils import parse_quantity
 
-from tests.e2e.cluster import ROOT, Cluster
-from tests.e2e.fleet import GPU, POOL, POOLS, ZONE, PodWatch, node_objects
-from tests.e2e.test_chart_on_cluster import image_values
-from tests.e2e.test_gpu_on_cluster import unschedulable_reason
+from scripts import k8s
+from scripts.common import ROOT
+from tests.e2e.harness.cluster import Cluster
+from tests.e2e.harness.fleet import GPU, POOL, POOLS, ZONE, PodWatch, node_objects
+from tests.e2e.harness.release import (
+    CHART,
+    FLEET_VALUES,
+    GPU_VALUES,
+    GROUP_LABEL,
+    Release,
+    image_values,
+    unschedulable_reason,
+)
 
 pytestmark = pytest.mark.fleet
 
 NAMESPACE = "fleet"
 # The deploy tool renders the chart under this release name (scripts/k8s.py): helm's objects and
 # the deploy tool's are the same objects.
-RELEASE = "torchserve-models"
+RELEASE = Release(k8s.RELEASE)
 MIG = "nvidia.com/mig-1g.10gb"
-FLEET_VALUES = Path(__file__).with_name("fleet-values.yaml")
-VALUES = [ROOT / "k8s" / "chart" / "values-gpu.yaml", FLEET_VALUES]
+VALUES = [GPU_VALUES, FLEET_VALUES]
 SETTINGS = yaml.safe_load(FLEET_VALUES.read_text())
 REPLICAS = {g: v["replicaCount"] for g, v in SETTINGS["groups"].items()}
 RESOURCE = {g: v.get("gpu", {}).get("resourceName", GPU) for g, v in SETTINGS["groups"].items()}
@@ -62,10 +69,6 @@ def scaled(value: int | str, total: int, round_up: bool) -> int:
         return value
     exact = int(value.rstrip("%")) * total / 100
     return math.ceil(exact) if round_up else math.floor(exact)
-
-
-def deployment(group: str) -> str:
-    return f"{RELEASE}-{group}"
 
 
 @dataclasses.dataclass
@@ -136,7 +139,7 @@ def fleet(cluster: Cluster):
     f = Fleet(c, watch, image_values(c), c.image.rpartition(":")[2])
     try:
         t1 = time.monotonic()
-        c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), *f.helm_args)
+        c.helm("install", RELEASE.name, str(CHART), *f.helm_args)
         f.wait_full("every pod of the release Ready", REPLICAS, READY_S)
         ready_s = time.monotonic() - t1
         seen, bound = dict(watch.seen), dict(watch.bound)
@@ -161,7 +164,7 @@ def fleet(cluster: Cluster):
         yield f
     finally:
         watch.stop()
-        c.helm("uninstall", RELEASE, "--wait=false", timeout=120, check=False)
+        c.helm("uninstall", RELEASE.name, "--wait=false", timeout=120, check=False)
         c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
         # kwok deletes a deleted pod at once; pods left on a deleted node go with it (pod GC).
         c.wait_pods_gone(NAMESPACE, "the fleet's pods gone", 180)
@@ -174,7 +177,7 @@ def test_every_pod_lands_on_a_node_of_its_pool_and_no_node_is_over_capacity(flee
     used: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     pools: collections.Counter[tuple[str, str]] = collections.Counter()
     for pod in pods:
-        group = pod["metadata"]["labels"]["torchserve-models/group"]
+        group = pod["metadata"]["labels"][GROUP_LABEL]
         node = nodes[pod["spec"]["nodeName"]]
         pool = node["metadata"]["labels"].get(POOL, "the real node")
         pools[(group, pool)] += 1
@@ -214,7 +217,7 @@ def test_zones_balanced_within_the_hard_constraint_and_groups_spread_over_nodes(
     zones: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     per_node: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for pod in pods:
-        group, node = pod["metadata"]["labels"]["torchserve-models/group"], pod["spec"]["nodeName"]
+        group, node = pod["metadata"]["labels"][GROUP_LABEL], pod["spec"]["nodeName"]
         zones[group][nodes[node]["metadata"]["labels"][ZONE]] += 1
         per_node[group][node] += 1
     figures = {}
@@ -290,8 +293,8 @@ def test_a_rolling_update_of_the_300_pod_group_stays_within_surge_and_unavailabl
     new_tag = ["--set", f"groups.{ROLLED}.image.tag={fleet.image_tag}-archives-1.1"]
     watch.reset()
     t0 = time.monotonic()
-    c.helm("upgrade", RELEASE, str(ROOT / "k8s" / "chart"), *fleet.helm_args, *new_tag)
-    c.kubectl("rollout", "status", f"deployment/{deployment(ROLLED)}", "--timeout=300s", timeout=330)
+    c.helm("upgrade", RELEASE.name, str(CHART), *fleet.helm_args, *new_tag)
+    c.kubectl("rollout", "status", f"deployment/{RELEASE.group(ROLLED)}", "--timeout=300s", timeout=330)
     fleet.wait_full("the rolled group back to its replicas", REPLICAS, 60)
     took = time.monotonic() - t0
     fleet.sets += new_tag
@@ -334,7 +337,7 @@ def placeable(nodes: dict[str, dict], pods: list[dict], group: str) -> tuple[int
     mine = collections.Counter(
         nodes[p["spec"]["nodeName"]]["metadata"]["labels"][ZONE]
         for p in pods
-        if p["metadata"]["labels"]["torchserve-models/group"] == group
+        if p["metadata"]["labels"][GROUP_LABEL] == group
     )
     cap = {z: mine[z] + free[z] for z in free}
     lowest = min(cap.values())
@@ -356,7 +359,7 @@ def test_beyond_capacity_pods_wait_for_a_gpu_and_the_deploy_tool_says_how_many_i
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = proc.stderr.strip().splitlines()[0]
     print(f"free GPUs per zone {free}; asked {want}, {fits} fit; deploy tool after {took:.0f}s: {first}")
-    expected = f"deploy: error: {BEYOND} of {want} pods of {NAMESPACE}/{deployment(ROLLED)} unschedulable: "
+    expected = f"deploy: error: {BEYOND} of {want} pods of {NAMESPACE}/{RELEASE.group(ROLLED)} unschedulable: "
     assert first.startswith(expected), first
     assert "Insufficient nvidia.com/gpu" in first, first
     pending = [

@@ -19,15 +19,24 @@ import time
 
 import pytest
 
-from tests.e2e.cluster import ROOT, Cluster
-from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, deploy_tool, image_values
+from tests.e2e.harness.cluster import Cluster
+from tests.e2e.harness.release import (
+    CHART,
+    GPU_VALUES,
+    POD_GONE_S,
+    READY_BOUND_S,
+    VALUES,
+    Release,
+    deploy_tool,
+    image_values,
+    unschedulable_reason,
+)
 
 NAMESPACE = "e2e-gpu"
-RELEASE = "tsgpu"
+RELEASE = Release("tsgpu")
 NODE = "e2e-node"
 GPUS = 2
-GPU_VALUES = ROOT / "k8s" / "chart" / "values-gpu.yaml"
-SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+SELECTOR = RELEASE.selector
 # values-gpu.yaml sizes a pod for a GPU node (6 CPUs, 8 GiB); the e2e node has 2 cores in all.
 SMALL = [
     *("--set", "resources.requests.cpu=100m", "--set", "resources.requests.memory=1Gi"),
@@ -79,21 +88,14 @@ def gpu_node(cluster: Cluster):
     c.kubectl("label", "node", NODE, "nvidia.com/gpu.present-", namespaced=False, check=False)
 
 
-def unschedulable_reason(pod: dict) -> str | None:
-    for cond in pod["status"].get("conditions", []):
-        if cond["type"] == "PodScheduled" and cond["status"] == "False" and cond.get("reason") == "Unschedulable":
-            return cond.get("message", "")
-    return None
-
-
 def test_an_autoscaled_gpu_group_gets_two_pods_and_one_pending_for_want_of_a_gpu(gpu_node):
     c = gpu_node
     # minReplicas 3: the HPA asks for 3 pods at once, whatever the load (the autoscaling test scales on load).
     scaled = ["--set", "autoscaling.minReplicas=3", "--set", "autoscaling.maxReplicas=3"]
     c.helm(
         "install",
-        RELEASE,
-        str(ROOT / "k8s" / "chart"),
+        RELEASE.name,
+        str(CHART),
         "-f",
         str(VALUES),
         "-f",
@@ -126,10 +128,10 @@ def test_an_autoscaled_gpu_group_gets_two_pods_and_one_pending_for_want_of_a_gpu
             )
             said = logs.count("no CUDA device visible to this worker: running on the CPU")
             assert said >= 1, logs[-2000:]
-        hpa = c.json("get", "hpa", f"{RELEASE}-torchserve-models-cnn")
+        hpa = c.json("get", "hpa", RELEASE.group("cnn"))
         assert hpa["status"]["desiredReplicas"] == 3
     finally:
-        c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
+        c.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", timeout=150, check=False)
     c.wait("the release's pods gone", lambda: not c.pods(SELECTOR), POD_GONE_S)
 
 

@@ -21,23 +21,22 @@ from pathlib import Path
 import pytest
 
 from scripts.client import Client, Settings
+from scripts.common import ROOT
 from scripts.registry import sample_inputs
-from tests.e2e.cluster import ROOT, Cluster, Load
-from tests.e2e.test_chart_on_cluster import POD_GONE_S, READY_BOUND_S, VALUES, image_values
+from scripts.serve import PORTS
+from tests.e2e.harness.cluster import Cluster
+from tests.e2e.harness.load import Load, service_settings
+from tests.e2e.harness.release import CHART, POD_GONE_S, READY_BOUND_S, TRACK_LABEL, VALUES, Release, image_values
 
-RELEASE = "tsg"
+RELEASE = Release("tsg")
 NAMESPACE = "e2e-groups"
-SELECTOR = f"app.kubernetes.io/name=torchserve-models,app.kubernetes.io/instance={RELEASE}"
+SELECTOR = RELEASE.selector
 REPLICAS = {"cnn": 1, "lstm": 2}
 BASE = [
     *("--set", "models.names={cnn,lstm}", "--set", "groups.transformer=null", "--set", "autoscaling.enabled=false"),
     *(a for g, n in REPLICAS.items() for a in ("--set", f"groups.{g}.replicaCount={n}")),
 ]
 V2 = ["--set", "modelSource.type=pvc", "--set", "modelSource.pvc.claimName=models-v2"]  # under groups.<g>.[canary.]
-
-
-def name(group: str) -> str:
-    return f"{RELEASE}-torchserve-models-{group}"
 
 
 def source_v2(prefix: str) -> list[str]:
@@ -58,22 +57,22 @@ def groups(cluster: Cluster):
     )
     assert made.returncode == 0, made.stderr[-2000:]
     remove_volume = c.host_volume(NAMESPACE, "models-v2", store)
-    c.helm("install", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *BASE)
+    c.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(c), *BASE)
     c.wait("every group's replicas Ready", lambda: all(ready(c, g) == n for g, n in REPLICAS.items()), READY_BOUND_S)
     yield c
-    c.helm("uninstall", RELEASE, "--wait", "--timeout", "120s", timeout=150, check=False)
+    c.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", timeout=150, check=False)
     remove_volume()
     c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
 
 
 def ready(c: Cluster, group: str, track: str | None = None) -> int:
-    sel = f"{SELECTOR},torchserve-models/group={group}" + (f",torchserve-models/track={track}" if track else "")
+    sel = RELEASE.group_selector(group, track)
     return len(c.ready_pods(sel))
 
 
 def upgrade(c: Cluster, *values: str) -> None:
     """helm upgrade with the module's base values plus ``values``; waits for every rollout."""
-    c.helm("upgrade", RELEASE, str(ROOT / "k8s" / "chart"), "-f", str(VALUES), *image_values(c), *BASE, *values)
+    c.helm("upgrade", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(c), *BASE, *values)
     for dep in c.kubectl("get", "deployments", "-o", "name").split():
         c.kubectl("rollout", "status", dep, "--timeout=300s", timeout=320)
 
@@ -90,10 +89,10 @@ def only_current_pods(c: Cluster) -> None:
 def versions_answering(c: Cluster, group: str, model: str, payload: bytes, n: int) -> collections.Counter:
     """The X-Model-Version of ``n`` answers through the group's Service, each on a new connection
     (kube-proxy picks a pod per connection)."""
-    ip = c.json("get", "service", name(group))["spec"]["clusterIP"]
+    ip = c.json("get", "service", RELEASE.group(group))["spec"]["clusterIP"]
     seen: collections.Counter = collections.Counter()
     for _ in range(n):
-        conn = http.client.HTTPConnection(ip, 8080, timeout=30)
+        conn = http.client.HTTPConnection(ip, PORTS["inference"], timeout=30)
         try:
             conn.request("POST", f"/predictions/{model}", body=payload, headers={"Content-Type": "image/png"})
             resp = conn.getresponse()
@@ -138,10 +137,10 @@ def test_grpc_round_robin_over_the_headless_service_reaches_every_replica(groups
     c = groups
     # The headless Service's DNS name lists its ready pods; this cluster runs no DNS server, so the
     # test gives the client the same list, from the Service's Endpoints, in gRPC's ipv4: syntax.
-    endpoints = c.json("get", "endpoints", f"{name('lstm')}-grpc")
+    endpoints = c.json("get", "endpoints", f"{RELEASE.group('lstm')}-grpc")
     ips = sorted(a["ip"] for s in endpoints.get("subsets", []) for a in s.get("addresses", []))
     assert len(ips) == REPLICAS["lstm"], endpoints
-    service_ip = c.json("get", "service", name("lstm"))["spec"]["clusterIP"]
+    service_ip = c.json("get", "service", RELEASE.group("lstm"))["spec"]["clusterIP"]
 
     def shares(settings: Settings, n: int = 100) -> dict[str, float]:
         before = {ip: requests_served(ip, "lstm") for ip in ips}
@@ -150,14 +149,16 @@ def test_grpc_round_robin_over_the_headless_service_reaches_every_replica(groups
                 client.predict("lstm", inputs["lstm"])
         return {ip: (requests_served(ip, "lstm") - before[ip]) / n for ip in ips}
 
-    common = dict(ports={"grpc_inference": 7070, "grpc_management": 7071}, timeout=60, inference_token="")
+    grpc = PORTS["grpc_inference"]
     spread = shares(
-        Settings(
-            host=service_ip, grpc_target="ipv4:" + ",".join(f"{ip}:7070" for ip in ips), grpc_lb="round_robin", **common
+        dataclasses.replace(
+            service_settings(service_ip),
+            grpc_target="ipv4:" + ",".join(f"{ip}:{grpc}" for ip in ips),
+            grpc_lb="round_robin",
         )
     )
     # One channel through the ClusterIP Service is one connection: kube-proxy sends it all to one pod.
-    pinned = shares(Settings(host=service_ip, **common))
+    pinned = shares(service_settings(service_ip))
     print(f"gRPC, 100 requests of one client: round_robin {spread}, one channel via the ClusterIP {pinned}")
     assert sum(spread.values()) == pytest.approx(1.0) and min(spread.values()) >= 0.3, spread
     assert max(pinned.values()) >= 0.95, pinned
@@ -165,9 +166,11 @@ def test_grpc_round_robin_over_the_headless_service_reaches_every_replica(groups
 
 def test_a_new_archive_version_rolls_out_under_load_with_no_failed_request(groups, inputs):
     c = groups
-    ip = c.json("get", "service", name("lstm"))["spec"]["clusterIP"]
+    ip = c.json("get", "service", RELEASE.group("lstm"))["spec"]["clusterIP"]
     body = json.dumps(inputs["lstm"]).encode()
-    with Load(f"http://{ip}:8080", [("lstm", body, "application/json")], clients=2, max_seconds=500) as load:
+    with Load(
+        f"http://{ip}:{PORTS['inference']}", [("lstm", body, "application/json")], clients=2, max_seconds=500
+    ) as load:
         time.sleep(5)
         assert load.sent > 0, "no request went through before the upgrade"
         upgrade(c, *source_v2("groups.lstm"))
@@ -176,7 +179,7 @@ def test_a_new_archive_version_rolls_out_under_load_with_no_failed_request(group
     print(f"lstm 1.0 -> 2.0 under load: {dict(load.outcomes)}")
     assert load.sent >= 50, f"too few requests to tell ({load.sent})"
     assert load.non_2xx() == 0, f"{load.non_2xx()} of {load.sent} requests failed: {load.failures}"
-    conn = http.client.HTTPConnection(ip, 8080, timeout=30)
+    conn = http.client.HTTPConnection(ip, PORTS["inference"], timeout=30)
     conn.request("POST", "/predictions/lstm", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     resp.read()
@@ -187,7 +190,7 @@ def test_a_new_archive_version_rolls_out_under_load_with_no_failed_request(group
 def test_a_canary_answers_beside_the_stable_version_then_is_promoted_and_rolled_back(groups, inputs):
     c = groups
     lstm_v2 = source_v2("groups.lstm")  # the previous test's rollout stays
-    before = int(json.loads(c.helm("history", RELEASE, "-o", "json").stdout)[-1]["revision"])
+    before = int(json.loads(c.helm("history", RELEASE.name, "-o", "json").stdout)[-1]["revision"])
     # A canary of the cnn group with archive 2.0: 1 of its 2 pods, so about half of the traffic.
     upgrade(c, *lstm_v2, "--set", "groups.cnn.canary.enabled=true", *source_v2("groups.cnn.canary"))
     assert ready(c, "cnn", "canary") == 1 and ready(c, "cnn", "stable") == 1
@@ -201,9 +204,9 @@ def test_a_canary_answers_beside_the_stable_version_then_is_promoted_and_rolled_
     wait_routed(c, "cnn", inputs["cnn"], {"2.0"})
     promoted = versions_answering(c, "cnn", "cnn", inputs["cnn"], 20)
     assert promoted == {"2.0": 20}, promoted
-    assert not c.pods(f"{SELECTOR},torchserve-models/track=canary")
+    assert not c.pods(f"{SELECTOR},{TRACK_LABEL}=canary")
     # Rolling back is one command: the revision before the canary, cnn at 1.0 again.
-    c.helm("rollback", RELEASE, str(before), "--wait", "--timeout", "300s", timeout=320)
+    c.helm("rollback", RELEASE.name, str(before), "--wait", "--timeout", "300s", timeout=320)
     only_current_pods(c)
     wait_routed(c, "cnn", inputs["cnn"], {"1.0"})
     rolled_back = versions_answering(c, "cnn", "cnn", inputs["cnn"], 20)

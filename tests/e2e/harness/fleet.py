@@ -13,12 +13,13 @@ import json
 import threading
 import time
 
-from tests.e2e.cluster import Cluster
+from .cluster import Cluster
+from .release import GROUP_LABEL
 
 ZONE = "topology.kubernetes.io/zone"
 POOL = "e2e.torchserve-models/pool"  # which pool a fleet node belongs to (the test's own label)
 GPU = "nvidia.com/gpu"
-GROUP = "torchserve-models/group"
+GROUP = GROUP_LABEL
 HASH = "pod-template-hash"
 
 
