@@ -333,9 +333,9 @@ api_available() {
   kc get apiservice "$1" -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null | grep -qx True
 }
 
-# The flags every aggregated API server here shares: the admin identity (system:masters) for
-# delegated authentication and authorization. Each names the kubeconfig for its own calls its way.
-# The flags every aggregated API server takes (metrics-server, prometheus-adapter, KEDA's): set by metrics.
+# The flags every aggregated API server here shares (metrics-server, prometheus-adapter, KEDA's), set
+# by metrics: the admin identity (system:masters) for delegated authentication and authorization.
+# Each names the kubeconfig for its own calls its way.
 AGGREGATED=()
 
 metrics() {

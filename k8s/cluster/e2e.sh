@@ -57,11 +57,12 @@ fi
 
 # The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
 [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
+declare -A bin=()  # part -> the folder of its binaries, exported as BIN_<part> for cluster.sh
 for component in kubernetes etcd metrics-server prometheus prometheus-adapter keda kwok; do
   step "$component binaries (Go module proxy; cached)"
-  dir="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
-  bash "$here/build-go.sh" "$component" "$dir"
-  export "BIN_${component//-/_}=$dir"
+  bin[$component]="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
+  bash "$here/build-go.sh" "$component" "${bin[$component]}"
+  export "BIN_${component//-/_}=${bin[$component]}"
 done
 
 step "base and pause images (cached)"
@@ -77,7 +78,7 @@ if [[ ! -f checkpoints/transformer/checkpoint.pt ]]; then
 fi
 make --no-print-directory archive
 
-export KUBECTL=$K8S_BIN/kubectl HELM=$PWD/.venv/k8s/bin/helm
+export KUBECTL=${bin[kubernetes]}/kubectl HELM=$PWD/.venv/k8s/bin/helm
 export STATE=${E2E_STATE:-/var/lib/torchserve-e2e} NETNS=${E2E_NETNS:-tsk8s-e2e}
 tmp=$(mktemp -d /var/tmp/e2e-image.XXXXXX)
 cluster_started=0
