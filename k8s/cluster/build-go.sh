@@ -3,18 +3,24 @@
 #
 #   k8s/cluster/build-go.sh NAME OUT_DIR
 #
-# NAME is a folder of k8s/cluster/go/: a small module whose go.mod requires the component at an
-# exact version (its `tool` lines name the commands to build) and whose go.sum pins every module's
-# checksum. kubernetes (the control plane, kubelet, kube-proxy and kubectl), etcd, metrics-server,
-# prometheus, prometheus-adapter, keda and kwok are built this way. The result is cached in OUT_DIR, which the caller
-# keys on this script and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
+# NAME is a part of k8s/cluster/parts.tsv and a folder of k8s/cluster/go/: a small module whose go.mod
+# requires the component at an exact version (its `tool` lines name the commands to build) and whose
+# go.sum pins every module's checksum. The table names the module whose version the binaries report
+# and the binaries that must come out. The result is cached in OUT_DIR, which the caller keys on this
+# script, the part's line of the table and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
 # content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
 # one module compiles only what changed.
 set -euo pipefail
 
 name=${1:?usage: build-go.sh NAME OUT_DIR}
 out=${2:?usage: build-go.sh NAME OUT_DIR}
-mod=$(cd "$(dirname "$0")/go/$name" && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
+mod=$here/go/$name
+IFS=$'\t' read -r _ module binaries _ < <(awk -F'\t' -v p="$name" '$1 == p' "$here/parts.tsv") || true
+if [ -z "${module:-}" ] || [ ! -d "$mod" ]; then
+  echo "build-go: $name is not a part of parts.tsv with a go/$name module" >&2
+  exit 2
+fi
 if [ -f "$out/.complete" ]; then
   echo "$name: cached in $out"
   exit 0
@@ -37,19 +43,19 @@ ldflags="-s -w" tags=""
 version_of() { (cd "$mod" && go list -m -f '{{.Version}}' "$1"); }
 case $name in
   kubernetes)
-    v=$(version_of k8s.io/kubernetes)
+    v=$(version_of "$module")
     IFS=. read -r major minor_v _ <<< "${v#v}"
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ldflags+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor_v -X $pkg.gitTreeState=clean"
     done
     ;;
-  keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of github.com/kedacore/keda/v2)" ;;
-  kwok) ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$(version_of sigs.k8s.io/kwok | sed 's/^v//')" ;;
-  metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of sigs.k8s.io/metrics-server)" ;;
+  keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of "$module")" ;;
+  kwok) ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$(version_of "$module" | sed 's/^v//')" ;;
+  metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of "$module")" ;;
   prometheus)
     # Prometheus's module version v0.X.Y is its release 3.X.Y. Only the kubernetes service discovery
     # is compiled in (its build tags for slim builds), which also spares a few minutes of compiling.
-    v=$(version_of github.com/prometheus/prometheus)
+    v=$(version_of "$module")
     v=${v#v0.}
     ldflags+=" -X github.com/prometheus/common/version.Version=3.$((${v%%.*} - 300)).${v#*.}"
     tags=remove_all_sd,enable_kubernetes_sd
@@ -76,15 +82,18 @@ done
 if [ "$name" = keda ]; then
   # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.
   mkdir -p "$out/crds"
-  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"/config/crd/bases/*.yaml "$out/crds/"
+  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' "$module")"/config/crd/bases/*.yaml "$out/crds/"
 fi
 if [ "$name" = kwok ]; then
   # The upstream Stage definitions that make kwok's nodes Ready (with heartbeats through leases)
   # and its pods Running and Ready, and let them be deleted, for kwok's --config.
-  src=$(cd "$mod" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage
+  src=$(cd "$mod" && go list -m -f '{{.Dir}}' "$module")/kustomize/stage
   mkdir -p "$out/stages"
   cp "$src"/node/fast/node-initialize.yaml "$src"/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
     "$src"/pod/fast/pod-ready.yaml "$src"/pod/fast/pod-complete.yaml "$src"/pod/fast/pod-delete.yaml "$out/stages/"
 fi
+for b in $binaries; do
+  [ -x "$out/$b" ] || { echo "build-go: $name built no $b (parts.tsv names it)" >&2; exit 1; }
+done
 echo "$name: built $(find "$out" -mindepth 1 -maxdepth 1 -printf '%f ')in $((SECONDS - start))s"
 touch "$out/.complete"

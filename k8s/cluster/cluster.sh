@@ -6,21 +6,22 @@
 #   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
 #   k8s/cluster/cluster.sh import TAR...    # load docker-archive image tars into containerd
 #   k8s/cluster/cluster.sh metrics          # start the metrics pipeline (below); returns once its APIs answer
+#   k8s/cluster/cluster.sh keda             # start KEDA (after metrics); returns once its API answers
 #   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
-# Environment: BIN_kubernetes and BIN_etcd (the binaries from build-go.sh), PAUSE_TAR (from base-image.sh),
-# KUBECTL (a kubectl binary), STATE (default /var/lib/torchserve-e2e); for `metrics`, the folders
-# build-go.sh filled: BIN_metrics_server, BIN_prometheus, BIN_prometheus_adapter, BIN_keda, and ADAPTER_RULES (a
-# prometheus-adapter config: the rules of k8s/prometheus-adapter-values.yaml); for `fleet`, BIN_kwok.
+# Environment: BIN_<part>, the folder build-go.sh filled for each part of parts.tsv that the command
+# starts; PAUSE_TAR (from base-image.sh), KUBECTL (a kubectl binary), STATE (default
+# /var/lib/torchserve-e2e); for `metrics`, ADAPTER_RULES (a prometheus-adapter config: the rules of
+# k8s/prometheus-adapter-values.yaml). Configuration files are rendered from conf/.
 #
 # The metrics pipeline runs as processes in the same namespace, as the control plane does, each
 # registered with the API server the way its upstream manifests do it (APIService objects behind
 # Services whose endpoints are this node): metrics-server (metrics.k8s.io: `kubectl top`, the HPA's
 # cpu mode), Prometheus scraping every pod that has the prometheus.io/*
-# annotations, prometheus-adapter (custom.metrics.k8s.io) and KEDA's operator and metrics API
-# server (external.metrics.k8s.io, ScaledObjects).
+# annotations and prometheus-adapter (custom.metrics.k8s.io); then, with `keda`, KEDA's operator and
+# metrics API server (external.metrics.k8s.io, ScaledObjects).
 #
 # Isolation: every process runs with `nsenter --net` in the namespace NETNS, which has a dummy
 # uplink and no route out, so nothing outside this machine is reachable. They share the host's
@@ -28,6 +29,7 @@
 # folders they created, and restores the host-global sysctls the kubelet sets.
 set -euo pipefail
 
+CONF=$(cd "$(dirname "$0")/conf" && pwd)  # the configuration templates (render)
 NETNS=${NETNS:-tsk8s-e2e}
 STATE=${STATE:-/var/lib/torchserve-e2e}
 RUN=/run/torchserve-e2e
@@ -44,24 +46,40 @@ KUBECTL=${KUBECTL:-kubectl}
 SOCK=$RUN/containerd/containerd.sock
 # Host-global sysctls the kubelet writes: saved by `up`, restored by `down`.
 SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
-CORE=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
-METRICS=(metrics-server prometheus prometheus-adapter keda-operator keda-metrics-apiserver)
-FLEET=(kwok)
-COMPONENTS=("${CORE[@]}" "${METRICS[@]}" "${FLEET[@]}")
+PARTS=$(dirname "$0")/parts.tsv  # the Go-built parts: binaries, processes and the stage that starts them
+# stage_field STAGE FIELD: the FIELD (3 binaries, 4 processes) of every part that STAGE starts.
+stage_field() { awk -F'\t' -v s="$1" -v f="$2" '!/^#/ && $5 == s {print $f}' "$PARTS" | tr ' ' '\n'; }
+mapfile -t CORE < <(echo containerd; stage_field up 4)  # containerd is Debian's
+mapfile -t METRICS < <(stage_field metrics 4)
+mapfile -t KEDA < <(stage_field keda 4)
+mapfile -t FLEET < <(stage_field fleet 4)
+COMPONENTS=("${CORE[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
 ADAPTER_RULES=${ADAPTER_RULES:-}
 BIN_prometheus=${BIN_prometheus:-}
 PROMETHEUS_PORT=9090
+SCRAPE_INTERVAL=${SCRAPE_INTERVAL:-5s}
 BIN_kwok=${BIN_kwok:-}
 KWOK_PORT=10247
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
+# What the templates of conf/ name (render reads them from the environment).
+export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }
+
+# render TEMPLATE OUT: conf/TEMPLATE with the $VARIABLES it names filled in from this script's
+# settings (and the caller's environment), into OUT (- for standard output). Only the names the
+# template holds are replaced: the $1 of a Prometheus replacement stays as it is.
+render() {
+  local vars
+  vars=$(grep -o '\$[A-Z][A-Z_]*' "$CONF/$1" | sort -u | tr '\n' ' ')
+  if [ "$2" = - ]; then envsubst "$vars" < "$CONF/$1"; else envsubst "$vars" < "$CONF/$1" > "$2"; fi
+}
 kc() { in_ns "$KUBECTL" --kubeconfig "$STATE/admin.kubeconfig" --request-timeout=20s "$@"; }
 
 # Wait up to $1 seconds for the command in the remaining arguments to succeed.
@@ -80,7 +98,7 @@ preflight() {
   [ "$(id -u)" = 0 ] || why+=("not root")
   [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
-  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc openssl curl awk; do
+  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc openssl curl awk envsubst; do
     command -v "$tool" >/dev/null || why+=("no $tool")
   done
   [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
@@ -127,91 +145,27 @@ extendedKeyUsage=serverAuth"
   cert "$d" front-proxy-client /CN=front-proxy-client front-proxy-ca extendedKeyUsage=clientAuth
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
-  cat > "$STATE/admin.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: e2e
-  cluster: {server: "https://$NODE_IP:6443", certificate-authority: "$d/ca.crt"}
-users:
-- name: admin
-  user: {client-certificate: "$d/admin.crt", client-key: "$d/admin.key"}
-contexts:
-- name: e2e
-  context: {cluster: e2e, user: admin}
-current-context: e2e
-EOF
+  render admin.kubeconfig "$STATE/admin.kubeconfig"
 }
 
 configs() {
   mkdir -p "$STATE/cni" "$STATE/logs" "$RUN"
-  cat > "$STATE/cni/10-bridge.conflist" <<EOF
-{"cniVersion": "0.4.0", "name": "e2e", "plugins": [
-  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
-            "dataDir": "$STATE/cni-ipam"}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}
-EOF
-  cat > "$STATE/containerd.toml" <<EOF
-version = 2
-root = "$STATE/containerd"
-state = "$RUN/containerd"
-[grpc]
-  address = "$SOCK"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$PAUSE_IMAGE"
-  # This VM withholds CAP_SYS_RESOURCE: without this, runc cannot give the pause container its
-  # oom_score_adj of -998 and every sandbox fails.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$STATE/cni"
-EOF
-  cat > "$STATE/kubelet.yaml" <<EOF
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: false}
-  x509: {clientCAFile: "$STATE/pki/ca.crt"}
-authorization: {mode: AlwaysAllow}
-cgroupDriver: cgroupfs
-failSwapOn: false
-address: $NODE_IP
-readOnlyPort: 0
-healthzBindAddress: 127.0.0.1
-# A test node: never evict for disk, whatever the host's disk holds.
-evictionHard: {memory.available: "100Mi"}
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-serializeImagePulls: false
-containerRuntimeEndpoint: unix://$SOCK
-runtimeRequestTimeout: 5m
-# These machines mount cgroup v1: kubelet 1.34 runs there in maintenance mode, with a warning.
-failCgroupV1: false
-EOF
-  cat > "$STATE/kube-proxy.yaml" <<EOF
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-mode: iptables
-clientConnection: {kubeconfig: "$STATE/admin.kubeconfig"}
-hostnameOverride: $NODE_NAME
-bindAddress: $NODE_IP
-clusterCIDR: $POD_CIDR
-# Without br_netfilter, replies between two pods on one bridge skip the NAT table: masquerading
-# every Service connection sends the replies back through it.
-iptables: {masqueradeAll: true}
-# Leave the host-global conntrack limits alone.
-conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-EOF
+  render 10-bridge.conflist "$STATE/cni/10-bridge.conflist"
+  render containerd.toml "$STATE/containerd.toml"
+  render kubelet.yaml "$STATE/kubelet.yaml"
+  render kube-proxy.yaml "$STATE/kube-proxy.yaml"
+}
+
+# binaries STAGE: dies naming every binary of STAGE's parts that is not in the part's BIN_<part>.
+binaries() {
+  local missing=() part bins var b
+  while IFS=$'\t' read -r part _ bins _; do
+    var=BIN_${part//-/_}
+    for b in $bins; do
+      [ -x "${!var:-}/$b" ] || missing+=("$var=${!var:-} has no $b (build-go.sh $part)")
+    done
+  done < <(awk -F'\t' -v s="$1" '!/^#/ && $5 == s' "$PARTS")
+  ((${#missing[@]} == 0)) || die "$1: $(IFS=';'; echo "${missing[*]}")"
 }
 
 # start NAME CMD...: run CMD in the namespace, logging to $STATE/logs/NAME.log, PID in $RUN/NAME.pid.
@@ -228,8 +182,7 @@ node_ready() {
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 up() {
-  [ -x "$BIN_kubernetes/kube-apiserver" ] || die "BIN_kubernetes=$BIN_kubernetes has no kube-apiserver (build-go.sh kubernetes)"
-  [ -x "$BIN_etcd/etcd" ] || die "BIN_etcd=$BIN_etcd has no etcd (build-go.sh etcd)"
+  binaries up
   [ -f "$PAUSE_TAR" ] || die "PAUSE_TAR=$PAUSE_TAR not found (run base-image.sh)"
   ! ip netns list | grep -qw "$NETNS" || die "network namespace $NETNS exists: run \`$0 down\` first"
   mkdir -p "$STATE" "$RUN"
@@ -290,66 +243,32 @@ up() {
   for c in "${CORE[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
 }
 
-# A Service without a selector whose endpoints are this node's TARGET port: how the API server or a
-# client in the cluster reaches a component that runs as a process here.
+# node_service NAMESPACE NAME PORT TARGET: a Service whose endpoints are this node's TARGET port
+# (conf/node-service.yaml).
 node_service() {
-  local ns=$1 name=$2 port=$3 target=$4
-  kc apply -f - >/dev/null <<EOF
-apiVersion: v1
-kind: Service
-metadata: {name: $name, namespace: $ns}
-spec: {ports: [{name: main, port: $port, targetPort: $target, protocol: TCP}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: $name-node
-  namespace: $ns
-  labels: {kubernetes.io/service-name: $name, endpointslice.kubernetes.io/managed-by: torchserve-e2e}
-addressType: IPv4
-ports: [{name: main, port: $target, protocol: TCP}]
-endpoints: [{addresses: ["$NODE_IP"], conditions: {ready: true}}]
-EOF
+  NAMESPACE=$1 NAME=$2 PORT=$3 TARGET=$4 render node-service.yaml - | kc apply -f - >/dev/null
 }
 
+# api_service GROUP VERSION NAMESPACE NAME: an APIService served by the Service NAME (conf/api-service.yaml).
 api_service() {
-  local group=$1 version=$2 ns=$3 name=$4
-  kc apply -f - >/dev/null <<EOF
-apiVersion: apiregistration.k8s.io/v1
-kind: APIService
-metadata: {name: $version.$group}
-spec:
-  group: $group
-  version: $version
-  service: {name: $name, namespace: $ns, port: 443}
-  # The component serves a self-signed certificate, as in its upstream manifests.
-  insecureSkipTLSVerify: true
-  groupPriorityMinimum: 100
-  versionPriority: 100
-EOF
+  GROUP=$1 VERSION=$2 NAMESPACE=$3 NAME=$4 render api-service.yaml - | kc apply -f - >/dev/null
 }
 
 api_available() {
   kc get apiservice "$1" -o jsonpath='{.status.conditions[?(@.type=="Available")].status}' 2>/dev/null | grep -qx True
 }
 
-# The flags every aggregated API server here shares (metrics-server, prometheus-adapter, KEDA's), set
-# by metrics: the admin identity (system:masters) for delegated authentication and authorization.
-# Each names the kubeconfig for its own calls its way.
-AGGREGATED=()
+# The flags every aggregated API server here shares (metrics-server, prometheus-adapter, KEDA's): the
+# admin identity (system:masters) for delegated authentication and authorization. Each names the
+# kubeconfig for its own calls its way.
+AGGREGATED=(--authentication-kubeconfig="$STATE/admin.kubeconfig" --authorization-kubeconfig="$STATE/admin.kubeconfig"
+  --bind-address="$NODE_IP")
 
 metrics() {
-  AGGREGATED=(--authentication-kubeconfig="$STATE/admin.kubeconfig" --authorization-kubeconfig="$STATE/admin.kubeconfig"
-    --bind-address="$NODE_IP")
-  local missing=() c
-  [ -x "$BIN_metrics_server/metrics-server" ] || missing+=("BIN_metrics_server=$BIN_metrics_server has no metrics-server")
-  [ -x "$BIN_prometheus_adapter/adapter" ] || missing+=("BIN_prometheus_adapter=$BIN_prometheus_adapter has no adapter")
-  [ -x "$BIN_keda/operator" ] || missing+=("BIN_keda=$BIN_keda has no operator")
-  [ -f "$ADAPTER_RULES" ] || missing+=("ADAPTER_RULES=$ADAPTER_RULES not found")
-  [ -x "$BIN_prometheus/prometheus" ] || missing+=("BIN_prometheus=$BIN_prometheus has no prometheus")
-  ((${#missing[@]} == 0)) || die "metrics: $(IFS=';'; echo "${missing[*]}")"
+  local c
+  binaries metrics
+  [ -f "$ADAPTER_RULES" ] || die "metrics: ADAPTER_RULES=$ADAPTER_RULES not found"
   kc create namespace monitoring >/dev/null
-  kc create namespace keda >/dev/null
 
   # metrics-server: the kubelet's resource metrics (the kubelet's serving certificate is self-signed).
   start metrics-server "$BIN_metrics_server/metrics-server" "${AGGREGATED[@]}" --kubeconfig="$STATE/admin.kubeconfig" \
@@ -358,30 +277,9 @@ metrics() {
   node_service kube-system metrics-server 443 4443
   api_service metrics.k8s.io v1beta1 kube-system metrics-server
 
-  # Prometheus: every pod that asks with the prometheus.io/* annotations (the chart's default), its
-  # series labelled with namespace and pod, as the adapter's rules and the KEDA queries expect.
+  # Prometheus: every pod with the prometheus.io/* annotations (conf/prometheus.yml).
   mkdir -p "$STATE/prometheus"
-  cat > "$STATE/prometheus/prometheus.yml" <<EOF
-global: {scrape_interval: ${SCRAPE_INTERVAL:-5s}, evaluation_interval: ${SCRAPE_INTERVAL:-5s}}
-scrape_configs:
-  - job_name: kubernetes-pods
-    kubernetes_sd_configs:
-      - role: pod
-        api_server: https://$NODE_IP:6443
-        tls_config: {ca_file: $STATE/pki/ca.crt, cert_file: $STATE/pki/admin.crt, key_file: $STATE/pki/admin.key}
-    relabel_configs:
-      - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape], action: keep, regex: "true"}
-      - {source_labels: [__meta_kubernetes_pod_phase], action: keep, regex: Running}
-      - {source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path], action: replace, target_label: __metrics_path__, regex: (.+)}
-      - source_labels: [__address__, __meta_kubernetes_pod_annotation_prometheus_io_port]
-        action: replace
-        regex: ([^:]+)(?::\d+)?;(\d+)
-        replacement: \$1:\$2
-        target_label: __address__
-      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
-      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
-      - {action: labelmap, regex: __meta_kubernetes_pod_label_(.+)}
-EOF
+  render prometheus.yml "$STATE/prometheus/prometheus.yml"
   start prometheus "$BIN_prometheus/prometheus" --config.file="$STATE/prometheus/prometheus.yml" \
     --storage.tsdb.path="$STATE/prometheus/data" --storage.tsdb.retention.time=2h \
     --web.listen-address="$NODE_IP:$PROMETHEUS_PORT"
@@ -397,8 +295,20 @@ EOF
   api_service custom.metrics.k8s.io v1beta1 monitoring prometheus-adapter
   api_service custom.metrics.k8s.io v1beta2 monitoring prometheus-adapter
 
-  # KEDA: its CRDs, then the operator and its metrics API server, which talk over mutual TLS with
-  # the certificates in keda-certs (what the operator's cert rotation writes in a pod).
+  wait_for 120 "metrics.k8s.io available" api_available v1beta1.metrics.k8s.io || return 1
+  wait_for 60 "Prometheus ready" in_ns curl -fsS "http://$NODE_IP:$PROMETHEUS_PORT/-/ready" || return 1
+  wait_for 60 "custom.metrics.k8s.io available" api_available v1beta1.custom.metrics.k8s.io || return 1
+  for c in "${METRICS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+}
+
+# KEDA: its CRDs, then the operator and its metrics API server (external.metrics.k8s.io), after
+# `metrics` (its queries go to that Prometheus).
+keda() {
+  local c
+  binaries keda
+  kc create namespace keda >/dev/null
+  # The operator and its metrics API server talk over mutual TLS with the certificates in keda-certs
+  # (what the operator's cert rotation writes in a pod).
   kc apply --server-side -f "$BIN_keda/crds" >/dev/null
   keda_pki
   local keda_env=(env POD_NAMESPACE=keda WATCH_NAMESPACE= KEDA_CLUSTER_OBJECT_NAMESPACE=keda
@@ -415,11 +325,8 @@ EOF
   node_service keda keda-metrics-apiserver 443 6445
   api_service external.metrics.k8s.io v1beta1 keda keda-metrics-apiserver
 
-  wait_for 120 "metrics.k8s.io available" api_available v1beta1.metrics.k8s.io || return 1
-  wait_for 60 "Prometheus ready" in_ns curl -fsS "http://$NODE_IP:$PROMETHEUS_PORT/-/ready" || return 1
-  wait_for 60 "custom.metrics.k8s.io available" api_available v1beta1.custom.metrics.k8s.io || return 1
   wait_for 120 "external.metrics.k8s.io available" api_available v1beta1.external.metrics.k8s.io || return 1
-  for c in "${METRICS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+  for c in "${KEDA[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
 }
 
 # kwok: the simulated GPU fleet's nodes and pods, beside the real control plane. It manages only the
@@ -427,7 +334,7 @@ EOF
 # the kubelet's. kwok's own Stages (built with it) make its nodes Ready, with heartbeats through
 # leases, and its pods Running and Ready. Its pods run no container.
 fleet() {
-  [ -x "$BIN_kwok/kwok" ] || die "fleet: BIN_kwok=$BIN_kwok has no kwok"
+  binaries fleet
   local stages=() f
   for f in "$BIN_kwok"/stages/*.yaml; do stages+=(--config="$f"); done
   ((${#stages[@]})) || die "fleet: no Stage files in $BIN_kwok/stages"
@@ -478,7 +385,7 @@ stop() {
 
 down() {
   local c
-  for c in "${FLEET[@]}" "${METRICS[@]}"; do stop "$c"; done
+  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -525,8 +432,9 @@ case ${1:-} in
   up) up ;;
   import) shift; import_images "$@" ;;
   metrics) metrics ;;
+  keda) keda ;;
   fleet) fleet ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -28,7 +28,7 @@ key() { sha256sum "$@" | sha256sum | cut -c1-16; }
 # Every command the e2e and its scripts call (here, cluster.sh, base-image.sh, build-image.sh), with
 # the Debian package that brings it: what is missing is installed once, where apt and root are.
 declare -A TOOLS=(
-  [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils
+  [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils [envsubst]=gettext-base
   [tar]=tar [awk]=mawk [find]=findutils [ip]=iproute2 [nsenter]=util-linux [setsid]=util-linux
   [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [conntrack]=conntrack
   [containerd]=containerd [ctr]=containerd [runc]=runc
@@ -57,12 +57,15 @@ fi
 
 # The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
 [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
+mkdir -p "$CACHE/parts"  # each part's line of parts.tsv, a cache key input of its own
 declare -A bin=()  # part -> the folder of its binaries, exported as BIN_<part> for cluster.sh
-for component in kubernetes etcd metrics-server prometheus prometheus-adapter keda kwok; do
-  step "$component binaries (Go module proxy; cached)"
-  bin[$component]="$CACHE/$component-$(key "$here/build-go.sh" "$here/go/$component/go.mod" "$here/go/$component/go.sum")"
-  bash "$here/build-go.sh" "$component" "${bin[$component]}"
-  export "BIN_${component//-/_}=${bin[$component]}"
+mapfile -t parts < <(awk -F'\t' '!/^#/ && NF {print $1}' "$here/parts.tsv")
+for part in "${parts[@]}"; do
+  step "$part binaries (Go module proxy; cached)"
+  awk -F'\t' -v p="$part" '$1 == p' "$here/parts.tsv" > "$CACHE/parts/$part"
+  bin[$part]="$CACHE/$part-$(key "$here/build-go.sh" "$CACHE/parts/$part" "$here/go/$part/go.mod" "$here/go/$part/go.sum")"
+  bash "$here/build-go.sh" "$part" "${bin[$part]}"
+  export "BIN_${part//-/_}=${bin[$part]}"
 done
 
 step "base and pause images (cached)"
@@ -110,12 +113,18 @@ fi
 step "image import"
 bash "$here/cluster.sh" import "$image_tar"
 
-step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter, KEDA"
+step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter"
 # prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.
 export ADAPTER_RULES=$tmp/adapter-rules.yaml
 "$PY" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"rules": v["rules"]["custom"]}, open(sys.argv[2], "w"))' \
   k8s/prometheus-adapter-values.yaml "$ADAPTER_RULES"
 if ! bash "$here/cluster.sh" metrics; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+
+step "KEDA"
+if ! bash "$here/cluster.sh" keda; then
   LOG_LINES=40 bash "$here/cluster.sh" logs
   exit 1
 fi
