@@ -52,9 +52,9 @@ class TranslatorHandler(CheckpointHandler):
         "max_length": None,  # default output tokens; None = the model's limit
         "beam": 1,  # beam width unless the request sets "beam"; 1 = greedy
         "max_beam": 5,  # the widest beam a request may ask for (cost grows with it)
-        "max_rows": 384,  # decoder rows of one request: pieces (all texts) x beam width; 413 above
-        "max_batch_rows": 640,  # decoder rows of one batch; requests past it get 503
-        "max_explain_pieces": 64,  # pieces of one explanation (its response grows with them); 413 above
+        "max_rows": 256,  # decoder rows of one request: pieces (all texts) x beam width; 413 above
+        "max_batch_rows": 384,  # decoder rows of one batch; requests past it get 503
+        "max_explain_pieces": 48,  # pieces of one explanation (its response grows with them); 413 above
     }
 
     def setup(self, ckpt: dict) -> None:
