@@ -245,6 +245,8 @@ def test_stages_profile_the_handler_path_without_a_server(tiny_checkpoints, tmp_
         assert set(row["stage_cpu_ms"]) == set(bench.STAGES) == set(row["stage_wall_ms"])
         # Every stage ran and took time; together they are the handler path (which has a little more).
         assert all(v > 0 for v in row["stage_wall_ms"].values()), (m, row)
-        assert sum(row["stage_wall_ms"].values()) <= row["handler_ms"] / registry.get(m).batch_size * 1.5
+        # Timed in the same runs as the whole handle() (handler_ms is timed at torch's own thread
+        # count, in other runs, and differs from these by the machine's load, not by the code).
+        assert sum(row["stage_wall_ms"].values()) <= row["stage_handler_ms"]
     md = next(tmp_path.glob("*-stages.md")).read_text()
     assert "| cnn | cpu |" in md and "parse | preprocess | inference | postprocess | serialise" in md
