@@ -177,8 +177,8 @@ def test_soak_mixes_good_and_hostile_requests_and_survives_a_killed_worker(archi
     assert all(set(o) <= {"400", "413", "500", "507"} for c, o in classes.items() if c.startswith("hostile:"))
     # Texts that break regex splitters, and the translator's largest legal requests, are in the mix.
     assert any(c.startswith("text:") for c in classes) and any(c.startswith("large:") for c in classes)
-    assert all(set(o) <= {"2xx", "400", "413"} for c, o in classes.items() if c.startswith("text:"))
-    assert all(set(o) <= {"2xx", "503"} for c, o in classes.items() if c.startswith("large:"))
+    assert all(set(o) <= {"2xx", "400", "413", "503 BatchFull"} for c, o in classes.items() if c.startswith("text:"))
+    assert all(set(o) <= {"2xx", "503 BatchFull"} for c, o in classes.items() if c.startswith("large:"))
 
 
 def test_soak_expects_each_kind_of_request_its_own_outcomes():
@@ -187,7 +187,9 @@ def test_soak_expects_each_kind_of_request_its_own_outcomes():
     assert expected("good:lstm", "2xx") and not expected("good:lstm", "400")
     assert expected("hostile:deep_json", "400") and not expected("hostile:deep_json", "2xx")
     assert expected("text:dots", "2xx") and expected("text:spaces", "400") and not expected("text:dots", "500")
-    assert expected("large:one_word_sentences", "503") and not expected("large:one_word_sentences", "413")
+    assert expected("text:dots", "503 BatchFull") and not expected("text:dots", "503")  # the queue's 503 is not
+    assert expected("large:one_word_sentences", "503 BatchFull") and not expected("large:one_word_sentences", "413")
+    assert not expected("large:one_word_sentences", "503") and not expected("good:transformer", "503 BatchFull")
 
 
 def test_soak_judges_failures_outside_the_kill_window():
