@@ -22,6 +22,7 @@ took over half of responseTimeout, or a worst batch did.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -139,17 +140,14 @@ def worst_batch(handler, path: Path) -> dict:
     return out
 
 
-class swapped_model:
+@contextlib.contextmanager
+def swapped_model(handler, model):
     """The handler decoding with another model for a while (the same network, other weights)."""
-
-    def __init__(self, handler, model):
-        self.handler, self.model = handler, model
-
-    def __enter__(self):
-        self.saved, self.handler.model = self.handler.model, self.model
-
-    def __exit__(self, *exc):
-        self.handler.model = self.saved
+    saved, handler.model = handler.model, model
+    try:
+        yield
+    finally:
+        handler.model = saved
 
 
 def largest_requests(handler) -> dict[str, dict]:
