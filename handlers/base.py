@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from ts.metrics.dimension import Dimension
@@ -167,6 +167,17 @@ def text_field(payload: Any, max_texts: int, extra_keys: frozenset = frozenset()
     if isinstance(payload, list):
         raise InvalidInput('send a JSON object {"text": [...]}, not a bare list')
     return [decode_text(payload)], False
+
+
+class Parsed(NamedTuple):
+    """One request of a batch once parsed: where it is, what it asks for, and its work."""
+
+    index: int  # the request's place in the batch
+    count: int  # items it holds
+    many: bool  # sent as a list (answered as one)
+    explain: bool
+    items: list
+    cost: int  # in the units of CheckpointHandler.budget
 
 
 class TokenIds(list):
@@ -341,8 +352,7 @@ class CheckpointHandler(BaseHandler):
         clock = self.stages or _no_clock
         t0 = time.perf_counter()
         results: list[Any] = [None] * len(data)
-        # (request index, item count, sent a list, explain, parsed items, cost)
-        groups: list[tuple[int, int, bool, bool, list, int]] = []
+        groups: list[Parsed] = []
         items: dict[bool, list[Any]] = {False: [], True: []}  # predictions, explanations
         for i, request in enumerate(data):
             try:
@@ -367,10 +377,10 @@ class CheckpointHandler(BaseHandler):
                     context, i, InvalidInput(f"could not read the request ({type(e).__name__})", 500)
                 )
                 continue
-            groups.append((i, len(parsed), many, explain, parsed, cost))
+            groups.append(Parsed(i, len(parsed), many, explain, parsed, cost))
         groups = self._admit(context, groups, results)
-        for _, _, _, explain, parsed, _ in groups:
-            items[explain].extend(parsed)
+        for g in groups:
+            items[g.explain].extend(g.items)
         answers = {False: self.predict_items(items[False]) if items[False] else [], True: []}
         if items[True]:
             refused: InvalidInput | None = None
@@ -382,10 +392,10 @@ class CheckpointHandler(BaseHandler):
                 logger.exception("explanations failed")
                 refused = InvalidInput(f"could not explain ({type(e).__name__})", 500)
             if refused is not None:
-                for i, _, _, explain, _, _ in groups:
-                    if explain:
-                        results[i] = self._fail(context, i, refused)
-                groups = [g for g in groups if not g[3]]
+                for g in groups:
+                    if g.explain:
+                        results[g.index] = self._fail(context, g.index, refused)
+                groups = [g for g in groups if not g.explain]
         pos = {False: 0, True: 0}
         with clock("serialise"):
             for i, n, many, explain, _, _ in groups:
@@ -411,26 +421,26 @@ class CheckpointHandler(BaseHandler):
         self._emit_metrics(context, ms, [context.get_response_status(i)[0] for i in range(len(data))] if failed else [])
         return results
 
-    def _admit(self, context, groups: list, results: list) -> list:
+    def _admit(self, context, groups: list[Parsed], results: list) -> list[Parsed]:
         """The parsed requests that fit in this batch's budget, in their order; those that do not
         (the largest, once the smaller ones are in) get BatchFull."""
         budget = self.budget()
-        if budget is None or sum(g[5] for g in groups) <= budget:
+        if budget is None or sum(g.cost for g in groups) <= budget:
             return groups
         admitted, used = set(), 0
-        for g in sorted(groups, key=lambda g: g[5]):  # stable: equal costs keep their arrival order
-            if used + g[5] <= budget:
-                admitted.add(g[0])
-                used += g[5]
+        for g in sorted(groups, key=lambda g: g.cost):  # stable: equal costs keep their arrival order
+            if used + g.cost <= budget:
+                admitted.add(g.index)
+                used += g.cost
             else:
-                results[g[0]] = self._fail(
+                results[g.index] = self._fail(
                     context,
-                    g[0],
+                    g.index,
                     BatchFull(
-                        f"this batch is full ({used} of {budget} {self.work_unit} taken, the request needs {g[5]}): retry"
+                        f"this batch is full ({used} of {budget} {self.work_unit} taken, the request needs {g.cost}): retry"
                     ),
                 )
-        return [g for g in groups if g[0] in admitted]
+        return [g for g in groups if g.index in admitted]
 
     def _emit_metrics(self, context, ms: float, codes: list) -> None:
         """TorchServe's HandlerTime (BaseHandler.handle emits it; this handle replaces that one) and
