@@ -51,3 +51,24 @@ def pytest_runtest_makereport(item, call):
                 env={**os.environ, "LOG_LINES": "30"},
             )
             report.sections.append(("component logs (kubelet, containerd, apiserver, ...)", logs.stdout + logs.stderr))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """After the passes' output, each failure again in short: the figures of the passes are long, and
+    a CI log that keeps only its tail must still show what failed and why. The whole evidence is in
+    the FAILURES and ERRORS sections above."""
+    failed = [*terminalreporter.stats.get("failed", []), *terminalreporter.stats.get("error", [])]
+    if not failed:
+        return
+    terminalreporter.section(f"{len(failed)} failed, in short (the evidence is above)")
+    for report in failed:
+        lines = report.longreprtext.splitlines()
+        terminalreporter.write_line(f"--- {report.nodeid} ({report.when})")
+        for line in lines[-12:]:
+            terminalreporter.write_line(line[:300])
+        evidence = dict(report.sections).get("cluster evidence", "")
+        events = next((part for part in evidence.split("--- kubectl ") if part.startswith("get events")), "")
+        if events:
+            terminalreporter.write_line("    the cluster's last events:")
+            for line in events.splitlines()[-15:]:
+                terminalreporter.write_line("    " + line[:300])
