@@ -26,6 +26,7 @@ from scripts.client import (
 )
 from scripts.common import ROOT, CLIError
 from scripts.registry import load_dataset
+from tests.e2e.harness.load import Load
 from tests.helpers import free_ports, load_handler, png, run_batch, server_config, settings
 
 pytestmark = pytest.mark.slow
@@ -527,3 +528,23 @@ def test_make_explain_writes_the_heatmap(server, digit, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (224, 224) and '"label"' in proc.stdout
+
+
+def test_the_e2e_load_generator_records_every_request_closed_and_open_loop(server, digit):
+    """tests/e2e/harness/load.py, on which the cluster's "no failed request" claims rest, against a
+    real TorchServe: closed-loop it sends exactly its bound, REST and gRPC in turn, and records each
+    client error with its class and status; open-loop request i is due at i / rate whatever the
+    answers take."""
+    bad, code, _ = WIRE_BAD["cnn"][0]
+    with Load(settings(server), [("cnn", digit), ("lstm", WIRE_GOOD["lstm"]), ("cnn", bad)], max_requests=30) as load:
+        load.finish()
+    failed = load.non_ok()
+    assert load.count == 30 and load.outcomes()["rest ok"] + load.outcomes()["grpc ok"] == 20, load.outcomes()
+    assert len(failed) == 10 and {s.outcome for s in failed} == {f"BadInput {code}"}, load.failures
+    assert {s.transport for s in failed} == {"rest", "grpc"} and {s.model for s in failed} == {"cnn"}
+    assert len(load.failures) == 10 and all("not valid base64" in f for f in load.failures), load.failures
+
+    with Load(settings(server), [("lstm", WIRE_GOOD["lstm"])], rate=20, max_seconds=1.0, workers=4) as paced:
+        paced.finish()
+    assert sorted(s.due for s in paced.sent) == pytest.approx([i / 20 for i in range(21)])
+    assert all(s.ok and s.start >= s.due for s in paced.sent), paced.failures

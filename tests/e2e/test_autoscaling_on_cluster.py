@@ -38,7 +38,7 @@ from kubernetes.utils import parse_quantity
 from scripts.common import ROOT
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster, StepFailed
-from tests.e2e.harness.load import PacedLoad
+from tests.e2e.harness.load import Load
 from tests.e2e.harness.release import CHART, READY_BOUND_S, VALUES, Release, image_values
 
 RELEASE = Release("tsa")
@@ -104,7 +104,7 @@ class Timeline:
     """Every SAMPLE_S seconds: each group's replicas (desired by the HPA, in the Deployment, ready),
     the metric its HPA saw, and the load's and trickle's requests in that interval."""
 
-    def __init__(self, c: Cluster, way: Way, loads: dict[str, PacedLoad]):
+    def __init__(self, c: Cluster, way: Way, loads: dict[str, Load]):
         self.c, self.way, self.loads = c, way, loads
         self.rows: list[dict] = []
         self.t0 = time.monotonic()
@@ -221,10 +221,11 @@ def run_one_way(c: Cluster, inputs: dict, way: str, w: Way) -> None:
     c.wait("one Ready pod in each group", lambda: ready(c, "cnn") == 1 and ready(c, "lstm") == 1, READY_BOUND_S)
     service_ip = {g: c.json("get", "service", RELEASE.group(g))["spec"]["clusterIP"] for g in ("cnn", "lstm")}
     trickles = {
-        f"trickle-{g}": PacedLoad(service_ip[g], g, inputs[g], rate=rate, workers=2).start()
-        for g, rate in TRICKLE_RPS.items()
+        f"trickle-{g}": Load(service_ip[g], [(g, inputs[g])], rate=rate).start() for g, rate in TRICKLE_RPS.items()
     }
-    load = PacedLoad(service_ip["cnn"], "cnn", inputs["cnn"], rate=LOAD_RPS, max_seconds=SCALE_UP_BOUND_S + HOLD_S)
+    load = Load(
+        service_ip["cnn"], [("cnn", inputs["cnn"])], rate=LOAD_RPS, workers=12, max_seconds=SCALE_UP_BOUND_S + HOLD_S
+    )
     timeline = None
     try:
         # The HPA reads its metric once Prometheus has scraped the trickle (or metrics-server the pods).

@@ -25,7 +25,7 @@ import requests
 from scripts.client import encode_payload
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster
-from tests.e2e.harness.load import PacedLoad, predictions_url
+from tests.e2e.harness.load import Load, predictions_url
 from tests.e2e.harness.release import (
     CHART,
     GROUP_LABEL,
@@ -88,7 +88,7 @@ def loaded(cluster: Cluster):
         inputs = {m: payload for m, (_, payload) in sample_inputs(MODELS).items()}
         ips = {m: c.json("get", "service", RELEASE.group(m))["spec"]["clusterIP"] for m in MODELS}
         # Good requests on every model, over both transports, for a little longer than Prometheus's rate windows need.
-        loads = [PacedLoad(ips[m], m, inputs[m], rate=4, workers=2, max_seconds=40).start() for m in MODELS]
+        loads = [Load(ips[m], [(m, inputs[m])], rate=4, max_seconds=40).start() for m in MODELS]
         bad = {}
         for m in MODELS:
             resp = requests.post(predictions_url(ips[m], m), data=b"\xff\xfe not an input", timeout=30)

@@ -168,17 +168,15 @@ def test_a_new_archive_version_rolls_out_under_load_with_no_failed_request(group
     c = groups
     ip = c.json("get", "service", RELEASE.group("lstm"))["spec"]["clusterIP"]
     body = json.dumps(inputs["lstm"]).encode()
-    with Load(
-        f"http://{ip}:{PORTS['inference']}", [("lstm", body, "application/json")], clients=2, max_seconds=500
-    ) as load:
+    with Load(ip, [("lstm", inputs["lstm"])], max_seconds=500) as load:
         time.sleep(5)
-        assert load.sent > 0, "no request went through before the upgrade"
+        assert load.count > 0, "no request went through before the upgrade"
         upgrade(c, *source_v2("groups.lstm"))
         only_current_pods(c)
         time.sleep(3)
-    print(f"lstm 1.0 -> 2.0 under load: {dict(load.outcomes)}")
-    assert load.sent >= 50, f"too few requests to tell ({load.sent})"
-    assert load.non_2xx() == 0, f"{load.non_2xx()} of {load.sent} requests failed: {load.failures}"
+    print(f"lstm 1.0 -> 2.0 under load: {load.outcomes()}")
+    assert load.count >= 50, f"too few requests to tell ({load.count})"
+    assert not load.non_ok(), f"{len(load.non_ok())} of {load.count} requests failed: {load.failures}"
     conn = http.client.HTTPConnection(ip, PORTS["inference"], timeout=30)
     conn.request("POST", "/predictions/lstm", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()

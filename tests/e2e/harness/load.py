@@ -1,6 +1,11 @@
-"""Client load for the real-cluster e2e, built on the project's own client (scripts.client) and the
-ports scripts.serve defines: a steady closed-loop load (``Load``) and an open-loop one at a set rate
-(``PacedLoad``), both bounded in time and requests, both counting every outcome."""
+"""Client load for the real-cluster e2e: one generator, ``Load``, built on the project's own client
+(scripts.client, both transports) with the ports scripts.serve defines.
+
+It runs closed-loop (``rate=None``: each worker sends its next request when the last is answered, a
+steady load that follows the server's speed) or open-loop (``rate=r``: request i is due at i / r
+seconds whatever the answers take, so the offered load does not fall when the server slows and an
+HPA sees the rate it is asked to carry). Bounded in time and requests; every request is recorded
+with its outcome, and failures keep their detail."""
 
 from __future__ import annotations
 
@@ -10,9 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import requests
-
-from scripts.client import Client, ClientError, Settings, encode_payload
+from scripts.client import Client, ClientError, Settings
 from scripts.serve import PORTS
 
 
@@ -25,108 +28,48 @@ def predictions_url(host: str, model: str) -> str:
     return f"http://{host}:{PORTS['inference']}/predictions/{model}"
 
 
-# ----------------------------------------------------------------------------- steady client load
-
-
-def post_new_connection(url: str, body: bytes, ctype: str, timeout: float) -> requests.Response:
-    """One request on a connection of its own, so kube-proxy picks a pod for each request."""
-    return requests.post(url, data=body, timeout=timeout, headers={"Content-Type": ctype, "Connection": "close"})
-
-
-@dataclass
-class Load:
-    """``clients`` threads sending good requests in a loop until stopped, each on a new connection.
-
-    Bounded: it stops after ``max_seconds`` or ``max_requests`` whatever happens. Every outcome is
-    counted: HTTP statuses by code, and connection errors or timeouts by exception type."""
-
-    url: str
-    requests_: list[tuple[str, bytes, str]]  # (model, body, content type)
-    clients: int = 2
-    max_seconds: float = 600
-    max_requests: int = 100_000
-    timeout: float = 30
-    outcomes: collections.Counter = field(default_factory=collections.Counter)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(self.clients)]
-
-    @property
-    def sent(self) -> int:
-        return sum(self.outcomes.values())
-
-    def _record(self, outcome: str, detail: str | None = None) -> None:
-        with self._lock:
-            self.outcomes[outcome] += 1
-            if detail and len(self.failures) < 20:
-                self.failures.append(detail)
-
-    def _loop(self, i: int) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        n = i
-        while not self._stop.is_set() and time.monotonic() < deadline and self.sent < self.max_requests:
-            model, body, ctype = self.requests_[n % len(self.requests_)]
-            n += 1
-            try:
-                resp = post_new_connection(f"{self.url}/predictions/{model}", body, ctype, self.timeout)
-                ok = 200 <= resp.status_code < 300
-                self._record(str(resp.status_code), None if ok else f"{model}: {resp.status_code} {resp.text[:160]}")
-            except requests.RequestException as e:
-                self._record(type(e).__name__, f"{model}: {type(e).__name__}: {str(e)[:160]}")
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(self.timeout + 5)
-
-    def non_2xx(self) -> int:
-        return sum(n for k, n in self.outcomes.items() if not (k.isdigit() and 200 <= int(k) < 300))
-
-
-# ----------------------------------------------------------------------------- paced load
+OK = "ok"
 
 
 @dataclass
 class Sent:
-    """One request of a paced load: when it was due and sent (s since the load's start), how long it
-    took (ms), its transport, and its outcome: an HTTP status, a gRPC status, or an exception's name."""
+    """One request: when it was due and sent (s since the load's start), how long it took (ms), its
+    model and transport, and its outcome: ``ok``, or the client's error class and status."""
 
     due: float
     start: float
     ms: float
+    model: str
     transport: str
     outcome: str
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("200", "OK")
+        return self.outcome == OK
+
+
+def outcome_of(e: ClientError) -> str:
+    return f"{type(e).__name__} {e.status}" if e.status else type(e).__name__
 
 
 @dataclass
-class PacedLoad:
-    """An open-loop load at ``rate`` requests/s in all, REST and gRPC in turn, to a Service's ClusterIP.
+class Load:
+    """``workers`` threads sending ``requests_`` ((model, payload) pairs, in turn) to ``target`` (a
+    Service's or pod's address, or client settings), REST and gRPC in turn, closed-loop or at ``rate``
+    requests/s in all.
 
-    Request i is due at i / rate seconds: the offered load does not fall when the server slows, as
-    it would with clients that wait for each answer, so the HPA sees the rate it is asked to carry.
     Every REST request opens a new connection and every gRPC client reopens its channel every
-    ``reconnect_every`` requests, so kube-proxy spreads both over the replicas the HPA adds. Bounded by
-    ``max_seconds``; every request is recorded (``sent``), failures with their detail."""
+    ``reconnect_every`` requests, so kube-proxy spreads both over the replicas a Service has now
+    (new pods of a rollout or a scale-up get their share; draining ones stop getting new ones).
+    It stops after ``max_seconds`` or ``max_requests`` whatever happens."""
 
-    host: str
-    model: str
-    payload: Any
-    rate: float
+    target: str | Settings
+    requests_: list[tuple[str, Any]]
+    rate: float | None = None
     transports: tuple[str, ...] = ("rest", "grpc")
-    workers: int = 12
+    workers: int = 2
     max_seconds: float = 900
+    max_requests: int = 100_000
     timeout: float = 30
     reconnect_every: int = 10
     sent: list[Sent] = field(default_factory=list)
@@ -140,52 +83,50 @@ class PacedLoad:
         self.t0 = 0.0
 
     def _ticket(self) -> int | None:
+        """The next request's number, or None once the load is stopped or past its bounds."""
         with self._lock:
-            if self._stop.is_set() or self._next / self.rate > self.max_seconds:
+            if self._stop.is_set() or self._next >= self.max_requests:
+                return None
+            if self.rate is not None and self._next / self.rate > self.max_seconds:
+                return None
+            if self.rate is None and time.monotonic() - self.t0 > self.max_seconds:
                 return None
             self._next += 1
             return self._next - 1
 
     def _loop(self) -> None:
-        settings = service_settings(self.host, self.timeout)
-        body, ctype = encode_payload(self.payload)
-        grpc_client, grpc_uses = None, 0
+        settings = self.target if isinstance(self.target, Settings) else service_settings(self.target, self.timeout)
+        clients: dict[str, Client] = {}
+        uses: collections.Counter = collections.Counter()
         try:
             while (i := self._ticket()) is not None:
-                due = i / self.rate
+                due = i / self.rate if self.rate else 0.0
                 if (wait := self.t0 + due - time.monotonic()) > 0 and self._stop.wait(wait):
                     break
+                model, payload = self.requests_[i % len(self.requests_)]
                 transport = self.transports[i % len(self.transports)]
+                every = 1 if transport == "rest" else self.reconnect_every
+                if transport not in clients or uses[transport] >= every:
+                    if transport in clients:
+                        clients[transport].close()
+                    clients[transport], uses[transport] = Client(transport, settings), 0
+                uses[transport] += 1
                 start = time.monotonic()
-                if transport == "rest":
-                    try:
-                        url = predictions_url(self.host, self.model)
-                        resp = post_new_connection(url, body, ctype, self.timeout)
-                        outcome, detail = str(resp.status_code), resp.text[:160]
-                    except requests.RequestException as e:
-                        outcome, detail = type(e).__name__, str(e)[:160]
-                else:
-                    if grpc_client is None or grpc_uses >= self.reconnect_every:
-                        if grpc_client is not None:
-                            grpc_client.close()
-                        grpc_client, grpc_uses = Client("grpc", settings), 0
-                    grpc_uses += 1
-                    try:
-                        grpc_client.predict(self.model, self.payload)
-                        outcome, detail = "OK", ""
-                    except ClientError as e:
-                        outcome, detail = type(e).__name__, str(e)[:160]
-                ms = 1000 * (time.monotonic() - start)
-                record = Sent(due, start - self.t0, ms, transport, outcome)
+                try:
+                    clients[transport].predict(model, payload)
+                    outcome, detail = OK, ""
+                except ClientError as e:
+                    outcome, detail = outcome_of(e), str(e)[:160]
+                record = Sent(due, start - self.t0, 1000 * (time.monotonic() - start), model, transport, outcome)
                 with self._lock:
                     self.sent.append(record)
                     if not record.ok and len(self.failures) < 20:
-                        self.failures.append(f"{transport} at {record.start:.1f}s: {outcome} {detail}")
+                        self.failures.append(f"{model} {transport} at {record.start:.1f}s: {outcome} {detail}")
         finally:
-            if grpc_client is not None:
-                grpc_client.close()
+            for client in clients.values():
+                client.close()
 
-    def start(self) -> PacedLoad:
+    def start(self) -> Load:
         self.t0 = time.monotonic()
         for t in self._threads:
             t.start()
@@ -202,11 +143,21 @@ class PacedLoad:
             t.join(max(0.0, self.t0 + self.max_seconds - time.monotonic()) + self.timeout + 10)
         self.stop()
 
-    def __enter__(self) -> PacedLoad:
+    def __enter__(self) -> Load:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.sent)
+
+    def outcomes(self) -> dict[str, int]:
+        """Requests by (transport, outcome), e.g. {"rest ok": 812, "grpc ok": 810}."""
+        with self._lock:
+            return dict(collections.Counter(f"{s.transport} {s.outcome}" for s in self.sent))
 
     def non_ok(self) -> list[Sent]:
         with self._lock:
