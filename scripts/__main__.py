@@ -27,6 +27,7 @@ VERBS = {
     "k8s_tools": "install the pinned helm, kubectl and checkers",
     "pod": "the in-pod tool (fetch, serve, ready, drain, smoke)",
     "registry": "list the registered models",
+    "report": "what training produced: data, size, test metrics, time",
 }
 
 

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import torch
 from handlers import checkpoint
 from models.text import SubwordTokenizer, Vocab, pad_batch
 from scripts import train
-from scripts.common import ROOT
+from scripts.common import ROOT, CLIError
 from tests.helpers import tiny_train
 
 pytestmark = pytest.mark.slow
@@ -163,3 +164,22 @@ def test_translation_batches_are_token_bounded_cover_each_pair_once_and_keep_the
     assert task.n_batches("train", 16, np.random.default_rng(1)) == len(
         task.plan("train", 16, np.random.default_rng(1))
     )
+
+
+def test_the_training_report_reads_what_each_checkpoint_stores(tiny_checkpoints, tmp_path):
+    from scripts import report
+
+    out = tmp_path / "training.json"
+    argv = ["--models", *tiny_checkpoints, "--manifest", str(tmp_path / "none.json"), "--output", str(out)]
+    argv += [f"--checkpoint={m}={p}" for m, p in tiny_checkpoints.items()]
+    assert report.main(argv) == 0
+    models = json.loads(out.read_text())["models"]
+    for model, path in tiny_checkpoints.items():
+        ck = checkpoint.load(path)
+        stored = sum(t.numel() for t in ck["state_dict"].values())  # buffers too, a tied matrix twice
+        assert 0 < models[model]["parameters"] <= stored
+        assert models[model]["parameters"] < stored or not ck["config"].get("tie_embeddings"), model
+        assert models[model]["test"] == ck["metrics"]["test"] and models[model]["split_sizes"] == ck["data"]["sizes"]
+        assert models[model]["wall_seconds"] > 0 and "archive_bytes" not in models[model]
+    with pytest.raises(CLIError, match="no checkpoint at"):
+        report.main(["--checkpoints", str(tmp_path / "nothing")])
