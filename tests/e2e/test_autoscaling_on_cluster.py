@@ -38,8 +38,8 @@ from kubernetes.utils import parse_quantity
 from scripts.common import ROOT
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster, StepFailed
-from tests.e2e.harness.load import Load
-from tests.e2e.harness.release import CHART, READY_BOUND_S, VALUES, Release, image_values
+from tests.e2e.harness.load import Load, serves
+from tests.e2e.harness.release import CHART, READY_BOUND_S, ROUTED_BOUND_S, VALUES, Release, image_values
 
 RELEASE = Release("tsa")
 NAMESPACE = "e2e-autoscale"
@@ -220,6 +220,12 @@ def test_a_group_scales_up_under_load_and_back_down_with_no_failed_request(autos
 def run_one_way(c: Cluster, inputs: dict, way: str, w: Way) -> None:
     c.wait("one Ready pod in each group", lambda: ready(c, "cnn") == 1 and ready(c, "lstm") == 1, READY_BOUND_S)
     service_ip = {g: c.json("get", "service", RELEASE.group(g))["spec"]["clusterIP"] for g in ("cnn", "lstm")}
+    c.wait(
+        "each group's Service routing to its pod",
+        lambda: all(serves(service_ip[g], g, inputs[g]) for g in ("cnn", "lstm")),
+        ROUTED_BOUND_S,
+        poll=1.0,
+    )
     trickles = {
         f"trickle-{g}": Load(service_ip[g], [(g, inputs[g])], rate=rate).start() for g, rate in TRICKLE_RPS.items()
     }

@@ -25,13 +25,14 @@ import requests
 from scripts.client import encode_payload
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster
-from tests.e2e.harness.load import Load, predictions_url
+from tests.e2e.harness.load import Load, predictions_url, serves
 from tests.e2e.harness.release import (
     CHART,
     GROUP_LABEL,
     MODELS,
     POD_GONE_S,
     READY_BOUND_S,
+    ROUTED_BOUND_S,
     VALUES,
     Release,
     image_values,
@@ -87,6 +88,12 @@ def loaded(cluster: Cluster):
         )
         inputs = {m: payload for m, (_, payload) in sample_inputs(MODELS).items()}
         ips = {m: c.json("get", "service", RELEASE.group(m))["spec"]["clusterIP"] for m in MODELS}
+        c.wait(
+            "each group's Service routing to its pod",
+            lambda: all(serves(ips[m], m, inputs[m]) for m in MODELS),
+            ROUTED_BOUND_S,
+            poll=1.0,
+        )
         # Good requests on every model, over both transports, for a little longer than Prometheus's rate windows need.
         loads = [Load(ips[m], [(m, inputs[m])], rate=4, max_seconds=40).start() for m in MODELS]
         bad = {}

@@ -28,6 +28,20 @@ def predictions_url(host: str, model: str) -> str:
     return f"http://{host}:{PORTS['inference']}/predictions/{model}"
 
 
+def serves(target: str | Settings, model: str, payload: Any) -> bool:
+    """Whether ``target`` answers one request over each transport now. A pod that turned Ready
+    reaches its Service's EndpointSlice, then kube-proxy's rules, a moment later: until then a new
+    Service refuses connections, so a load waits for this, not for the pods alone."""
+    settings = target if isinstance(target, Settings) else service_settings(target)
+    for transport in ("rest", "grpc"):
+        try:
+            with Client(transport, settings) as client:
+                client.predict(model, payload)
+        except ClientError:
+            return False
+    return True
+
+
 OK = "ok"
 
 

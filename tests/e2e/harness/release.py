@@ -26,6 +26,7 @@ GPU_VALUES = CHART / "values-gpu.yaml"
 MODELS = registry.names()
 
 READY_BOUND_S = 240  # models.startupSeconds in values.yaml; measured 11-24 s from helm install on 2 cores
+ROUTED_BOUND_S = 60  # a new Service in kube-proxy's rules once its first pod is Ready (about a second here)
 DRAIN = yaml.safe_load(VALUES.read_text())["drain"]
 SETTLE_S = DRAIN["settleSeconds"] + 5 + 1  # + drain.grpcConnectionAgeSeconds (the chart's default) + jitter
 GRACE_S = DRAIN["timeoutSeconds"] + SETTLE_S + 20  # the chart's terminationGracePeriodSeconds
