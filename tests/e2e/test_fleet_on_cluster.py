@@ -298,7 +298,12 @@ def test_a_rolling_update_of_the_300_pod_group_stays_within_surge_and_unavailabl
     fleet.wait_full("the rolled group back to its replicas", REPLICAS, 60)
     took = time.monotonic() - t0
     fleet.sets += new_tag
-    after = {s.revision for s in watch.snapshot().values() if s.group == ROLLED}
+
+    def revisions() -> set[str]:  # terminating pods too: kwok deletes them a moment after the rollout ends
+        return {s.revision for s in watch.snapshot().values() if s.group == ROLLED}
+
+    c.wait("the old revision's pods gone", lambda: not before & revisions(), 120, poll=1.0)
+    after = revisions()
     lowest, highest = dict(watch.min_ready), dict(watch.max_live)
     print(f"rollout of {n} pods in {took:.1f}s: ready never below {lowest[ROLLED]}, live never above {highest[ROLLED]}")
     assert len(after) == 1 and not after & before, (before, after)
