@@ -5,7 +5,9 @@
 
 Everything comes from what the checkpoints store (data split sizes, training arguments and wall
 time, validation and test metrics) and, when the archives are built, from model-store/manifest.json
-(archive and checkpoint sizes), so the figures docs/training.md quotes trace to a file.
+(archive and checkpoint sizes), so the figures docs/training.md quotes trace to a file. For the
+translator it adds real output: the first test pairs of at most 14 words per side, beside their
+references, decoded in process as a worker does (beam 5).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def summary(path: Path) -> dict:
     args = ck.get("train_args", {})
     return {
         "checkpoint": str(path),
+        "task": ck["task"],
         "data": ck["data"]["name"],
         "split_sizes": ck["data"]["sizes"],
         "parameters": sum(p.numel() for p in network.parameters()),  # a tied matrix once, buffers not
@@ -43,6 +46,29 @@ def summary(path: Path) -> dict:
         "created_at": dt.datetime.fromtimestamp(ck["created_at"], dt.UTC).isoformat(timespec="seconds"),
         "checkpoint_bytes": path.stat().st_size,
     }
+
+
+SAMPLES, SAMPLE_WORDS, SAMPLE_BEAM = 8, 14, 5
+OUTSIDE = ["The Lord is my shepherd.", "God is love.", "Jesus wept."]  # not in the data, greedy as served
+
+
+def samples(model: str, path: Path) -> list[dict]:
+    """The translator's answers to the first short test pairs (beam 5), beside their references, and
+    to a few sentences from outside the data (greedy, the serving default)."""
+    from .inprocess import load_handler, run_batch
+
+    sources, targets = registry.load_dataset(model).take("test")
+    pairs = [
+        (s, t) for s, t in zip(sources, targets, strict=True) if max(len(s.split()), len(t.split())) <= SAMPLE_WORDS
+    ]
+    handler, ctx = load_handler(model, path)
+    out = []
+    for source, reference in [*pairs[:SAMPLES], *((s, None) for s in OUTSIDE)]:
+        beam = SAMPLE_BEAM if reference else 1
+        body = json.dumps({"text": source, "beam": beam}).encode()
+        [answer], _, _ = run_batch(handler, ctx, [{"body": body}])
+        out.append({"source": source, "reference": reference, "beam": beam, "model": answer["translation"]})
+    return out
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "models": {}}
     for model, path in paths.items():
         out["models"][model] = summary(path)
+        if out["models"][model]["task"] == "translation":
+            out["models"][model]["samples"] = samples(model, path)
         archive = archives.get(model)
         if archive and archive["checkpoint_size"] == out["models"][model]["checkpoint_bytes"]:
             out["models"][model]["archive_bytes"] = archive["size"]

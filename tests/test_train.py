@@ -181,5 +181,8 @@ def test_the_training_report_reads_what_each_checkpoint_stores(tiny_checkpoints,
         assert models[model]["parameters"] < stored or not ck["config"].get("tie_embeddings"), model
         assert models[model]["test"] == ck["metrics"]["test"] and models[model]["split_sizes"] == ck["data"]["sizes"]
         assert models[model]["wall_seconds"] > 0 and "archive_bytes" not in models[model]
+    samples = models["transformer"]["samples"]  # decoded in process by the handler, as a worker does
+    assert [x["beam"] for x in samples] == [5] * 8 + [1] * 3 and all(isinstance(x["model"], str) for x in samples)
+    assert all(len(x["reference"].split()) <= 14 for x in samples[:8]) and "samples" not in models["cnn"]
     with pytest.raises(CLIError, match="no checkpoint at"):
         report.main(["--checkpoints", str(tmp_path / "nothing")])
