@@ -240,7 +240,7 @@ def test_notes_send_the_digit_with_a_content_type():
 def test_the_hpa_targets_are_the_ones_make_bench_printed():
     """values.yaml carries the per-pod targets of the bench run docs/performance.md shows, as `make bench` prints them."""
     run = re.search(
-        r"Results of the run below: `bench/results/(\w+)\.\{json,md,png\}`",
+        r"Results of the run below: `bench/results/(\w+)\.json`",
         (ROOT / "docs" / "performance.md").read_text(),
     )
     result = json.loads((ROOT / "bench" / "results" / f"{run.group(1)}.json").read_text())
