@@ -4,8 +4,10 @@ there. Code only (spans and fenced blocks), where a reader copies from."""
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,80 @@ def test_the_docs_name_paths():
 @pytest.mark.parametrize("doc,path", repo_paths())
 def test_every_repository_path_the_docs_name_exists(doc, path):
     assert (ROOT / path).exists(), f"{doc} names {path}, which is not in the repository"
+
+
+# ----------------------------------------------------------------------------- figures
+
+NUMBER = re.compile(r"(?<![\w.-])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?(?![\w])")
+SCALES = (1, 1000, 1e-3, 100, 1e-6, 1 / 60)  # as recorded, ms <-> s, a ratio in %, bytes in MB, s in min
+
+
+def tables() -> list[tuple[str, int, str, str]]:
+    """(document, line, the table's rows, the text around it) for every markdown table."""
+    found = []
+    for doc in DOCS:
+        lines = doc.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            if lines[i].lstrip().startswith("|"):
+                j = i
+                while j < len(lines) and lines[j].lstrip().startswith("|"):
+                    j += 1
+                rows = "\n".join(lines[i + 2 : j])  # the header and its rule name no figures
+                found.append((doc.name, i + 1, rows, "\n".join(lines[max(0, i - 8) : j + 3])))
+                i = j
+            i += 1
+    return found
+
+
+def figures(rows: str) -> list[str]:
+    """The numbers a table quotes: not in code spans, not versions."""
+    text = re.sub(r"`[^`]*`", "", rows)
+    text = re.sub(r"\bv?\d+\.\d+\.\d+\b", "", text)
+    return [n.rstrip(",") for n in NUMBER.findall(text)]
+
+
+def recorded(context: str) -> list[Path]:
+    """The results files a table names around it (a folder stands for its files)."""
+    paths = []
+    for name in re.findall(r"bench/results/[^\s`'\")\]]*", context):
+        name = name.rstrip(".,;:")
+        if re.search(r"[*<>{}]", name):  # a pattern, not a file
+            continue
+        path = ROOT / name
+        paths += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return paths
+
+
+def found(figure: str, numbers: set[float]) -> bool:
+    value = float(figure.replace(",", ""))
+    decimals = len(figure.split(".")[1]) if "." in figure and "e" not in figure else None
+    for n in numbers:
+        for scale in SCALES:
+            x = n * scale
+            if (decimals is None and "e" in figure and math.isclose(x, value, rel_tol=0.05)) or (
+                decimals is not None and round(x, decimals) == value
+            ):
+                return True
+            if decimals is None and "e" not in figure and round(x) == value:
+                return True
+    return False
+
+
+FIGURE_TABLES = [t for t in tables() if figures(t[2])]  # a table of words names no file
+
+
+def test_the_docs_have_tables_of_figures():
+    assert len(FIGURE_TABLES) >= 8
+
+
+@pytest.mark.parametrize("doc,line,rows,context", FIGURE_TABLES, ids=[f"{t[0]}:{t[1]}" for t in FIGURE_TABLES])
+def test_every_figure_in_a_table_is_in_the_results_file_it_names(doc, line, rows, context):
+    quoted = figures(rows)
+    files = recorded(context)
+    assert files, f"{doc}:{line}: a table of figures that names no bench/results file"
+    missing = [str(f.relative_to(ROOT)) for f in files if not f.is_file()]
+    assert not missing, f"{doc}:{line}: names {missing}, which do not exist"
+    numbers = {float(n.replace(",", "")) for f in files for n in NUMBER.findall(f.read_text(errors="replace"))}
+    absent = [q for q in quoted if not found(q, numbers)]
+    assert not absent, f"{doc}:{line}: {absent} are in none of {[str(f.relative_to(ROOT)) for f in files]}"
