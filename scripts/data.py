@@ -348,7 +348,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         prog="data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    parser.add_argument(
+        "--digit", type=Path, metavar="PNG", help="also write a test-split digit as a PNG (for make predict MODEL=cnn)"
+    )
     return parser
+
+
+def write_digit(path: Path, seed: int = 0, index: int = 0) -> int:
+    """The test split's ``index``-th MNIST digit as a 28x28 grayscale PNG; returns its label."""
+    from PIL import Image
+
+    x, y = load("mnist", PINNED["mnist"].kind, seed=seed).take("test")
+    Image.fromarray(x[index]).save(path, format="PNG")
+    return int(y[index])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ds.name:16s} {pinned.kind:14s} {len(ds):6d} samples ({sizes}){labels}, "
             f"sha256 ok, fingerprint {ds.fingerprint[:12]}"
         )
+    if args.digit:
+        print(f"{args.digit}: a test-split digit, label {write_digit(args.digit, args.seed)}")
     return 0
 
 

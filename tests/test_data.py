@@ -122,3 +122,11 @@ def test_data_knows_datasets_and_kinds_not_models():
         data.load("imagenet", DataKind.IMAGES)
     # A model's dataset and kind come from the registry, which asks data for them.
     assert load_dataset("transformer", limit=50).fingerprint == ds.fingerprint
+
+
+def test_the_digit_the_docs_send_is_written_from_the_test_split(tmp_path, capsys):
+    out = tmp_path / "digit.png"
+    assert data.main(["--digit", str(out)]) == 0
+    x, y = data.load("mnist", data.PINNED["mnist"].kind).take("test")
+    assert (np.asarray(Image.open(out)) == x[0]).all()
+    assert f"{out}: a test-split digit, label {int(y[0])}" in capsys.readouterr().out
