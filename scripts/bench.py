@@ -207,13 +207,33 @@ def queue_counters(metrics_text: str) -> tuple[float, float]:
     return q, r
 
 
-def in_process_limit(model: str, checkpoint: Path, inputs: list, batch_sizes: list[int], repeats: int) -> dict:
+def served_config(model: str, model_store: Path) -> dict:
+    """The model config the served archive runs: the model's own, with the serving profile that
+    model-store/manifest.json records for its archive (`make archive PROFILE=gpu`) applied."""
+    config = registry.get(model).model_config()
+    manifest = model_store / "manifest.json"
+    entry = json.loads(manifest.read_text())["archives"].get(model, {}) if manifest.is_file() else {}
+    if entry.get("profile") not in (None, "default"):
+        for key, value in archive.profile_settings(entry["profile"], model).items():
+            config[key] = {**config.get(key, {}), **value} if key == "handler" else value
+    return config
+
+
+def in_process_limit(
+    model: str,
+    checkpoint: Path,
+    inputs: list,
+    batch_sizes: list[int],
+    repeats: int,
+    handler_options: dict | None = None,
+) -> dict:
     """Items/s and ms per batch of the raw batched forward and of the whole handler path."""
     # The limit gets every core, however the served workers split them (handler option threads),
     # and the device the served workers use: TorchServe gives each worker a GPU when there is one.
     threads = torch.get_num_threads()
     gpu = 0 if torch.cuda.is_available() else None
-    handler, ctx = load_handler(model, checkpoint, {"threads": os.cpu_count() or 1}, gpu=gpu)
+    options = {**(handler_options or {}), "threads": os.cpu_count() or 1}
+    handler, ctx = load_handler(model, checkpoint, options, gpu=gpu)
     try:
         return _limit(handler, ctx, inputs, batch_sizes, repeats)
     finally:
@@ -482,8 +502,11 @@ def measure_levels(args, plan: Plan, cfg, settings, pool, transport: str, m: str
 def limit_and_capacity(args, plan: Plan, m: str, r: dict, inputs: list) -> dict:
     """The in-process limit beside the served figures: served/limit, the overhead at one client, and
     the capacity (best throughput with p99 within the objective) the HPA target is taken from."""
-    bs = registry.get(m).batch_size
-    limit = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs, [1, bs], plan.repeats)
+    config = served_config(m, args.model_store)  # the served batch size, with a GPU profile's too
+    bs = int(config["batchSize"])
+    limit = in_process_limit(
+        m, args.checkpoints / m / "checkpoint.pt", inputs, [1, bs], plan.repeats, config.get("handler")
+    )
     best = max(row["throughput_rps"] for rows in r["served"].values() for row in rows)
     rest1 = r["served"].get("rest", next(iter(r["served"].values())))[0]
     fits = [
@@ -600,8 +623,11 @@ def stage_table(result: dict) -> list[str]:
 def write_stages(result: dict, args, inputs: dict, repeats: int) -> int:
     """``--stages``: the in-process limit and the stage profile of each model, no server."""
     for m in args.models:
-        bs = registry.get(m).batch_size
-        limit = in_process_limit(m, args.checkpoints / m / "checkpoint.pt", inputs[m], [bs], repeats)
+        config = served_config(m, args.model_store)
+        bs = int(config["batchSize"])
+        limit = in_process_limit(
+            m, args.checkpoints / m / "checkpoint.pt", inputs[m], [bs], repeats, config.get("handler")
+        )
         result["models"][m] = {"batch_size": bs, "limit": limit}
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / (result["started"].replace(":", "").replace("-", "") + "-stages")

@@ -252,3 +252,18 @@ def test_stages_profile_the_handler_path_without_a_server(tiny_checkpoints, tmp_
         assert sum(row["stage_wall_ms"].values()) <= row["stage_handler_ms"]
     md = next(tmp_path.glob("*-stages.md")).read_text()
     assert "| cnn | cpu |" in md and "parse | preprocess | inference | postprocess | serialise" in md
+
+
+def test_the_limit_uses_the_served_archives_profile(tmp_path):
+    """An archive built with PROFILE=gpu serves batches of the profile's size: the in-process limit
+    beside it must use that size, not the CPU config's."""
+    from scripts import archive
+
+    gpu = archive.profile_settings("gpu", "cnn")
+    assert bench.served_config("cnn", tmp_path)["batchSize"] == registry.get("cnn").batch_size  # no manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"archives": {"cnn": {"profile": "gpu"}}}))
+    config = bench.served_config("cnn", tmp_path)
+    assert config["batchSize"] == gpu["batchSize"] != registry.get("cnn").batch_size
+    assert config["handler"] == {**registry.get("cnn").model_config()["handler"], **gpu["handler"]}
+    (tmp_path / "manifest.json").write_text(json.dumps({"archives": {"cnn": {"profile": "default"}}}))
+    assert bench.served_config("cnn", tmp_path) == registry.get("cnn").model_config()
