@@ -24,6 +24,11 @@ def service_settings(host: str, timeout: float = 60) -> Settings:
     return Settings(host=host, ports=dict(PORTS), timeout=timeout, inference_token="", management_token="")
 
 
+def as_settings(target: str | Settings, timeout: float = 60) -> Settings:
+    """Client settings as given, or a Service's or pod's address as ``service_settings`` makes them."""
+    return target if isinstance(target, Settings) else service_settings(target, timeout)
+
+
 def predictions_url(host: str, model: str) -> str:
     return f"http://{host}:{PORTS['inference']}/predictions/{model}"
 
@@ -32,7 +37,7 @@ def serves(target: str | Settings, model: str, payload: Any) -> bool:
     """Whether ``target`` answers one request over each transport now. A pod that turned Ready
     reaches its Service's EndpointSlice, then kube-proxy's rules, a moment later: until then a new
     Service refuses connections, so a load waits for this, not for the pods alone."""
-    settings = target if isinstance(target, Settings) else service_settings(target)
+    settings = as_settings(target)
     for transport in ("rest", "grpc"):
         try:
             with Client(transport, settings) as client:
@@ -109,7 +114,7 @@ class Load:
             return self._next - 1
 
     def _loop(self) -> None:
-        settings = self.target if isinstance(self.target, Settings) else service_settings(self.target, self.timeout)
+        settings = as_settings(self.target, self.timeout)
         clients: dict[str, Client] = {}
         uses: collections.Counter = collections.Counter()
         try:
