@@ -411,21 +411,34 @@ def serve(torchserve_args: list[str], pid_file: Path | None = None) -> int:
         return code or 1
 
 
-def smoke(url: str, model: str, text: str, timeout: float = 30.0) -> dict:
-    """One text prediction through a Service: HTTP 200 with a JSON object, else PodError."""
+# A new pod's address reaches a NetworkPolicy enforcer's rules (kube-router, Calico, Cilium) at its
+# next sync, a moment after the pod starts: until then its connections may be refused.
+SMOKE_CONNECT_GRACE_S = 30.0
+
+
+def smoke(url: str, model: str, text: str, timeout: float = 30.0, connect_grace: float = SMOKE_CONNECT_GRACE_S) -> dict:
+    """One text prediction through a Service: HTTP 200 with a JSON object, else PodError. A refused
+    or reset connection is tried again, once a second, for up to ``connect_grace`` seconds."""
     req = urllib.request.Request(
         f"{url.rstrip('/')}/predictions/{model}",
         data=text.encode(),
         headers={"Content-Type": "text/plain; charset=utf-8"},
         method="POST",
     )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise PodError(f"{req.full_url}: HTTP {e.code} {e.read()[:200]!r}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise PodError(f"{req.full_url}: {getattr(e, 'reason', e)}") from None
+    deadline = time.monotonic() + connect_grace
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body = json.loads(resp.read())
+            break
+        except urllib.error.HTTPError as e:
+            raise PodError(f"{req.full_url}: HTTP {e.code} {e.read()[:200]!r}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, (ConnectionRefusedError, ConnectionResetError)) and time.monotonic() < deadline:
+                time.sleep(1.0)
+                continue
+            raise PodError(f"{req.full_url}: {reason}") from None
     if not isinstance(body, dict) or not body:
         raise PodError(f"{req.full_url}: unexpected answer {body!r}")
     return body

@@ -716,6 +716,52 @@ def test_smoke_subcommand_against_a_real_torchserve_without_auth(archive_store, 
         serve.stop(cfg)
 
 
+def test_smoke_waits_out_a_refused_connection_within_its_grace_and_no_longer(tmp_path):
+    """A client pod's first connections may be refused until the NetworkPolicy enforcer has synced
+    its address: smoke tries again for connect_grace seconds, then names the refusal."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from scripts import pod
+
+    with socket.socket() as s:  # a free port, closed: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"label": "fresh"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    t0 = time.monotonic()
+    with pytest.raises(pod.PodError, match="Connection refused"):
+        pod.smoke(f"http://127.0.0.1:{port}", "lstm", "x", timeout=5, connect_grace=1.5)
+    assert 1.5 <= time.monotonic() - t0 < 10
+    servers = []
+
+    def listen_later():
+        time.sleep(1.5)
+        server = http.server.HTTPServer(("127.0.0.1", port), Answer)
+        servers.append(server)
+        server.serve_forever()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    try:
+        assert pod.smoke(f"http://127.0.0.1:{port}", "lstm", "x", timeout=5, connect_grace=20) == {"label": "fresh"}
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
 # ----------------------------------------------------------------------------- deploy tool
 
 
