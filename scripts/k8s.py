@@ -68,22 +68,27 @@ def template(
     return [d for d in yaml.safe_load_all(run(cmd, f"helm template (Kubernetes {kube_version})")) if d]
 
 
-def with_namespace(docs: list[dict]) -> list[dict]:
-    """The chart's objects preceded by their namespace, with Pod Security Admission enforcing the
-    restricted profile, which every pod of the chart meets."""
-    namespace = {
+# Pod Security Admission's labels for a namespace that enforces the restricted profile, which every
+# pod of the chart meets (and warns about any other pod at admission).
+POD_SECURITY_RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+    "pod-security.kubernetes.io/warn": "restricted",
+}
+
+
+def namespace_doc(name: str, labels: dict[str, str] | None = None) -> dict:
+    """A Namespace that enforces Pod Security's restricted profile, with ``labels`` besides."""
+    return {
         "apiVersion": "v1",
         "kind": "Namespace",
-        "metadata": {
-            "name": NAMESPACE,
-            "labels": {
-                "pod-security.kubernetes.io/enforce": "restricted",
-                "pod-security.kubernetes.io/enforce-version": "latest",
-                "pod-security.kubernetes.io/warn": "restricted",
-            },
-        },
+        "metadata": {"name": name, "labels": {**POD_SECURITY_RESTRICTED, **(labels or {})}},
     }
-    return [namespace, *docs]
+
+
+def with_namespace(docs: list[dict]) -> list[dict]:
+    """The chart's objects preceded by their namespace, restricted by Pod Security Admission."""
+    return [namespace_doc(NAMESPACE), *docs]
 
 
 def render_files(docs: list[dict]) -> dict[str, str]:

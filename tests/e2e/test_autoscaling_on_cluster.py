@@ -208,7 +208,7 @@ def plot(way: str, result: dict, path: Path) -> None:
 @pytest.fixture(scope="module")
 def autoscale(cluster: Cluster):
     c = dataclasses.replace(cluster, namespace=NAMESPACE)
-    c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
+    c.create_namespace(NAMESPACE)
     inputs = {m: payload for m, (_, payload) in sample_inputs(["cnn", "lstm"]).items()}
     yield c, inputs
     c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)

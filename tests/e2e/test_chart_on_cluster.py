@@ -61,7 +61,7 @@ def group_of(model: str) -> str:
 
 @pytest.fixture(scope="module")
 def release(cluster: Cluster):
-    cluster.kubectl("create", "namespace", cluster.namespace, namespaced=False)
+    cluster.create_namespace(cluster.namespace)
     t0 = time.monotonic()
     cluster.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *image_values(cluster))
 

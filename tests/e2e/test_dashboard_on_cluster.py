@@ -70,7 +70,7 @@ def query(url: str, expr: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def loaded(cluster: Cluster):
     c = dataclasses.replace(cluster, namespace=NAMESPACE)
-    c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
+    c.create_namespace(NAMESPACE)
     values = [
         "--set",
         "autoscaling.enabled=false",

@@ -134,7 +134,7 @@ def fleet(cluster: Cluster):
 
     c.wait(f"all {len(nodes)} kwok nodes Ready", nodes_ready, NODES_READY_S)
     nodes_s = time.monotonic() - t0
-    c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
+    c.create_namespace(NAMESPACE)
     watch = PodWatch(NAMESPACE).start()
     f = Fleet(c, watch, image_values(c), c.image.rpartition(":")[2])
     try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts.common import ROOT
+from scripts.k8s import namespace_doc
 
 
 class StepFailed(AssertionError):
@@ -58,6 +59,11 @@ class Cluster:
 
     def helm(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return self.run([self.helm_bin, "-n", self.namespace, *args], timeout=timeout, check=check)
+
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """Create ``name`` as users are told to: Pod Security's restricted profile enforced, so
+        every pod the chart makes there must be admitted by it."""
+        self.run([self.kubectl_bin, "create", "-f", "-"], input_=json.dumps(namespace_doc(name, labels)))
 
     # ------------------------------------------------------------------------- pods
 
@@ -151,7 +157,7 @@ class Cluster:
             },
         ]
         if self.run([self.kubectl_bin, "get", "namespace", namespace], check=False).returncode != 0:
-            self.kubectl("create", "namespace", namespace, namespaced=False)
+            self.create_namespace(namespace)
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         self.run([self.kubectl_bin, "apply", "-f", "-"], input_=manifest)
         self.wait(
@@ -173,7 +179,7 @@ class Cluster:
         for cmd in [
             ["get", "pods", "-A", "-o", "wide"],
             ["get", "events", "-A", "--sort-by=.lastTimestamp"],
-            ["get", "deploy,svc,endpoints,hpa,pdb", "-A"],
+            ["get", "deploy,svc,endpoints,hpa,pdb,networkpolicy", "-A"],
             # What each autoscaler saw and decided: conditions, current metrics, events.
             ["describe", "hpa", "-A"],
             ["get", "scaledobjects.keda.sh", "-A", "-o", "wide"],
