@@ -8,6 +8,7 @@
 #   k8s/cluster/cluster.sh metrics          # start the metrics pipeline (below); returns once its APIs answer
 #   k8s/cluster/cluster.sh keda             # start KEDA (after metrics); returns once its API answers
 #   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
+#   k8s/cluster/cluster.sh policy           # start kube-router's firewall (NetworkPolicy); returns once it is healthy
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
@@ -53,7 +54,8 @@ mapfile -t CORE < <(echo containerd; stage_field up 4)  # containerd is Debian's
 mapfile -t METRICS < <(stage_field metrics 4)
 mapfile -t KEDA < <(stage_field keda 4)
 mapfile -t FLEET < <(stage_field fleet 4)
-COMPONENTS=("${CORE[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
+mapfile -t POLICY < <(stage_field policy 4)
+COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
@@ -62,6 +64,8 @@ BIN_prometheus=${BIN_prometheus:-}
 PROMETHEUS_PORT=9090
 SCRAPE_INTERVAL=${SCRAPE_INTERVAL:-5s}
 BIN_kwok=${BIN_kwok:-}
+BIN_kube_router=${BIN_kube_router:-}
+KUBE_ROUTER_HEALTH_PORT=20244
 KWOK_PORT=10247
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
@@ -98,7 +102,7 @@ preflight() {
   [ "$(id -u)" = 0 ] || why+=("not root")
   [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
-  for tool in ip nsenter setsid sysctl iptables conntrack containerd ctr runc openssl curl awk envsubst; do
+  for tool in ip nsenter setsid sysctl iptables iptables-save iptables-restore ipset conntrack containerd ctr runc openssl curl awk envsubst; do
     command -v "$tool" >/dev/null || why+=("no $tool")
   done
   [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
@@ -345,6 +349,23 @@ fleet() {
   running kwok || die "kwok exited: $(tail -5 "$STATE/logs/kwok.log")"
 }
 
+# kube-router, firewall only: it enforces NetworkPolicy with iptables and ipset in this namespace,
+# where kube-proxy's rules are, through the same `iptables` (the same backend); bridged pod-to-pod
+# traffic passes the FORWARD chain through br_netfilter. It routes nothing and proxies nothing (the
+# bridge and kube-proxy do), so the parts of v2.1.0 with published advisories (the service proxy and
+# the BGP router's GoBGP) never run. A policy change applies at its next sync, seconds later.
+policy() {
+  binaries policy
+  [ "$(in_ns sysctl -n net.bridge.bridge-nf-call-iptables 2>/dev/null)" = 1 ] \
+    || die "policy: bridged traffic skips iptables (net.bridge.bridge-nf-call-iptables is not 1: br_netfilter)"
+  start kube-router "$BIN_kube_router/kube-router" --kubeconfig="$STATE/admin.kubeconfig" \
+    --hostname-override="$NODE_NAME" --run-firewall=true --run-router=false --run-service-proxy=false \
+    --run-loadbalancer=false --enable-cni=false --service-cluster-ip-range="$SERVICE_CIDR" \
+    --health-port="$KUBE_ROUTER_HEALTH_PORT" --metrics-port=0 --iptables-sync-period=1m
+  wait_for 60 "kube-router healthy" in_ns curl -fsS "http://127.0.0.1:$KUBE_ROUTER_HEALTH_PORT/healthz" || return 1
+  running kube-router || die "kube-router exited: $(tail -5 "$STATE/logs/kube-router.log")"
+}
+
 keda_pki() {
   local d=$STATE/keda-certs
   mkdir -p "$d"
@@ -385,7 +406,7 @@ stop() {
 
 down() {
   local c
-  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}"; do stop "$c"; done
+  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${POLICY[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -434,7 +455,8 @@ case ${1:-} in
   metrics) metrics ;;
   keda) keda ;;
   fleet) fleet ;;
+  policy) policy ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -5,14 +5,15 @@
 #
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
-#    on what makes it: Kubernetes v1.34, etcd, the metrics components and kwok (from the Go module proxy,
-#    pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is rebuilt when
-#    its key is unchanged.
+#    on what makes it: Kubernetes v1.34, etcd, kube-router, the metrics components and kwok (from the
+#    Go module proxy, pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is
+#    rebuilt when its key is unchanged. The Go builds run in the background beside steps 2-3.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
-# 4. the cluster up in its own network namespace, the image imported, the metrics pipeline and kwok
-#    started, then tests/e2e under pytest inside that namespace (helm install, predictions, rollout,
-#    drain, restart, helm test, deploy, autoscaling, GPU scheduling, the dashboard, uninstall; last,
-#    the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the
+# 4. the cluster up in its own network namespace, the image imported, kube-router's NetworkPolicy
+#    firewall, the metrics pipeline and kwok started, then tests/e2e under pytest inside that
+#    namespace (helm install into Pod Security "restricted" namespaces, predictions, rollout, drain,
+#    restart, helm test, deploy, NetworkPolicy enforcement, autoscaling, GPU scheduling, the
+#    dashboard, uninstall; last, the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the
 #    step's events, kubelet lines and pod logs.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
@@ -30,7 +31,8 @@ key() { sha256sum "$@" | sha256sum | cut -c1-16; }
 declare -A TOOLS=(
   [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils [envsubst]=gettext-base
   [tar]=tar [awk]=mawk [find]=findutils [ip]=iproute2 [nsenter]=util-linux [setsid]=util-linux
-  [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [conntrack]=conntrack
+  [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [iptables-save]=iptables
+  [iptables-restore]=iptables [ipset]=ipset [conntrack]=conntrack
   [containerd]=containerd [ctr]=containerd [runc]=runc
   [buildah]=buildah [debootstrap]=debootstrap [busybox]=busybox-static
 )
@@ -60,13 +62,26 @@ fi
 mkdir -p "$CACHE/parts"  # each part's line of parts.tsv, a cache key input of its own
 declare -A bin=()  # part -> the folder of its binaries, exported as BIN_<part> for cluster.sh
 mapfile -t parts < <(awk -F'\t' '!/^#/ && NF {print $1}' "$here/parts.tsv")
+build_args=()
 for part in "${parts[@]}"; do
-  step "$part binaries (Go module proxy; cached)"
   awk -F'\t' -v p="$part" '$1 == p' "$here/parts.tsv" > "$CACHE/parts/$part"
   bin[$part]="$CACHE/$part-$(key "$here/build-go.sh" "$CACHE/parts/$part" "$here/go/$part/go.mod" "$here/go/$part/go.sum")"
-  bash "$here/build-go.sh" "$part" "${bin[$part]}"
+  build_args+=("$part" "${bin[$part]}")
   export "BIN_${part//-/_}=${bin[$part]}"
 done
+# The Go builds are CPU work; the image and archive steps below are mostly disk: on a cold cache
+# they run side by side. The builds run in a session of their own (so a failure here stops all of
+# them), one part after another, logged to $CACHE/build-go.log; the cluster waits for them.
+step "Go-built parts: ${parts[*]} (Go module proxy; cached), in the background"
+builds_log=$CACHE/build-go.log
+setsid -w bash -c 'while (($#)); do bash "$0" "$1" "$2" || exit 1; shift 2; done' \
+  "$here/build-go.sh" "${build_args[@]}" >"$builds_log" 2>&1 </dev/null &
+builds=$!
+stop_builds() {
+  if kill -0 "$builds" 2>/dev/null; then kill -TERM -- "-$builds" 2>/dev/null || true; wait "$builds" 2>/dev/null || true; fi
+}
+trap 'stop_builds; exit 130' INT TERM
+trap 'rc=$?; stop_builds; exit $rc' EXIT
 
 step "base and pause images (cached)"
 images="$CACHE/images-$(key "$here/base-image.sh")"
@@ -87,6 +102,7 @@ tmp=$(mktemp -d /var/tmp/e2e-image.XXXXXX)
 cluster_started=0
 cleanup() {
   local rc=$?
+  stop_builds
   if ((cluster_started)); then
     step "cluster down"
     bash "$here/cluster.sh" down || true
@@ -104,6 +120,14 @@ bash k8s/build-image.sh --engine buildah --image "$IMAGE" --base "$images/base.t
 # runs do not pile up images; the layers this build reuses stay.
 STORAGE_DRIVER=vfs buildah rmi --prune >/dev/null 2>&1 || true
 
+step "waiting for the Go-built parts"
+if ! wait "$builds"; then
+  tail -60 "$builds_log"
+  echo "e2e-k8s: a Go build failed (the whole log: $builds_log)" >&2
+  exit 1
+fi
+cat "$builds_log"
+
 step "cluster up"
 cluster_started=1
 if ! bash "$here/cluster.sh" up; then
@@ -112,6 +136,12 @@ if ! bash "$here/cluster.sh" up; then
 fi
 step "image import"
 bash "$here/cluster.sh" import "$image_tar"
+
+step "kube-router's firewall: NetworkPolicy enforced from here on"
+if ! bash "$here/cluster.sh" policy; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
 
 step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter"
 # prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.

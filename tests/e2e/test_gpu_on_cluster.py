@@ -22,6 +22,7 @@ import pytest
 from tests.e2e.harness.cluster import Cluster
 from tests.e2e.harness.release import (
     CHART,
+    CNN_ONLY,
     GPU_VALUES,
     POD_GONE_S,
     READY_BOUND_S,
@@ -41,10 +42,6 @@ SELECTOR = RELEASE.selector
 SMALL = [
     *("--set", "resources.requests.cpu=100m", "--set", "resources.requests.memory=1Gi"),
     *("--set", "resources.limits.cpu=2", "--set", "resources.limits.memory=4Gi"),
-]
-CNN_ONLY = [
-    *("--set", "models.names={cnn}", "--set", "groups.lstm=null", "--set", "groups.transformer=null"),
-    *("--set", "helmTest.model=cnn"),
 ]
 
 
@@ -71,7 +68,7 @@ def gpu_node(cluster: Cluster):
         return advertised(c) == str(GPUS)
 
     c.wait(f"the node advertising nvidia.com/gpu: {GPUS}", advertise, 60)
-    c.kubectl("create", "namespace", NAMESPACE, namespaced=False)
+    c.create_namespace(NAMESPACE)
     yield c
     c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
     c.kubectl(

@@ -33,6 +33,11 @@ GRACE_S = DRAIN["timeoutSeconds"] + SETTLE_S + 20  # the chart's terminationGrac
 # A deleted pod's object goes once the kubelet has reclaimed it on its periodic loops: status sync
 # every 10 s, container garbage collection every minute (measured 10-65 s after the container exited on 1.20).
 POD_GONE_S = GRACE_S + 120
+# Helm flags for a release of the cnn group alone (the smallest model), for tests about something else.
+CNN_ONLY = [
+    *("--set", "models.names={cnn}", "--set", "groups.lstm=null", "--set", "groups.transformer=null"),
+    *("--set", "helmTest.model=cnn"),
+]
 
 
 def fullname(release: str) -> str:
