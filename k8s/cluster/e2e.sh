@@ -74,6 +74,7 @@ done
 # them), one part after another, logged to $CACHE/build-go.log; the cluster waits for them.
 step "Go-built parts: ${parts[*]} (Go module proxy; cached), in the background"
 builds_log=$CACHE/build-go.log
+# shellcheck disable=SC2016 # the loop's $1 and $2 are the inner shell's arguments
 setsid -w bash -c 'while (($#)); do bash "$0" "$1" "$2" || exit 1; shift 2; done' \
   "$here/build-go.sh" "${build_args[@]}" >"$builds_log" 2>&1 </dev/null &
 builds=$!
