@@ -7,9 +7,10 @@ counter the dashboard reads exists. Then each query of k8s/chart/dashboards/torc
 $namespace and $release filled in, goes to Prometheus's HTTP API. A query that returns nothing
 fails and names its panel.
 
-Three panels read exporters this cluster cannot run, and are named as such rather than passed:
-the ingress latency (no ingress controller), ready pods and desired replicas (kube-state-metrics,
-which the Go module proxy does not serve) and the GPU panels (no GPU).
+The ready pods and desired replicas panel reads kube-state-metrics, which the cluster runs beside
+Prometheus: each group's Deployment shows its one available pod and its HPA one desired replica.
+Two panels read exporters this cluster cannot run, and are named as such rather than passed: the
+ingress latency (no ingress controller) and the GPU panels (no GPU).
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ QUEUE = 4  # torchserve.jobQueueSize for this release: a burst of 40 translation
 # Panels whose data comes from an exporter this cluster has not got: the reason, by a metric they read.
 UNANSWERABLE = {
     "nginx_ingress_controller_": "needs an ingress-nginx controller, which this cluster does not run",
-    "kube_": "needs kube-state-metrics, which the Go module proxy does not serve",
     "GPUUtilization": "needs a GPU",
     "GPUMemoryUtilization": "needs a GPU",
     "DCGM_FI_DEV_GPU_UTIL": "needs a GPU and NVIDIA's DCGM exporter",
@@ -71,11 +71,9 @@ def query(url: str, expr: str) -> list[dict]:
 def loaded(cluster: Cluster):
     c = dataclasses.replace(cluster, namespace=NAMESPACE)
     c.create_namespace(NAMESPACE)
+    # One pod per group, held there by an HPA of 1 to 1, so that the HPA panel has HPAs to show.
     values = [
-        "--set",
-        "autoscaling.enabled=false",
-        "--set",
-        "replicaCount=1",
+        *("--set", "autoscaling.minReplicas=1", "--set", "autoscaling.maxReplicas=1"),
         "--set",
         f"torchserve.jobQueueSize={QUEUE}",
     ]
@@ -147,8 +145,22 @@ def test_every_dashboard_query_answers_for_every_model(loaded):
     assert not empty, "panels with no data:\n" + "\n".join(empty)
     # Everything not named above was answered: the requests, latency, queue and error panels.
     assert {t for t, _ in answered} >= {
+        "Ready pods and HPA desired replicas",
         "Requests per second per pod and model — the HPA signal",
         "Mean inference latency (ms)",
         "Queue latency per REST request (ms)",
         "Non-2xx responses per second",
     }
+
+
+def test_kube_state_metrics_shows_each_group_with_one_available_pod_and_one_desired_replica(loaded):
+    """kube-state-metrics v2.15.0 against Kubernetes 1.34: the figures, not only their presence."""
+    _, url = loaded
+    groups = {RELEASE.group(m): m for m in MODELS}
+    available = query(url, f'kube_deployment_status_replicas_available{{namespace="{NAMESPACE}"}}')
+    desired = query(url, f'kube_horizontalpodautoscaler_status_desired_replicas{{namespace="{NAMESPACE}"}}')
+    by_deployment = {r["metric"]["deployment"]: float(r["value"][1]) for r in available}
+    by_hpa = {r["metric"]["horizontalpodautoscaler"]: float(r["value"][1]) for r in desired}
+    print(f"kube-state-metrics: available {by_deployment}; desired {by_hpa}")
+    assert by_deployment == {g: 1.0 for g in groups}, by_deployment
+    assert by_hpa == {g: 1.0 for g in groups}, by_hpa
