@@ -4,12 +4,13 @@
 #   k8s/cluster/build-go.sh NAME OUT_DIR
 #
 # NAME is a part of k8s/cluster/parts.tsv and a folder of k8s/cluster/go/: a small module whose go.mod
-# requires the component at an exact version (its `tool` lines name the commands to build) and whose
-# go.sum pins every module's checksum. The table names the module whose version the binaries report
-# and the binaries that must come out. The result is cached in OUT_DIR, which the caller keys on this
-# script, the part's line of the table and the module's go.mod and go.sum: a warm run is a no-op. Go keeps its own
-# content-addressed module and build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to
-# one module compiles only what changed.
+# requires the component at an exact version (its `tool` lines name the commands to build, or its
+# own main.go is the command) and whose go.sum pins every module's checksum. The table names the
+# module whose version the binaries report and the binaries that must come out. The result is
+# cached in OUT_DIR, which the caller keys on this script, the part's line of the table and the
+# module's go.mod and go.sum: a warm run is a no-op. Go keeps its own content-addressed module and
+# build caches (GOMODCACHE, GOCACHE), so a rebuild after a change to one module compiles only what
+# changed.
 set -euo pipefail
 
 name=${1:?usage: build-go.sh NAME OUT_DIR}
@@ -50,6 +51,8 @@ case $name in
     done
     ;;
   keda) ldflags+=" -X github.com/kedacore/keda/v2/version.Version=$(version_of "$module")" ;;
+  registry) ldflags+=" -X github.com/distribution/distribution/v3/version.version=$(version_of "$module")" ;;
+  kube-state-metrics) ldflags+=" -X github.com/prometheus/common/version.Version=$(version_of "$module")" ;;
   kwok) ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$(version_of "$module" | sed 's/^v//')" ;;
   metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of "$module")" ;;
   prometheus)
@@ -62,8 +65,10 @@ case $name in
     ;;
 esac
 
-# The commands to build: the go.mod's `tool` lines, single or in a block.
+# The commands to build: the go.mod's `tool` lines, single or in a block, and the module's own
+# main package when it has one (a command of only some of a component's packages).
 mapfile -t tools < <(awk '/^tool \(/{b=1; next} b && /^\)/{b=0} b{print $1} /^tool [^(]/{print $2}' "$mod/go.mod")
+compgen -G "$mod/*.go" >/dev/null && tools+=(.)
 tmp=$(mktemp -d "${TMPDIR:-/var/tmp}/build-go.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 start=$SECONDS

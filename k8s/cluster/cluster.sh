@@ -9,6 +9,7 @@
 #   k8s/cluster/cluster.sh keda             # start KEDA (after metrics); returns once its API answers
 #   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
 #   k8s/cluster/cluster.sh policy           # start kube-router's firewall (NetworkPolicy); returns once it is healthy
+#   k8s/cluster/cluster.sh registry         # start the image registry (TLS, htpasswd); returns once it answers
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
@@ -20,9 +21,9 @@
 # The metrics pipeline runs as processes in the same namespace, as the control plane does, each
 # registered with the API server the way its upstream manifests do it (APIService objects behind
 # Services whose endpoints are this node): metrics-server (metrics.k8s.io: `kubectl top`, the HPA's
-# cpu mode), Prometheus scraping every pod that has the prometheus.io/*
-# annotations and prometheus-adapter (custom.metrics.k8s.io); then, with `keda`, KEDA's operator and
-# metrics API server (external.metrics.k8s.io, ScaledObjects).
+# cpu mode), Prometheus scraping every pod that has the prometheus.io/* annotations and
+# kube-state-metrics, and prometheus-adapter (custom.metrics.k8s.io); then, with `keda`, KEDA's
+# operator and metrics API server (external.metrics.k8s.io, ScaledObjects).
 #
 # Isolation: every process runs with `nsenter --net` in the namespace NETNS, which has a dummy
 # uplink and no route out, so nothing outside this machine is reachable. They share the host's
@@ -55,22 +56,29 @@ mapfile -t METRICS < <(stage_field metrics 4)
 mapfile -t KEDA < <(stage_field keda 4)
 mapfile -t FLEET < <(stage_field fleet 4)
 mapfile -t POLICY < <(stage_field policy 4)
-COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
+mapfile -t REGISTRY < <(stage_field registry 4)
+COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
 ADAPTER_RULES=${ADAPTER_RULES:-}
 BIN_prometheus=${BIN_prometheus:-}
+BIN_kube_state_metrics=${BIN_kube_state_metrics:-}
+KSM_PORT=8088            # kube-state-metrics's metrics of the cluster's objects, for Prometheus
+KSM_TELEMETRY_PORT=8089  # its own metrics and readiness, on loopback
 PROMETHEUS_PORT=9090
 SCRAPE_INTERVAL=${SCRAPE_INTERVAL:-5s}
 BIN_kwok=${BIN_kwok:-}
 BIN_kube_router=${BIN_kube_router:-}
 KUBE_ROUTER_HEALTH_PORT=20244
+BIN_registry=${BIN_registry:-}
+REGISTRY_PORT=5000
+REGISTRY_USER=e2e-pusher
 KWOK_PORT=10247
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
 # What the templates of conf/ name (render reads them from the environment).
-export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL
+export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL KSM_PORT REGISTRY_PORT
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -102,7 +110,7 @@ preflight() {
   [ "$(id -u)" = 0 ] || why+=("not root")
   [ -d /sys/fs/cgroup/memory ] && [ -d /sys/fs/cgroup/cpu ] || why+=("no cgroup v1 memory/cpu hierarchy (this kubelet needs cgroupfs v1)")
   grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || why+=("no overlay filesystem")
-  for tool in ip nsenter setsid sysctl iptables iptables-save iptables-restore ipset conntrack containerd ctr runc openssl curl awk envsubst; do
+  for tool in ip nsenter setsid sysctl iptables iptables-save iptables-restore ipset htpasswd conntrack containerd ctr runc openssl curl awk envsubst; do
     command -v "$tool" >/dev/null || why+=("no $tool")
   done
   [ -x /usr/lib/cni/bridge ] || why+=("no CNI plugins in /usr/lib/cni")
@@ -290,6 +298,12 @@ metrics() {
   # The Service the chart's defaults name (prometheus-operated.monitoring), for clients in the cluster.
   node_service monitoring prometheus-operated "$PROMETHEUS_PORT" "$PROMETHEUS_PORT"
 
+  # kube-state-metrics: the state of the objects the dashboard reads (a Deployment's available
+  # replicas, an HPA's desired ones), and of pods, nodes and PDBs, scraped by Prometheus.
+  start kube-state-metrics "$BIN_kube_state_metrics/kube-state-metrics" --kubeconfig="$STATE/admin.kubeconfig" \
+    --host="$NODE_IP" --port="$KSM_PORT" --telemetry-host=127.0.0.1 --telemetry-port="$KSM_TELEMETRY_PORT" \
+    --resources=deployments,horizontalpodautoscalers,pods,nodes,poddisruptionbudgets
+
   # prometheus-adapter: the chart's Pods metrics, by the rules of k8s/prometheus-adapter-values.yaml.
   start prometheus-adapter "$BIN_prometheus_adapter/adapter" "${AGGREGATED[@]}" \
     --lister-kubeconfig="$STATE/admin.kubeconfig" --secure-port=6444 \
@@ -302,6 +316,7 @@ metrics() {
   wait_for 120 "metrics.k8s.io available" api_available v1beta1.metrics.k8s.io || return 1
   wait_for 60 "Prometheus ready" in_ns curl -fsS "http://$NODE_IP:$PROMETHEUS_PORT/-/ready" || return 1
   wait_for 60 "custom.metrics.k8s.io available" api_available v1beta1.custom.metrics.k8s.io || return 1
+  wait_for 60 "kube-state-metrics ready" in_ns curl -fsS "http://127.0.0.1:$KSM_TELEMETRY_PORT/readyz" || return 1
   for c in "${METRICS[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
 }
 
@@ -366,6 +381,32 @@ policy() {
   running kube-router || die "kube-router exited: $(tail -5 "$STATE/logs/kube-router.log")"
 }
 
+# The image registry (distribution v3) on the node's address, as a cluster's private registry is
+# reached: TLS with a certificate from the cluster's CA, which containerd trusts for that host
+# (certs.d/<host:port>/hosts.toml), and a bcrypt htpasswd login with a random password. It writes
+# what a client needs under $STATE/registry: address, credentials (user:password) and client/ca.crt.
+registry() {
+  binaries registry
+  local d=$STATE/registry password
+  mkdir -p "$d/data" "$d/client" "$STATE/certs.d/$NODE_IP:$REGISTRY_PORT"
+  cert "$STATE/pki" registry /CN=e2e-registry ca "subjectAltName=IP:$NODE_IP
+extendedKeyUsage=serverAuth"
+  cp "$STATE/pki/ca.crt" "$d/client/ca.crt"
+  password=$(openssl rand -hex 16)
+  (umask 077; htpasswd -Bbn "$REGISTRY_USER" "$password" > "$d/htpasswd"; echo "$REGISTRY_USER:$password" > "$d/credentials")
+  echo "$NODE_IP:$REGISTRY_PORT" > "$d/address"
+  REGISTRY_HTTP_SECRET=$(openssl rand -hex 16) render registry.yml "$d/config.yml"
+  render registry-hosts.toml "$STATE/certs.d/$NODE_IP:$REGISTRY_PORT/hosts.toml"
+  start registry "$BIN_registry/registry" serve "$d/config.yml"
+  # Without a login the registry answers 401: it is up, and it asks for one.
+  wait_for 60 "registry answers (401 without a login)" registry_asks_login || return 1
+  running registry || die "registry exited: $(tail -5 "$STATE/logs/registry.log")"
+}
+
+registry_asks_login() {
+  [ "$(in_ns curl -sS -o /dev/null -w '%{http_code}' --cacert "$STATE/pki/ca.crt" "https://$NODE_IP:$REGISTRY_PORT/v2/")" = 401 ]
+}
+
 keda_pki() {
   local d=$STATE/keda-certs
   mkdir -p "$d"
@@ -406,7 +447,7 @@ stop() {
 
 down() {
   local c
-  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${POLICY[@]}"; do stop "$c"; done
+  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -456,7 +497,8 @@ case ${1:-} in
   keda) keda ;;
   fleet) fleet ;;
   policy) policy ;;
+  registry) registry ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

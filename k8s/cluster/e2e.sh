@@ -9,12 +9,13 @@
 #    Go module proxy, pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is
 #    rebuilt when its key is unchanged. The Go builds run in the background beside steps 2-3.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
-# 4. the cluster up in its own network namespace, the image imported, kube-router's NetworkPolicy
-#    firewall, the metrics pipeline and kwok started, then tests/e2e under pytest inside that
-#    namespace (helm install into Pod Security "restricted" namespaces, predictions, rollout, drain,
-#    restart, helm test, deploy, NetworkPolicy enforcement, autoscaling, GPU scheduling, the
-#    dashboard, uninstall; last, the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the
-#    step's events, kubelet lines and pod logs.
+# 4. the cluster up in its own network namespace, the image imported and pushed to the cluster's
+#    registry, kube-router's NetworkPolicy firewall, the metrics pipeline and kwok started, then
+#    tests/e2e under pytest inside that namespace (helm install into Pod Security "restricted"
+#    namespaces, predictions, rollout, drain, restart, helm test, deploy, NetworkPolicy enforcement,
+#    pulls from the registry, autoscaling, GPU scheduling, the dashboard, uninstall; last, the
+#    simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the step's
+#    events, kubelet lines and pod logs.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -32,7 +33,7 @@ declare -A TOOLS=(
   [make]=make [python3]=python3 [curl]=curl [openssl]=openssl [sha256sum]=coreutils [mktemp]=coreutils [envsubst]=gettext-base
   [tar]=tar [awk]=mawk [find]=findutils [ip]=iproute2 [nsenter]=util-linux [setsid]=util-linux
   [umount]=mount [sysctl]=procps [pkill]=procps [iptables]=iptables [iptables-save]=iptables
-  [iptables-restore]=iptables [ipset]=ipset [conntrack]=conntrack
+  [iptables-restore]=iptables [ipset]=ipset [conntrack]=conntrack [htpasswd]=apache2-utils
   [containerd]=containerd [ctr]=containerd [runc]=runc
   [buildah]=buildah [debootstrap]=debootstrap [busybox]=busybox-static
 )
@@ -137,6 +138,18 @@ if ! bash "$here/cluster.sh" up; then
 fi
 step "image import"
 bash "$here/cluster.sh" import "$image_tar"
+
+step "registry: started, and the serving image pushed to it (buildah, TLS, login)"
+if ! bash "$here/cluster.sh" registry; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+# Uncompressed, as the tar import above: the layers keep the digests containerd already holds.
+E2E_REGISTRY_IMAGE=$(cat "$STATE/registry/address")/torchserve-models:${IMAGE##*:}
+nsenter --net="/run/netns/$NETNS" -- env STORAGE_DRIVER=vfs buildah push --quiet --disable-compression \
+  --cert-dir "$STATE/registry/client" --creds "$(cat "$STATE/registry/credentials")" \
+  "$IMAGE" "docker://$E2E_REGISTRY_IMAGE" >/dev/null
+export E2E_REGISTRY_IMAGE E2E_REGISTRY_CREDENTIALS=$STATE/registry/credentials
 
 step "kube-router's firewall: NetworkPolicy enforced from here on"
 if ! bash "$here/cluster.sh" policy; then
