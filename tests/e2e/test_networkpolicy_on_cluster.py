@@ -25,7 +25,6 @@ kube-router applies a policy change at its next sync: every check polls, bounded
 from __future__ import annotations
 
 import dataclasses
-import json
 import socket
 import threading
 import time
@@ -155,10 +154,6 @@ class Probe:
         return seen[-1]
 
 
-def create(c: Cluster, docs: list[dict]) -> None:
-    c.run([c.kubectl_bin, "apply", "-f", "-"], input_=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
-
-
 def running(c: Cluster, namespace: str, names: list[str]) -> bool:
     pods = c.json("get", "pods", "-n", namespace, "-l", "e2e/probe=true")["items"]
     ready = {p["metadata"]["name"] for p in pods if c.is_ready(p)}
@@ -178,7 +173,7 @@ def world(cluster: Cluster):
     }
     try:
         c.helm("install", RELEASE.name, *release_flags(c, policy=True))
-        create(c, [probe_pod(f"np-{name}", ns, c.image, labels) for name, (ns, labels) in probes.items()])
+        c.apply([probe_pod(f"np-{name}", ns, c.image, labels) for name, (ns, labels) in probes.items()])
         c.wait("the cnn pod Ready", lambda: c.ready_pods(RELEASE.selector), READY_BOUND_S)
         for ns in (NAMESPACE, REMOTE, MONITORING):
             names = [f"np-{n}" for n, (pns, _) in probes.items() if pns == ns]
@@ -309,7 +304,7 @@ def test_model_source_egress_is_limited_to_model_source_cidr(cluster: Cluster):
         inside = url_source_policy(c, ip, f"{ip}/32")
         outside = url_source_policy(c, ip, "192.0.2.0/24")  # TEST-NET-1: holds no address here
         labels = inside["spec"]["podSelector"]["matchLabels"]
-        create(c, [probe_pod("np-source", EGRESS, c.image, labels), inside])
+        c.apply([probe_pod("np-source", EGRESS, c.image, labels), inside])
         c.wait("the probe pod running", lambda: running(c, EGRESS, ["np-source"]), 120)
         source = Probe(c, EGRESS, "np-source")
         other = OTHER_PORT
@@ -317,7 +312,7 @@ def test_model_source_egress_is_limited_to_model_source_cidr(cluster: Cluster):
         try:
             assert source.until(ip, SOURCE_PORT, True) == OPEN
             refused_other = source.until(ip, other, False)
-            create(c, [outside])
+            c.apply([outside])
             refused_source = source.until(ip, SOURCE_PORT, False)
             print(
                 f"modelSourceCIDR {ip}/32: {ip}:{SOURCE_PORT} open, {ip}:{other} {refused_other}; "

@@ -60,6 +60,15 @@ class Cluster:
     def helm(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return self.run([self.helm_bin, "-n", self.namespace, *args], timeout=timeout, check=check)
 
+    @staticmethod
+    def as_list(docs: list[dict]) -> str:
+        """The objects as one kubectl input (a List)."""
+        return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+
+    def apply(self, docs: list[dict]) -> None:
+        """kubectl apply of the objects, each in the namespace its metadata names."""
+        self.run([self.kubectl_bin, "apply", "-f", "-"], input_=self.as_list(docs))
+
     def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
         """Create ``name`` as users are told to: Pod Security's restricted profile enforced, so
         every pod the chart makes there must be admitted by it."""
@@ -158,8 +167,7 @@ class Cluster:
         ]
         if self.run([self.kubectl_bin, "get", "namespace", namespace], check=False).returncode != 0:
             self.create_namespace(namespace)
-        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-        self.run([self.kubectl_bin, "apply", "-f", "-"], input_=manifest)
+        self.apply(items)
         self.wait(
             f"the claim {claim} bound to its volume",
             lambda: (
@@ -170,7 +178,9 @@ class Cluster:
             ),
             60,
         )
-        return lambda: self.run([self.kubectl_bin, "delete", "-f", "-", "--wait=false"], input_=manifest, check=False)
+        return lambda: self.run(
+            [self.kubectl_bin, "delete", "-f", "-", "--wait=false"], input_=self.as_list(items), check=False
+        )
 
     # ------------------------------------------------------------------------- evidence
 
