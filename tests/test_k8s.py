@@ -945,24 +945,43 @@ def test_grpc_connections_age_out_within_the_drain():
     assert spec["terminationGracePeriodSeconds"] == 60 + 13 + 20
 
 
-def test_zone_spread_is_soft_by_default_hard_on_request_and_counts_one_revision():
-    """A hard zone constraint strands every pod on a cluster without zone labels: soft is the default."""
+def test_zone_spread_is_off_by_default_soft_or_hard_on_request_and_counts_one_revision():
+    """A zone constraint needs the zone label on every node: the scheduler leaves a node without it
+    out of all spreading (seen on the e2e's two nodes: both replicas on one), and a hard one strands
+    every pod. No zone constraint is the default; the node spread is always there."""
 
     def constraints(*sets: str) -> list[dict]:
         docs = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], *[a for v in sets for a in ("--set", v)])
         return by_group(docs, "Deployment")["cnn"]["spec"]["template"]["spec"]["topologySpreadConstraints"]
 
-    by_key = {c["topologyKey"]: c for c in constraints()}
-    assert by_key["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
-    assert by_key["kubernetes.io/hostname"]["whenUnsatisfiable"] == "ScheduleAnyway"
-    for c in by_key.values():
-        assert c["matchLabelKeys"] == ["pod-template-hash"]  # a rollout's new pods spread among themselves
-        assert c["labelSelector"]["matchLabels"]["torchserve-models/group"] == "cnn"
-    hard = {c["topologyKey"]: c for c in constraints("topologySpread.zone.whenUnsatisfiable=DoNotSchedule")}
-    assert hard["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "DoNotSchedule"
-    assert [c["topologyKey"] for c in constraints("topologySpread.zone.whenUnsatisfiable=")] == [
-        "kubernetes.io/hostname"
-    ]
+    [node] = constraints()
+    assert node["topologyKey"] == "kubernetes.io/hostname"
+    assert node["whenUnsatisfiable"] == "ScheduleAnyway"
+    for when in ("ScheduleAnyway", "DoNotSchedule"):
+        by_key = {c["topologyKey"]: c for c in constraints(f"topologySpread.zone.whenUnsatisfiable={when}")}
+        assert by_key["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == when
+        for c in by_key.values():
+            assert c["matchLabelKeys"] == ["pod-template-hash"]  # a rollout's new pods spread among themselves
+            assert c["labelSelector"]["matchLabels"]["torchserve-models/group"] == "cnn"
+
+
+def test_pods_leave_a_failed_node_after_the_chart_s_toleration_not_kubernetes_s_300_s():
+    def tolerations(*sets: str) -> dict[str, list[dict]]:
+        docs = k8s_tool.template(k8s_tool.KUBE_VERSIONS[-1], *[a for v in sets for a in ("--set", v)])
+        return {
+            g: d["spec"]["template"]["spec"].get("tolerations", []) for g, d in by_group(docs, "Deployment").items()
+        }
+
+    failure = {"node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"}
+    for group, items in tolerations().items():  # a GPU group: the GPU taint tolerated too
+        by_key = {t["key"]: t for t in items}
+        assert set(by_key) == failure | {"nvidia.com/gpu"}, group
+        for key in failure:
+            assert by_key[key] == {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}
+    for items in tolerations("gpu.count=0", "nodeFailureTolerationSeconds=120").values():
+        assert {t["key"]: t["tolerationSeconds"] for t in items} == dict.fromkeys(failure, 120)
+    # null: Kubernetes's DefaultTolerationSeconds admission adds its own 300 s.
+    assert all(items == [] for items in tolerations("gpu.count=0", "nodeFailureTolerationSeconds=null").values())
 
 
 def test_the_rollout_surge_and_the_pdb_take_counts_or_percentages():
