@@ -32,6 +32,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,15 @@ GEN_DIR = ROOT / "scripts" / "grpc_gen"
 
 
 # ----------------------------------------------------------------------------- typed errors
+
+
+# What the socket said under a requests ConnectionError: refused, no route, reset, closed unanswered.
+_REASON = re.compile(r"\[Errno -?\d+\] [A-Za-z ]+|RemoteDisconnected|Connection reset by peer|Connection aborted")
+
+
+def _reason(e: Exception) -> str:
+    m = _REASON.search(str(e))
+    return f": {m.group(0).strip()}" if m else ""
 
 
 class ClientError(CLIError):
@@ -172,7 +182,7 @@ class RestTransport:
             raise Timeout(f"{method} {path}: no answer within {self.s.timeout}s") from None
         except requests.ConnectionError as e:
             raise ServerError(
-                f"{method} {self._url(api, path)}: cannot connect ({type(e).__name__}); is the server running?"
+                f"{method} {self._url(api, path)}: cannot connect ({type(e).__name__}{_reason(e)}); is the server running?"
             ) from None
         if resp.status_code >= 400:
             raise _handler_error(resp.content) or error_for_status(resp.status_code, _message(resp))
@@ -231,9 +241,12 @@ class GrpcTransport:
         self.grpc, self.s = grpc, s
         self.inf_pb, self.mgmt_pb = inference_pb2, management_pb2
         target = s.grpc_target or f"{s.host}:{s.ports['grpc_inference']}"
-        options = [("grpc.lb_policy_name", s.grpc_lb)]
-        self.inf_ch = grpc.insecure_channel(target, options=options)
-        self.mgmt_ch = grpc.insecure_channel(f"{s.host}:{s.ports['grpc_management']}")
+        # Each client's channels own their connections (gRPC otherwise shares them between channels
+        # of one target): a new client, as after a failure, connects anew, and a connection to a
+        # pod on a lost node (no reset ever comes back) is not handed to it again.
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        self.inf_ch = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", s.grpc_lb), *own])
+        self.mgmt_ch = grpc.insecure_channel(f"{s.host}:{s.ports['grpc_management']}", options=own)
         self.inf = inference_pb2_grpc.InferenceAPIsServiceStub(self.inf_ch)
         self.mgmt = management_pb2_grpc.ManagementAPIsServiceStub(self.mgmt_ch)
 
