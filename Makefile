@@ -123,7 +123,7 @@ check-k8s: k8s-tools ## helm lint, render for Kubernetes 1.28-1.34, kubernetes-v
 image: archive ## build the serving image IMAGE=... with Docker, or buildah without an engine (ARGS="--offline --base B --output T.tar")
 	bash k8s/build-image.sh --image $(IMAGE) $(ARGS)
 
-e2e-k8s: install protos k8s-tools ## the chart on a real single-node Kubernetes built here (root; skips where it can't run)
+e2e-k8s: install protos k8s-tools ## the chart on a real Kubernetes built here, a second node joining for the node tests (root; skips where it can't run)
 	PY=$(PY) bash k8s/cluster/e2e.sh $(PYTEST_ARGS)
 
 e2e-fleet: install protos k8s-tools ## only the simulated GPU fleet (kwok: 120 nodes, 600 to 940 pods) on the e2e cluster -> bench/results/fleet-*.json

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A real single-node Kubernetes (v1.34 control plane, etcd 3.6, kubelet, containerd, runc, bridge
-# CNI, kube-proxy) inside a network namespace of its own, for the chart's end-to-end test.
+# A real Kubernetes (v1.34 control plane, etcd 3.6, kubelet, containerd, runc, bridge CNI,
+# kube-proxy) inside a network namespace of its own, for the chart's end-to-end test: one node, and
+# a second that joins for the node tests.
 #
 #   k8s/cluster/cluster.sh preflight        # exit 0 if this machine can run it, else say why (exit 3)
 #   k8s/cluster/cluster.sh up               # start everything; returns once the node is Ready
@@ -10,6 +11,9 @@
 #   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
 #   k8s/cluster/cluster.sh policy           # start kube-router's firewall (NetworkPolicy); returns once it is healthy
 #   k8s/cluster/cluster.sh registry         # start the image registry (TLS, htpasswd); returns once it answers
+#   k8s/cluster/cluster.sh join [IMAGE]     # a second real node (below); pulls IMAGE from the registry; returns once Ready
+#   k8s/cluster/cluster.sh lose             # node loss: kill the second node's every process at once, cut its link
+#   k8s/cluster/cluster.sh leave            # the second node gone, its Node object deleted, the first as before
 #   k8s/cluster/cluster.sh logs             # the tail of every component's log (evidence on failure)
 #   k8s/cluster/cluster.sh down             # stop everything by PID and put the host back as it was
 #
@@ -25,6 +29,14 @@
 # kube-state-metrics, and prometheus-adapter (custom.metrics.k8s.io); then, with `keda`, KEDA's
 # operator and metrics API server (external.metrics.k8s.io, ScaledObjects).
 #
+# The second node (`join`) is what `kind` makes with a container: a network namespace of its own
+# (NETNS-2, node address 10.200.0.3, pods 10.244.1.0/24) joined to the first by the veth pair of the
+# first's uplink, with a route to each node's pod range; its own containerd (root, state, socket and
+# runc state under $STATE/node2 and $RUN/node2), kubelet (root folder, cgroup tree e2e-node-2, pod
+# log folder) and kube-proxy. It runs no kube-router: NetworkPolicy is enforced on the first node.
+# The e2e joins it only for the node tests (tests/e2e/test_nodes_on_cluster.py), so every other
+# test keeps one node.
+#
 # Isolation: every process runs with `nsenter --net` in the namespace NETNS, which has a dummy
 # uplink and no route out, so nothing outside this machine is reachable. They share the host's
 # mounts, so `down` unmounts what the kubelet and containerd mounted, removes their cgroups and the
@@ -38,6 +50,17 @@ RUN=/run/torchserve-e2e
 NODE_IP=10.200.0.2          # the node's address inside the namespace (no host or outside peer has it)
 NODE_NAME=e2e-node
 POD_CIDR=10.244.0.0/24
+CLUSTER_CIDR=10.244.0.0/16  # every node's pod range
+NODE_STATE=$STATE           # what is the node's own: containerd's root, CNI, the kubelet's pods
+NODE_RUN=$RUN
+CGROUP_ROOT=/               # the kubelet's cgroup tree
+POD_LOGS_DIR=/var/log/pods  # the kubelet's default
+NODE2_NETNS=$NETNS-2
+NODE2_IP=10.200.0.3
+NODE2_NAME=e2e-node-2
+NODE2_POD_CIDR=10.244.1.0/24
+NODE2_CGROUP=e2e-node-2
+NODE2=(containerd-2 kubelet-2 kube-proxy-2)  # its processes
 SERVICE_CIDR=10.96.0.0/16
 API_SERVICE_IP=10.96.0.1
 BIN_kubernetes=${BIN_kubernetes:-}
@@ -57,7 +80,7 @@ mapfile -t KEDA < <(stage_field keda 4)
 mapfile -t FLEET < <(stage_field fleet 4)
 mapfile -t POLICY < <(stage_field policy 4)
 mapfile -t REGISTRY < <(stage_field registry 4)
-COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}")
+COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}" "${NODE2[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
@@ -78,7 +101,8 @@ KWOK_PORT=10247
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
 # What the templates of conf/ name (render reads them from the environment).
-export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL KSM_PORT REGISTRY_PORT
+export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL KSM_PORT REGISTRY_PORT CLUSTER_CIDR \
+  NODE_STATE NODE_RUN CGROUP_ROOT POD_LOGS_DIR
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -160,12 +184,13 @@ extendedKeyUsage=serverAuth"
   render admin.kubeconfig "$STATE/admin.kubeconfig"
 }
 
+# configs: the node's own configuration files, in NODE_STATE.
 configs() {
-  mkdir -p "$STATE/cni" "$STATE/logs" "$RUN"
-  render 10-bridge.conflist "$STATE/cni/10-bridge.conflist"
-  render containerd.toml "$STATE/containerd.toml"
-  render kubelet.yaml "$STATE/kubelet.yaml"
-  render kube-proxy.yaml "$STATE/kube-proxy.yaml"
+  mkdir -p "$NODE_STATE/cni" "$STATE/logs" "$NODE_RUN"
+  render 10-bridge.conflist "$NODE_STATE/cni/10-bridge.conflist"
+  render containerd.toml "$NODE_STATE/containerd.toml"
+  render kubelet.yaml "$NODE_STATE/kubelet.yaml"
+  render kube-proxy.yaml "$NODE_STATE/kube-proxy.yaml"
 }
 
 # binaries STAGE: dies naming every binary of STAGE's parts that is not in the part's BIN_<part>.
@@ -180,15 +205,16 @@ binaries() {
   ((${#missing[@]} == 0)) || die "$1: $(IFS=';'; echo "${missing[*]}")"
 }
 
-# start NAME CMD...: run CMD in the namespace, logging to $STATE/logs/NAME.log, PID in $RUN/NAME.pid.
+# start NAME CMD...: run CMD in the namespace (START_NETNS, default NETNS), logging to
+# $STATE/logs/NAME.log, PID in $RUN/NAME.pid.
 start() {
   local name=$1; shift
-  setsid nsenter --net="/run/netns/$NETNS" -- "$@" >"$STATE/logs/$name.log" 2>&1 < /dev/null &
+  setsid nsenter --net="/run/netns/${START_NETNS:-$NETNS}" -- "$@" >"$STATE/logs/$name.log" 2>&1 < /dev/null &
   echo $! > "$RUN/$name.pid"
 }
 
 node_ready() {
-  kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
+  kc get node "${1:-$NODE_NAME}" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
 }
 
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
@@ -407,6 +433,121 @@ registry_asks_login() {
   [ "$(in_ns curl -sS -o /dev/null -w '%{http_code}' --cacert "$STATE/pki/ca.crt" "https://$NODE_IP:$REGISTRY_PORT/v2/")" = 401 ]
 }
 
+# The settings `configs` and `start` read, for the second node.
+node2_settings() {
+  NODE_STATE=$STATE/node2 NODE_RUN=$RUN/node2 SOCK=$RUN/node2/containerd/containerd.sock
+  NODE_IP=$NODE2_IP NODE_NAME=$NODE2_NAME POD_CIDR=$NODE2_POD_CIDR
+  CGROUP_ROOT=/$NODE2_CGROUP POD_LOGS_DIR=$STATE/node2/pod-logs
+}
+
+# in_ns2 CMD...: CMD in the second node's network namespace.
+in_ns2() { nsenter --net="/run/netns/$NODE2_NETNS" -- "$@"; }
+
+# node2_cgroups: the second kubelet's cgroup tree under every v1 hierarchy (the kubelet wants its
+# cgroupRoot to exist), deepest first for removal with `rmdir`.
+node2_cgroups() {
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    [ -L "${h%/}" ] && continue  # cpu and cpuacct: links to cpu,cpuacct
+    echo "$h$NODE2_CGROUP"
+  done
+}
+
+# join [IMAGE]: the second node, Ready; IMAGE (in the e2e's registry) pulled onto it beforehand with
+# the registry's login, so that both nodes can start a pod of it alike.
+join() {
+  local image=${1:-} g
+  binaries up
+  running kubelet || die "join: the first node is not up (\`$0 up\`)"
+  ! ip netns list | grep -qw "$NODE2_NETNS" || die "join: $NODE2_NETNS exists: run \`$0 leave\` first"
+  # The link: the first node's uplink peer moves into the new namespace and takes the node's address.
+  ip netns add "$NODE2_NETNS"
+  ip -n "$NODE2_NETNS" link set lo up
+  ip -n "$NETNS" link set uplink1 netns "$NODE2_NETNS"
+  ip -n "$NODE2_NETNS" addr add "$NODE2_IP/24" dev uplink1
+  ip -n "$NODE2_NETNS" link set uplink1 up
+  ip -n "$NODE2_NETNS" route add default via "${NODE2_IP%.*}.1" dev uplink1 onlink
+  ip -n "$NODE2_NETNS" route add "$POD_CIDR" via "$NODE_IP"
+  ip -n "$NETNS" route add "$NODE2_POD_CIDR" via "$NODE2_IP"
+  in_ns2 sysctl -qw net.ipv4.ip_forward=1
+  node2_settings
+  for g in $(node2_cgroups); do mkdir -p "$g"; done
+  if [ -d "/sys/fs/cgroup/cpuset/$NODE2_CGROUP" ]; then  # a new cpuset has no CPUs until given some
+    cat /sys/fs/cgroup/cpuset/cpuset.cpus > "/sys/fs/cgroup/cpuset/$NODE2_CGROUP/cpuset.cpus"
+    cat /sys/fs/cgroup/cpuset/cpuset.mems > "/sys/fs/cgroup/cpuset/$NODE2_CGROUP/cpuset.mems"
+  fi
+  configs
+  START_NETNS=$NODE2_NETNS start containerd-2 containerd --config "$NODE_STATE/containerd.toml"
+  wait_for 60 "node 2: containerd answers" test -S "$SOCK" || return 1
+  ctr --address "$SOCK" -n k8s.io images import "$PAUSE_TAR" >/dev/null
+  if [ -n "$image" ]; then
+    local t0=$SECONDS
+    in_ns2 ctr --address "$SOCK" -n k8s.io images pull --hosts-dir "$STATE/certs.d" \
+      --user "$(cat "$STATE/registry/credentials")" "$image" >/dev/null
+    log "node 2: pulled $image from the registry in $((SECONDS - t0))s"
+  fi
+  START_NETNS=$NODE2_NETNS start kubelet-2 "$BIN_kubernetes/kubelet" --config="$NODE_STATE/kubelet.yaml" \
+    --kubeconfig="$STATE/admin.kubeconfig" --root-dir="$NODE_STATE/kubelet" --node-ip="$NODE_IP" \
+    --hostname-override="$NODE_NAME"
+  START_NETNS=$NODE2_NETNS start kube-proxy-2 "$BIN_kubernetes/kube-proxy" --config="$NODE_STATE/kube-proxy.yaml"
+  wait_for 120 "node 2 Ready" node_ready "$NODE2_NAME" || return 1
+  for g in "${NODE2[@]}"; do running "$g" || die "$g exited: $(tail -5 "$STATE/logs/$g.log")"; done
+}
+
+# node2_tasks: the PIDs of every process of the second node's pods (its cgroup tree).
+node2_tasks() {
+  [ -d "/sys/fs/cgroup/memory/$NODE2_CGROUP" ] || return 0
+  find "/sys/fs/cgroup/memory/$NODE2_CGROUP" -name cgroup.procs -exec cat {} + 2>/dev/null
+}
+
+node2_shims() { pgrep -f "containerd-shim-runc-v2 -namespace k8s.io .*-address $SOCK" || true; }
+
+# lose: the second node fails as a machine does when it loses power: its kubelet, containerd,
+# kube-proxy, containerd's shims and every pod's processes are killed in one signal, and its link
+# goes down, so its address stops answering. Its Node object stays: the control plane finds out.
+lose() {
+  node2_settings
+  local targets=() name pid
+  for name in "${NODE2[@]}"; do [ -f "$RUN/$name.pid" ] && targets+=("-$(cat "$RUN/$name.pid")"); done
+  for pid in $(node2_shims) $(node2_tasks); do targets+=("$pid"); done
+  ((${#targets[@]})) || die "lose: node 2 runs nothing"
+  kill -KILL -- "${targets[@]}" 2>/dev/null || true
+  ip -n "$NODE2_NETNS" link set uplink1 down
+  log "node 2 lost: ${#targets[@]} processes and process groups killed, its link down"
+}
+
+# leave: everything of the second node stopped and removed (whether it was lost or not), its Node
+# object deleted, and the first node's uplink peer back in the first namespace.
+leave() {
+  node2_settings
+  local g pid ids id
+  stop kube-proxy-2; stop kubelet-2
+  if running containerd-2; then
+    ids=$(ctr --address "$SOCK" -n k8s.io tasks list -q 2>/dev/null || true)
+    for id in $ids; do ctr --address "$SOCK" -n k8s.io tasks kill -s KILL "$id" >/dev/null 2>&1 || true; done
+  fi
+  for pid in $(node2_shims) $(node2_tasks); do kill -KILL "$pid" 2>/dev/null || true; done
+  stop containerd-2
+  awk -v s="$NODE_STATE" -v r="$NODE_RUN" '$2 ~ "^(" s "|" r ")/" {print $2}' /proc/self/mounts | sort -r | while read -r m; do
+    umount -l "$m" 2>/dev/null || true
+  done
+  for g in $(node2_cgroups); do
+    if [ -d "$g" ]; then find "$g" -depth -type d -exec rmdir {} \; 2>/dev/null || true; fi
+  done
+  if ip netns list | grep -qw "$NODE2_NETNS"; then
+    # Deleting the namespace would delete the veth pair, and with it the first node's address.
+    ip -n "$NODE2_NETNS" link set uplink1 netns "$NETNS" 2>/dev/null || true
+    ip netns delete "$NODE2_NETNS"
+  fi
+  if ip netns list | grep -qw "$NETNS"; then
+    ip -n "$NETNS" link set uplink1 up 2>/dev/null || true
+    ip -n "$NETNS" route del "$NODE2_POD_CIDR" 2>/dev/null || true
+    kc delete node "$NODE2_NAME" --ignore-not-found >/dev/null 2>&1 || true
+  fi
+  rm -rf "$NODE_STATE" "$NODE_RUN"
+  log "leave: node 2 stopped and removed"
+}
+
 keda_pki() {
   local d=$STATE/keda-certs
   mkdir -p "$d"
@@ -447,6 +588,7 @@ stop() {
 
 down() {
   local c
+  if [ -d "$STATE/node2" ] || ip netns list 2>/dev/null | grep -qw "$NODE2_NETNS"; then (leave) || true; fi
   for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
@@ -498,7 +640,10 @@ case ${1:-} in
   fleet) fleet ;;
   policy) policy ;;
   registry) registry ;;
+  join) shift; join "$@" ;;
+  lose) lose ;;
+  leave) leave ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

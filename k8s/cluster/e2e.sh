@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The chart's end-to-end test on a real single-node Kubernetes (`make e2e-k8s`).
+# The chart's end-to-end test on a real Kubernetes built here (`make e2e-k8s`).
 #
 #   k8s/cluster/e2e.sh [pytest arguments]
 #
@@ -13,7 +13,8 @@
 #    registry, kube-router's NetworkPolicy firewall, the metrics pipeline and kwok started, then
 #    tests/e2e under pytest inside that namespace (helm install into Pod Security "restricted"
 #    namespaces, predictions, rollout, drain, restart, helm test, deploy, NetworkPolicy enforcement,
-#    pulls from the registry, autoscaling, GPU scheduling, the dashboard, uninstall; last, the
+#    pulls from the registry, a second real node joined for a node drain and a node loss under load,
+#    autoscaling, GPU scheduling, the dashboard, uninstall; last, the
 #    simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the step's
 #    events, kubelet lines and pod logs.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
