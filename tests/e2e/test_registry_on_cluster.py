@@ -11,8 +11,6 @@ refused (401), the pod goes to ImagePullBackOff, and the deploy tool names that 
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 
 import pytest
 
@@ -24,46 +22,27 @@ from tests.e2e.harness.release import (
     CNN_ONLY,
     POD_GONE_S,
     READY_BOUND_S,
+    REGISTRY_IMAGE,
     VALUES,
     Release,
     deploy_tool,
+    pull_secret,
+    registry_image_flags,
 )
 
 NAMESPACE = "e2e-registry"
 RELEASE = Release("tsreg")
 SECRET = "registry-login"
 WRONG = "registry-wrong-login"
-IMAGE = os.environ.get("E2E_REGISTRY_IMAGE", "")
+IMAGE = REGISTRY_IMAGE
 # The layers are in containerd already (the tar import): a pull fetches the manifest and config.
 PULL_BOUND_S = 180
 
 pytestmark = pytest.mark.skipif(not IMAGE, reason="no E2E_REGISTRY_IMAGE: e2e.sh starts the registry and sets it")
 
 
-def login() -> tuple[str, str]:
-    user, _, password = Path(os.environ["E2E_REGISTRY_CREDENTIALS"]).read_text().strip().partition(":")
-    return user, password
-
-
-def image_flags(pull_secret: str) -> list[str]:
-    repository, _, tag = IMAGE.rpartition(":")
-    return [
-        *("--set", f"image.repository={repository}", "--set", f"image.tag={tag}"),
-        *("--set", "image.pullPolicy=Always", "--set", f"imagePullSecrets={{{pull_secret}}}"),
-    ]
-
-
-def pull_secret(c: Cluster, name: str, password: str) -> None:
-    user, _ = login()
-    c.kubectl(
-        "create",
-        "secret",
-        "docker-registry",
-        name,
-        f"--docker-server={IMAGE.split('/')[0]}",
-        f"--docker-username={user}",
-        f"--docker-password={password}",
-    )
+def image_flags(secret: str) -> list[str]:
+    return registry_image_flags(secret, pull_policy="Always")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +55,7 @@ def registry_ns(cluster: Cluster):
 
 def test_pods_pull_the_serving_image_from_the_registry_with_the_pull_secret(registry_ns):
     c = registry_ns
-    pull_secret(c, SECRET, login()[1])
+    pull_secret(c, SECRET)
     flags = [*CNN_ONLY, *("--set", "autoscaling.enabled=false", "--set", "replicaCount=1")]
     c.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *flags, *image_flags(SECRET))
     try:
@@ -108,7 +87,7 @@ def test_a_wrong_pull_secret_is_named_by_the_deploy_tool_in_one_line(registry_ns
     try:
         # The deploy tool renders its own namespace: the Secret goes in once that exists.
         c.create_namespace(ns)
-        pull_secret(dataclasses.replace(c, namespace=ns), WRONG, "not-the-password")
+        pull_secret(dataclasses.replace(c, namespace=ns), WRONG, password="not-the-password")
         proc = c.run([*cmd, "apply"], timeout=300, check=False)
         assert proc.returncode == 1, proc.stdout + proc.stderr
         first = proc.stderr.strip().splitlines()[0]

@@ -78,7 +78,7 @@ class Load:
     requests/s in all.
 
     Every REST request opens a new connection and every gRPC client reopens its channel every
-    ``reconnect_every`` requests, so kube-proxy spreads both over the replicas a Service has now
+    ``reconnect_every`` requests and after a failure, so kube-proxy spreads both over the replicas a Service has now
     (new pods of a rollout or a scale-up get their share; draining ones stop getting new ones).
     It stops after ``max_seconds`` or ``max_requests`` whatever happens."""
 
@@ -136,10 +136,13 @@ class Load:
                     outcome, detail = OK, ""
                 except ClientError as e:
                     outcome, detail = outcome_of(e), str(e)[:160]
+                    # As a client with a deadline does: a fresh connection after a failure, not
+                    # another call on one that may lead to a pod that is gone.
+                    clients.pop(transport).close()
                 record = Sent(due, start - self.t0, 1000 * (time.monotonic() - start), model, transport, outcome)
                 with self._lock:
                     self.sent.append(record)
-                    if not record.ok and len(self.failures) < 20:
+                    if not record.ok and len(self.failures) < 100:
                         self.failures.append(f"{model} {transport} at {record.start:.1f}s: {outcome} {detail}")
         finally:
             for client in clients.values():

@@ -4,6 +4,7 @@ tools the tests pass."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +87,36 @@ def unschedulable_reason(pod: dict) -> str | None:
         for c in pod["status"].get("conditions", [])
     ]
     return deploy.unschedulable_reason(SimpleNamespace(status=SimpleNamespace(conditions=conditions)))
+
+
+# The e2e's registry (cluster.sh registry), with the serving image e2e.sh pushed to it.
+REGISTRY_IMAGE = os.environ.get("E2E_REGISTRY_IMAGE", "")
+
+
+def registry_login() -> tuple[str, str]:
+    user, _, password = Path(os.environ["E2E_REGISTRY_CREDENTIALS"]).read_text().strip().partition(":")
+    return user, password
+
+
+def pull_secret(c: Cluster, name: str, password: str | None = None) -> None:
+    """A docker-registry Secret ``name`` in the cluster handle's namespace with the registry's login
+    (or with ``password`` instead of its own)."""
+    user, right = registry_login()
+    c.kubectl(
+        "create",
+        "secret",
+        "docker-registry",
+        name,
+        f"--docker-server={REGISTRY_IMAGE.split('/')[0]}",
+        f"--docker-username={user}",
+        f"--docker-password={right if password is None else password}",
+    )
+
+
+def registry_image_flags(pull_secret: str, pull_policy: str = "IfNotPresent") -> list[str]:
+    """The helm flags that point the chart at the registry's image, pulled with ``pull_secret``."""
+    repository, _, tag = REGISTRY_IMAGE.rpartition(":")
+    return [
+        *("--set", f"image.repository={repository}", "--set", f"image.tag={tag}"),
+        *("--set", f"image.pullPolicy={pull_policy}", "--set", f"imagePullSecrets={{{pull_secret}}}"),
+    ]
