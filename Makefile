@@ -164,8 +164,7 @@ test-fast: install protos k8s-tools ## unit tests only: no server, no archiver, 
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test: install protos k8s-tools lint ## lint, the whole test suite, then the real-cluster e2e (what CI runs)
-	$(PY) -m pytest $(PYTEST_ARGS)
-	@$(MAKE) --no-print-directory e2e-k8s
+	PY=$(PY) bash k8s/cluster/e2e.sh --first $(PY) -m pytest $(PYTEST_ARGS) -- $(PYTEST_ARGS)
 
 clean: ## remove checkpoints, archives and run state (keeps .venv)
 	rm -rf checkpoints model-store run .pytest_cache scripts/grpc_gen

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The chart's end-to-end test on a real Kubernetes built here (`make e2e-k8s`).
 #
-#   k8s/cluster/e2e.sh [pytest arguments]
+#   k8s/cluster/e2e.sh [--first COMMAND... --] [pytest arguments]
+#
+# --first: run COMMAND (`make test`'s unit and integration suite) while the Go parts build beside it
+# at the lowest CPU priority, so a cold cache costs less; a failure of COMMAND stops the builds and
+# is the exit status. Where the cluster cannot run, COMMAND still runs.
 #
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
@@ -27,6 +31,19 @@ IMAGE=${E2E_IMAGE:-localhost/torchserve-models:e2e}
 t0=$SECONDS
 step() { printf '\n== e2e [%3ds] %s\n' $((SECONDS - t0)) "$*"; }
 key() { sha256sum "$@" | sha256sum | cut -c1-16; }
+first=()
+if [ "${1:-}" = --first ]; then
+  shift
+  while (($#)) && [ "$1" != -- ]; do first+=("$1"); shift; done
+  [ "${1:-}" = -- ] && shift
+fi
+# The cluster cannot run here: say why, after the --first command, whose status is the exit status.
+skip() {
+  local rc=0
+  ((${#first[@]})) && { "${first[@]}" || rc=$?; }
+  echo "e2e-k8s: SKIPPED: $*"
+  exit "$rc"
+}
 
 # Every command the e2e and its scripts call (here, cluster.sh, base-image.sh, build-image.sh), with
 # the Debian package that brings it: what is missing is installed once, where apt and root are.
@@ -50,13 +67,11 @@ if ((${#missing[@]} + ${#cni[@]})) && [ "$(id -u)" = 0 ] && command -v apt-get >
   mapfile -t missing < <(missing_tools)
 fi
 if ((${#missing[@]})); then
-  echo "e2e-k8s: SKIPPED: missing commands: ${missing[*]} (Debian packages: $(packages "${missing[@]}" | tr '\n' ' '))"
-  exit 0
+  skip "missing commands: ${missing[*]} (Debian packages: $(packages "${missing[@]}" | tr '\n' ' '))"
 fi
 
 if ! reason=$(bash "$here/cluster.sh" preflight); then
-  echo "e2e-k8s: SKIPPED: $reason"
-  exit 0
+  skip "$reason"
 fi
 
 # The Go toolchain these machines ship (/usr/local/go) comes before any older distribution go.
@@ -71,13 +86,14 @@ for part in "${parts[@]}"; do
   build_args+=("$part" "${bin[$part]}")
   export "BIN_${part//-/_}=${bin[$part]}"
 done
-# The Go builds are CPU work; the image and archive steps below are mostly disk: on a cold cache
-# they run side by side. The builds run in a session of their own (so a failure here stops all of
-# them), one part after another, logged to $CACHE/build-go.log; the cluster waits for them.
+# The Go builds are CPU work; the --first command, the image and archive steps below leave cores
+# idle: on a cold cache they run side by side, the builds at the lowest priority (nice 19) so they
+# take only what the rest leaves. The builds run in a session of their own (so a failure here stops
+# all of them), one part after another, logged to $CACHE/build-go.log; the cluster waits for them.
 step "Go-built parts: ${parts[*]} (Go module proxy; cached), in the background"
 builds_log=$CACHE/build-go.log
 # shellcheck disable=SC2016 # the loop's $1 and $2 are the inner shell's arguments
-setsid -w bash -c 'while (($#)); do bash "$0" "$1" "$2" || exit 1; shift 2; done' \
+setsid -w nice -n 19 bash -c 'while (($#)); do bash "$0" "$1" "$2" || exit 1; shift 2; done' \
   "$here/build-go.sh" "${build_args[@]}" >"$builds_log" 2>&1 </dev/null &
 builds=$!
 stop_builds() {
@@ -85,6 +101,11 @@ stop_builds() {
 }
 trap 'stop_builds; exit 130' INT TERM
 trap 'rc=$?; stop_builds; exit $rc' EXIT
+
+if ((${#first[@]})); then
+  step "${first[*]} (the Go builds beside it)"
+  "${first[@]}"
+fi
 
 step "base and pause images (cached)"
 images="$CACHE/images-$(key "$here/base-image.sh")"
