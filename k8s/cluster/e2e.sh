@@ -96,6 +96,16 @@ builds_log=$CACHE/build-go.log
 setsid -w nice -n 19 bash -c 'while (($#)); do bash "$0" "$1" "$2" || exit 1; shift 2; done' \
   "$here/build-go.sh" "${build_args[@]}" >"$builds_log" 2>&1 </dev/null &
 builds=$!
+# With the kernel's autogroups, a new session's processes share the CPU with the rest as one equal
+# group whatever their nice value: the group's own nice is what ranks them. Set once the builds'
+# session exists (before, the autogroup is this script's own).
+for _ in {1..50}; do
+  if [ "$(awk '{print $6}' "/proc/$builds/stat" 2>/dev/null)" = "$builds" ]; then
+    echo 19 2>/dev/null > "/proc/$builds/autogroup" || true
+    break
+  fi
+  sleep 0.1
+done
 stop_builds() {
   if kill -0 "$builds" 2>/dev/null; then kill -TERM -- "-$builds" 2>/dev/null || true; wait "$builds" 2>/dev/null || true; fi
 }
