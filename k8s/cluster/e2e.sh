@@ -7,7 +7,8 @@
 # at the lowest CPU priority, so a cold cache costs less; a failure of COMMAND stops the builds and
 # is the exit status. Where the cluster cannot run, COMMAND still runs.
 #
-# 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0).
+# 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0,
+#    or the --first command's status).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
 #    on what makes it: Kubernetes v1.34, etcd, kube-router, the metrics components and kwok (from the
 #    Go module proxy, pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is
