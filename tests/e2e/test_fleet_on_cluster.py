@@ -29,7 +29,6 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from scripts import k8s
-from scripts.common import ROOT
 from tests.e2e.harness.cluster import Cluster
 from tests.e2e.harness.fleet import GPU, POOL, POOLS, ZONE, PodWatch, node_objects
 from tests.e2e.harness.release import (
@@ -41,6 +40,7 @@ from tests.e2e.harness.release import (
     image_values,
     unschedulable_reason,
 )
+from tests.e2e.harness.results import record
 
 pytestmark = pytest.mark.fleet
 
@@ -60,7 +60,6 @@ BEYOND = 20  # pods asked beyond what the pool can hold
 DRAINED = [f"kwok-gpu-{i:03d}" for i in range(10)]  # 4, 3 and 3 nodes of the three zones
 NODES_READY_S = 120
 READY_S = 300  # 600 pods created, scheduled and made Ready: 15 s from helm install on 2 cores
-RESULTS = ROOT / "bench" / "results"
 
 
 def scaled(value: int | str, total: int, round_up: bool) -> int:
@@ -97,13 +96,6 @@ class Fleet:
 
     def nodes(self) -> dict[str, dict]:
         return {n["metadata"]["name"]: n for n in self.c.json("get", "nodes")["items"]}
-
-
-def record(name: str, figures: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"fleet-{name}.json"
-    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
-    print(f"{path.relative_to(ROOT)}: {json.dumps(figures, sort_keys=True)[:600]}")
 
 
 def requests_of(pod: dict) -> collections.Counter[str]:
@@ -147,7 +139,7 @@ def fleet(cluster: Cluster):
         first_bound = min(bound.values())
         n = len(bound)
         record(
-            "install",
+            "fleet-install",
             {
                 "nodes": {p.name: p.nodes for p in POOLS},
                 "nodes_ready_s": round(nodes_s, 1),
@@ -201,7 +193,7 @@ def test_every_pod_lands_on_a_node_of_its_pool_and_no_node_is_over_capacity(flee
         f"pods per (group, pool): {dict(pools)}; {gpus:.0f} GPUs and {slices:.0f} MIG slices in use; {full} GPU nodes full"
     )
     record(
-        "placement",
+        "fleet-placement",
         {
             "pods_per_group_and_pool": {f"{g}/{p}": n for (g, p), n in sorted(pools.items())},
             "gpus_in_use": gpus,
@@ -240,7 +232,7 @@ def test_zones_balanced_within_the_hard_constraint_and_groups_spread_over_nodes(
         # group's even share, and the group must use every eligible node it could.
         assert len(spread) >= min(REPLICAS[group], eligible), figures[group]
         assert max(spread.values()) <= 2 * math.ceil(REPLICAS[group] / eligible), figures[group]
-    record("zones", figures)
+    record("fleet-zones", figures)
 
 
 def test_draining_ten_gpu_nodes_never_takes_a_group_below_its_disruption_budget(fleet: Fleet):
@@ -269,7 +261,7 @@ def test_draining_ten_gpu_nodes_never_takes_a_group_below_its_disruption_budget(
     for group, n in floor.items():
         assert lowest[group] >= n, f"{group}: {lowest[group]} ready at the lowest, below its budget's floor {n}"
     record(
-        "drain",
+        "fleet-drain",
         {
             "nodes": DRAINED,
             "evicted": dict(on_drained),
@@ -313,7 +305,7 @@ def test_a_rolling_update_of_the_300_pod_group_stays_within_surge_and_unavailabl
         if group != ROLLED:
             assert lowest[group] == replicas == highest[group], (group, lowest[group], highest[group])
     record(
-        "rollout",
+        "fleet-rollout",
         {
             "group": ROLLED,
             "replicas": n,
@@ -374,7 +366,7 @@ def test_beyond_capacity_pods_wait_for_a_gpu_and_the_deploy_tool_says_how_many_i
     ]
     assert len(pending) == BEYOND, len(pending)
     record(
-        "capacity",
+        "fleet-capacity",
         {
             "group": ROLLED,
             "asked": want,

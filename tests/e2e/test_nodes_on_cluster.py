@@ -19,9 +19,9 @@ load (REST and gRPC in turn, through the group's Service) through each test.
    failed attempts to the lost pod, and a new connection that repeats one's source port follows it
    there (kubernetes/kubernetes#101607), even after the group is whole again; they are counted
    apart, checked to be connect errors and to fall within the entries' lifetime
-   (nf_conntrack_tcp_timeout_syn_sent) after the routing stopped. The timeline goes to bench/results/node-loss.json, or with
-   E2E_NODE_FAILURE_TOLERATION=<seconds|null> (null: Kubernetes's default 300 s) to
-   bench/results/node-loss-toleration-<value>.json.
+   (nf_conntrack_tcp_timeout_syn_sent) after the routing stopped. The timeline goes to
+   bench/results/node-loss.json, or with E2E_NODE_FAILURE_TOLERATION=<seconds|null> (null:
+   Kubernetes's default 300 s) to bench/results/node-loss-toleration-<value>.json.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-import json
 import os
 import re
 import threading
@@ -39,7 +38,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.common import ROOT
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster
 from tests.e2e.harness.load import Load, serves
@@ -54,6 +52,7 @@ from tests.e2e.harness.release import (
     pull_secret,
     registry_image_flags,
 )
+from tests.e2e.harness.results import record
 
 NAMESPACE = "e2e-nodes"
 RELEASE = Release("tsnode")
@@ -75,8 +74,7 @@ SYN_SENT_S = int(SYN_SENT.read_text()) if SYN_SENT.exists() else 120
 CHART_TOLERATION = yaml.safe_load((CHART / "values.yaml").read_text())["nodeFailureTolerationSeconds"]
 TOLERATION_VALUE = os.environ.get("E2E_NODE_FAILURE_TOLERATION", "")  # "" is the chart's default
 TOLERATION_S = 300 if TOLERATION_VALUE == "null" else int(TOLERATION_VALUE or CHART_TOLERATION)
-RESULTS = ROOT / "bench" / "results"
-RESULT = RESULTS / (f"node-loss-toleration-{TOLERATION_VALUE}.json" if TOLERATION_VALUE else "node-loss.json")
+RESULT = f"node-loss-toleration-{TOLERATION_VALUE}" if TOLERATION_VALUE else "node-loss"
 
 pytestmark = pytest.mark.skipif(
     not (REGISTRY_IMAGE and SCRIPT), reason="no E2E_REGISTRY_IMAGE or E2E_CLUSTER_SCRIPT: e2e.sh sets them"
@@ -137,12 +135,6 @@ class Endpoints(threading.Thread):
         for t, ready in self.samples:
             since = None if address in ready else (since or t)
         return since
-
-
-def record(path: Path, figures: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=1) + "\n")
-    print(f"{path.relative_to(ROOT)}: {json.dumps(figures)[:1200]}")
 
 
 def placement(c: Cluster) -> dict[str, list[dict]]:
@@ -231,7 +223,7 @@ def test_drain_under_load_moves_the_replica_and_fails_no_request(nodes, service)
             time.sleep(3)
         print(drain.stdout.strip())
         record(
-            RESULTS / "node-drain.json",
+            "node-drain",
             {
                 "what": f"kubectl drain {NODE2} under load: the cnn group, 2 replicas, one on each node, PDB maxUnavailable 1",
                 "drain_s": round(drained_s, 1),

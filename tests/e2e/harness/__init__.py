@@ -4,5 +4,6 @@
 - ``release``: the chart's object names and labels, the values files, the bounds of every wait, the
   helm flags and tools the tests pass;
 - ``load``: client load built on scripts.client, with the ports of scripts.serve;
-- ``fleet``: the simulated GPU fleet's nodes and a pod watch.
+- ``fleet``: the simulated GPU fleet's nodes and a pod watch;
+- ``results``: the figures a test measured, written to bench/results.
 """
