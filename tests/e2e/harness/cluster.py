@@ -19,6 +19,9 @@ class StepFailed(AssertionError):
     pass
 
 
+NODE_CONDITIONS = ("Ready", "MemoryPressure", "DiskPressure", "PIDPressure")
+
+
 @dataclass
 class Cluster:
     kubectl_bin: str
@@ -188,6 +191,14 @@ class Cluster:
         parts = []
         for cmd in [
             ["get", "pods", "-A", "-o", "wide"],
+            # A node under memory, disk or PID pressure evicts and refuses pods whatever the test does.
+            [
+                "get",
+                "nodes",
+                "-o",
+                "custom-columns=NAME:.metadata.name,"
+                + ",".join(f"{c}:.status.conditions[?(@.type=='{c}')].status" for c in NODE_CONDITIONS),
+            ],
             ["get", "events", "-A", "--sort-by=.lastTimestamp"],
             ["get", "deploy,svc,endpoints,hpa,pdb,networkpolicy", "-A"],
             # What each autoscaler saw and decided: conditions, current metrics, events.
