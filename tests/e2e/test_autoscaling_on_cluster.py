@@ -10,9 +10,10 @@ A third release, in its own namespace, once per way: groups cnn and lstm, minRep
 maxReplicas 3, a per-pod target of 20 requests/s, scale-up at once and a 30 s scale-down window.
 The load is open-loop (requests are due at a fixed rate whatever the answers take), half REST and
 half gRPC, through the group's Service, at 2.5 times one pod's target; a trickle to both groups
-runs from before the load until the end. Every request of both is counted. The timeline (per 5 s:
-replicas desired and ready, the metric the HPA saw, req/s, p99, failures) goes to
-bench/results/autoscale-<way>.json with a plot beside it.
+runs from before the load until the end. Every request of both is counted, and no container may
+restart. The timeline (per 5 s: replicas desired, in the Deployment and Ready, pods and their
+restarts, the metric the HPA saw, req/s, p99, failures) goes to bench/results/autoscale-<way>.json
+with a plot beside it; a wait that runs out prints its last two minutes.
 
 Run by `make e2e-k8s` (k8s/cluster/e2e.sh), which starts the cluster and its metrics pipeline.
 Every wait is bounded; a failure prints the HPA, ScaledObject, pods and component logs.
