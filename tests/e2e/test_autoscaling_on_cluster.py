@@ -60,8 +60,9 @@ MIN, MAX = 1, 3
 SCALE_DOWN_WINDOW_S = 30
 SCALE_DOWN_PERIOD_S = 15  # one pod removed per period after the window
 # Bounds as upstream's e2e sets them (KEDA's: 3 min to scale up a step, 5 min back to the
-# minimum), each several times what 2 cores take (64-77 s up, 68-87 s down in bench/results): a
-# bound fails an autoscaler that does not scale, not a machine that is slow for a while.
+# minimum), each several times what 2 cores take (29-75 s up, 78-87 s down in
+# bench/results/autoscale-*.json): a bound fails an autoscaler that does not scale, not a machine
+# that is slow for a while.
 SCALE_UP_BOUND_S = 300
 HOLD_S = 45  # steady load after reaching MAX: replicas must stay there
 SCALE_DOWN_BOUND_S = 300
