@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import threading
 import time
@@ -36,7 +35,6 @@ import matplotlib.pyplot as plt
 import pytest
 from kubernetes.utils import parse_quantity
 
-from scripts.common import ROOT
 from scripts.registry import sample_inputs
 from tests.e2e.harness.cluster import Cluster, StepFailed
 from tests.e2e.harness.load import Load, serves
@@ -49,6 +47,7 @@ from tests.e2e.harness.release import (
     Release,
     image_values,
 )
+from tests.e2e.harness.results import record
 
 RELEASE = Release("tsa")
 NAMESPACE = "e2e-autoscale"
@@ -69,7 +68,6 @@ SCALE_DOWN_BOUND_S = 300
 METRIC_BOUND_S = 150  # until the HPA first reads its metric (scrapes, adapter relists, KEDA's first poll)
 SAMPLE_S = 5
 CPU_REQUEST_M, CPU_TARGET_PERCENT = 200, 60  # the cpu way: 120m a pod
-RESULTS = ROOT / "bench" / "results"
 
 COMMON = [
     *("--set", "models.names={cnn,lstm}", "--set", "groups.transformer=null"),
@@ -340,10 +338,7 @@ def run_one_way(c: Cluster, inputs: dict, way: str, w: Way) -> None:
         "lstm_replicas_seen": sorted({r["lstm"]["replicas"] for r in rows}),
         "timeline": timeline.rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"autoscale-{way}.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(way, result, RESULTS / f"autoscale-{way}.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
+    plot(way, result, record(f"autoscale-{way}", result).with_suffix(".png"))
 
     # Every request of the load and of the trickle got its answer, through the scale-up and the
     # scale-down (an HPA deletes pods directly: only the drain protects what they hold).
