@@ -67,7 +67,7 @@ HOLD_S = 45  # steady load after reaching MAX: replicas must stay there
 SCALE_DOWN_BOUND_S = 300
 METRIC_BOUND_S = 150  # until the HPA first reads its metric (scrapes, adapter relists, KEDA's first poll)
 SAMPLE_S = 5
-CPU_REQUEST_M, CPU_TARGET_PERCENT = 200, 60  # the cpu way: 120m a pod
+CPU_REQUEST_M, CPU_TARGET_PERCENT = 250, 100  # the cpu way: 250m a pod
 
 COMMON = [
     *("--set", "models.names={cnn,lstm}", "--set", "groups.transformer=null"),
@@ -96,11 +96,12 @@ class Way:
 WAYS = {
     "requestRate": Way(["--set", "autoscaling.metric=requestRate"]),
     "keda": Way(["--set", "autoscaling.keda.enabled=true"], hpa_prefix="keda-hpa-"),
-    # A target of 120m a pod (60% of a 200m request). It must sit above twice an idle pod's use, or
-    # two idle pods never become one, and below two thirds of a loaded pod's, or three loaded pods
-    # become two. Measured on 2 cores: an idle pod with its share of the trickle 18-48m (the JVM, the
-    # probes, the scrapes; the slower the machine, the more), a pod of three under the load 93-289m.
-    # A 70% target of 100m, as before, left two idle pods at 2 on the slower machines.
+    # A target of 250m a pod (100% of a 250m request). It must sit above twice an idle pod's use, or
+    # two idle pods never become one, and below 1.5 times a loaded pod's of three, or three loaded
+    # pods become two. Measured on 2 cores: an idle pod with its share of the trickle 34-64m on some
+    # runs, 85-112m on others (the JVM, the probes, the scrapes; the lone lstm pod up to 135m), a pod
+    # of three under the load 192-290m. 60% of 200m (120m) held two idle pods at 2 whenever they
+    # used over 60m each.
     "cpu": Way(
         [
             *("--set", "autoscaling.metric=cpu", "--set", f"autoscaling.targetCPUUtilization={CPU_TARGET_PERCENT}"),
