@@ -4,6 +4,7 @@
   python pod.py fetch --source https://bucket.example/models/v1 --dest /model-store [--models cnn lstm]
   python pod.py fetch --source /mnt/pvc/model-store --dest /model-store
   python pod.py ready                     # exit 0 only when every model has a READY worker
+  python pod.py ready-server --port 8090  # the same answer over HTTP: GET /ready (Knative's readiness)
   python pod.py drain --timeout 60        # preStop: stop taking traffic, wait for in-flight work
   python pod.py smoke --url http://svc:8080 --model lstm --text "fine"   # helm test
 
@@ -22,6 +23,7 @@ import argparse
 import ctypes
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import re
@@ -338,6 +340,57 @@ def drain(url: str = MANAGEMENT, timeout: float = 60.0, settle: float = 5.0, pol
     return False, pending
 
 
+class _ReadyHandler(http.server.BaseHTTPRequestHandler):
+    """GET /ready: 200 "ready" when ready() finds nothing missing, else 503 with the reasons."""
+
+    server: _ReadyServer
+    timeout = 5  # seconds a client may take to send its request line and headers
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        if self.path != "/ready":
+            self._answer(404, "not found: GET /ready")
+            return
+        problems = ready(self.server.management, self.server.expected)
+        self.server.note(problems)
+        self._answer(503 if problems else 200, "not ready: " + "; ".join(problems) if problems else "ready")
+
+    def _answer(self, code: int, text: str) -> None:
+        body = (text + "\n").encode("ascii", "replace")
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's name)
+        pass  # one line per change of state instead (note), not one per probe
+
+
+class _ReadyServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], management: str, expected: list[str] | None):
+        super().__init__(address, _ReadyHandler)
+        self.management, self.expected = management, expected
+        self._last: list[str] | None = None
+
+    def note(self, problems: list[str]) -> None:
+        if problems != self._last:
+            self._last = problems
+            print("ready-server: " + ("not ready: " + "; ".join(problems) if problems else "ready"), flush=True)
+
+
+def ready_server(port: int, url: str = MANAGEMENT, expected: list[str] | None = None, host: str = "127.0.0.1"):
+    """An HTTP server answering GET /ready with what `pod.py ready` would exit with.
+
+    Knative's queue-proxy runs a revision's readiness probes itself, and only over HTTP, TCP or
+    gRPC: an exec probe becomes a TCP check of the server's port, which TorchServe opens (and
+    whose /ping says Healthy) before any model is loaded, so the activator would send requests to
+    a pod that can only answer 404 or 503. The chart runs this in a sidecar whose HTTP readiness
+    probe the queue-proxy runs beside the server's (multi-container probing)."""
+    return _ReadyServer((host, port), url, expected)
+
+
 # ----------------------------------------------------------------------------- the server process
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -469,6 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("ready", help="exit 0 when every model has a READY worker")
     r.add_argument("--url", default=MANAGEMENT, help="management API (default: $TS_MANAGEMENT_URL or %(default)s)")
     r.add_argument("--models", nargs="*", default=None, help="models that must be registered (default: whatever is)")
+    rs = sub.add_parser("ready-server", help="answer GET /ready over HTTP as `ready` would exit (Knative)")
+    rs.add_argument("--port", type=int, default=8090, help="port on loopback (default: %(default)s)")
+    rs.add_argument("--url", default=MANAGEMENT, help="management API (default: $TS_MANAGEMENT_URL or %(default)s)")
+    rs.add_argument("--models", nargs="*", default=None, help="models that must be registered (default: whatever is)")
     d = sub.add_parser("drain", help="preStop: fail readiness, wait for in-flight requests")
     d.add_argument("--url", default=MANAGEMENT, help="management API (default: %(default)s)")
     d.add_argument("--timeout", type=float, default=60.0, help="upper bound in seconds (default: %(default)s)")
@@ -495,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("not ready: " + "; ".join(problems), file=sys.stderr)
                 return 1
             print("ready")
+        elif args.command == "ready-server":
+            server = ready_server(args.port, args.url, args.models)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            print(f"ready-server: GET http://127.0.0.1:{args.port}/ready", flush=True)
+            server.serve_forever()
         elif args.command == "smoke":
             print(json.dumps(smoke(args.url, args.model, args.text)))
         else:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -598,6 +600,50 @@ def test_ready_and_drain_against_a_real_torchserve(server, tmp_path):
         assert time.monotonic() - t0 < 60
     (tmp_path / "draining").unlink()
     assert ready().returncode == 0
+
+
+def test_ready_server_answers_over_http_what_ready_exits_with(server, tmp_path):
+    """Knative's queue-proxy can only probe over HTTP: the sidecar must say what `ready` says."""
+    from tests.helpers import free_ports
+
+    env = {**os.environ, "TS_KEY_FILE": str(server.key_file), "TS_DRAIN_MARKER": str(tmp_path / "draining")}
+    procs = []
+
+    def start(*args):
+        port = free_ports(1)[0]
+        proc = subprocess.Popen(
+            [*POD, "ready-server", "--port", str(port), *args], env=env, stdout=subprocess.PIPE, text=True
+        )
+        procs.append(proc)
+        assert "ready-server: GET" in proc.stdout.readline()
+        return f"http://127.0.0.1:{port}"
+
+    def get(base, path="/ready"):
+        try:
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    url = server.url("management")
+    try:
+        every = start("--url", url, "--models", "cnn", "lstm", "transformer")
+        missing = start("--url", url, "--models", "resnet")
+        gone = start("--url", "http://127.0.0.1:9")
+        # A client that opens a connection and sends nothing holds one thread, not the server.
+        with socket.create_connection(("127.0.0.1", int(every.rsplit(":", 1)[1]))):
+            assert get(every) == (200, "ready\n")
+        code, text = get(missing)
+        assert code == 503 and "resnet: not registered" in text
+        code, text = get(gone)
+        assert code == 503 and "not answering" in text
+        assert get(every, "/ping")[0] == 404
+        (tmp_path / "draining").touch()
+        assert get(every) == (503, "not ready: draining\n")
+    finally:
+        for proc in procs:
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0
 
 
 def test_only_a_live_worker_marked_busy_is_in_flight(tmp_path):
