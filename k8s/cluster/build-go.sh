@@ -97,6 +97,33 @@ if [ "$name" = kwok ]; then
   cp "$src"/node/fast/node-initialize.yaml "$src"/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
     "$src"/pod/fast/pod-ready.yaml "$src"/pod/fast/pod-complete.yaml "$src"/pod/fast/pod-delete.yaml "$out/stages/"
 fi
+if [ "$name" = knative ]; then
+  # Knative runs as pods: one image per command (the static binary, as a non-root user, the way
+  # Knative's own releases build them), as docker-archive tars for `cluster.sh import`. Its YAML:
+  # serving's config/core and the networking CRDs and config-network its controller reads.
+  command -v buildah >/dev/null || { echo "build-go: knative's images need buildah (apt-get install buildah)" >&2; exit 2; }
+  v=$(version_of "$module")
+  store=(--root "$tmp/storage" --runroot "$tmp/run")
+  mkdir -p "$out/images"
+  for bin in $binaries; do
+    ctr=$(STORAGE_DRIVER=vfs buildah "${store[@]}" from scratch)
+    STORAGE_DRIVER=vfs buildah "${store[@]}" copy --quiet "$ctr" "$out/$bin" "/ko-app/$bin"
+    STORAGE_DRIVER=vfs buildah "${store[@]}" config --entrypoint "[\"/ko-app/$bin\"]" --user 65532:65532 "$ctr"
+    STORAGE_DRIVER=vfs buildah "${store[@]}" commit --quiet "$ctr" "localhost/knative-$bin:$v" >/dev/null
+    STORAGE_DRIVER=vfs buildah "${store[@]}" push --quiet "localhost/knative-$bin:$v" \
+      "docker-archive:$out/images/$bin.tar:localhost/knative-$bin:$v"
+  done
+  STORAGE_DRIVER=vfs buildah "${store[@]}" rm --all >/dev/null 2>&1 || true
+  serving=$(cd "$mod" && go list -m -f '{{.Dir}}' "$module")
+  networking=$(cd "$mod" && go list -m -f '{{.Dir}}' knative.dev/networking)
+  caching=$(cd "$mod" && go list -m -f '{{.Dir}}' knative.dev/caching)
+  mkdir -p "$out/config/core" "$out/config/networking" "$out/config/caching"
+  (cd "$serving/config/core" && find . -name '*.yaml' -exec cp --parents {} "$out/config/core/" \;)
+  cp "$networking"/config/*.yaml "$out/config/networking/"
+  cp "$caching"/config/*.yaml "$out/config/caching/"
+  chmod -R u+w "$out/config"
+  echo "$v" > "$out/version"
+fi
 for b in $binaries; do
   [ -x "$out/$b" ] || { echo "build-go: $name built no $b (parts.tsv names it)" >&2; exit 1; }
 done

@@ -11,6 +11,8 @@
 #   k8s/cluster/cluster.sh fleet            # start kwok for a simulated node fleet; returns once it is healthy
 #   k8s/cluster/cluster.sh policy           # start kube-router's firewall (NetworkPolicy); returns once it is healthy
 #   k8s/cluster/cluster.sh registry         # start the image registry (TLS, htpasswd); returns once it answers
+#   k8s/cluster/cluster.sh dns              # start the cluster DNS (CoreDNS, Service kube-system/kube-dns); returns once ready
+#   k8s/cluster/cluster.sh knative          # install Knative Serving's core (after dns, registry); returns once it admits a Service
 #   k8s/cluster/cluster.sh join [IMAGE]     # a second real node (below); pulls IMAGE from the registry; returns once Ready
 #   k8s/cluster/cluster.sh lose             # node loss: kill the second node's every process at once, cut its link
 #   k8s/cluster/cluster.sh leave            # the second node gone, its Node object deleted, the first as before
@@ -80,7 +82,8 @@ mapfile -t KEDA < <(stage_field keda 4)
 mapfile -t FLEET < <(stage_field fleet 4)
 mapfile -t POLICY < <(stage_field policy 4)
 mapfile -t REGISTRY < <(stage_field registry 4)
-COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}" "${NODE2[@]}")
+mapfile -t DNS < <(stage_field dns 4)
+COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${DNS[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}" "${NODE2[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
@@ -98,11 +101,17 @@ BIN_registry=${BIN_registry:-}
 REGISTRY_PORT=5000
 REGISTRY_USER=e2e-pusher
 KWOK_PORT=10247
+BIN_coredns=${BIN_coredns:-}
+DNS_SERVICE_IP=10.96.0.10
+DNS_HEALTH_PORT=8180
+DNS_READY_PORT=8181
+BIN_knative=${BIN_knative:-}
+PY=${PY:-.venv/bin/python}  # a Python with PyYAML, for knative.py
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
 # What the templates of conf/ name (render reads them from the environment).
 export STATE RUN SOCK NODE_IP NODE_NAME POD_CIDR PAUSE_IMAGE SCRAPE_INTERVAL KSM_PORT REGISTRY_PORT CLUSTER_CIDR \
-  NODE_STATE NODE_RUN CGROUP_ROOT POD_LOGS_DIR
+  NODE_STATE NODE_RUN CGROUP_ROOT POD_LOGS_DIR DNS_SERVICE_IP DNS_HEALTH_PORT DNS_READY_PORT
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -433,6 +442,61 @@ registry_asks_login() {
   [ "$(in_ns curl -sS -o /dev/null -w '%{http_code}' --cacert "$STATE/pki/ca.crt" "https://$NODE_IP:$REGISTRY_PORT/v2/")" = 401 ]
 }
 
+# The cluster DNS: CoreDNS as a process here, answering for Services and pods under cluster.local
+# from the API server, behind the Service kube-system/kube-dns at DNS_SERVICE_IP. The kubelets keep
+# the node's resolver for pods: only the pods that ask for it (Knative's, through dnsConfig) use it.
+dns() {
+  binaries dns
+  mkdir -p "$STATE/dns"
+  render Corefile "$STATE/dns/Corefile"
+  start coredns "$BIN_coredns/coredns" -conf "$STATE/dns/Corefile"
+  render dns-service.yaml - | kc apply -f - >/dev/null
+  wait_for 60 "CoreDNS ready" in_ns curl -fsS "http://127.0.0.1:$DNS_READY_PORT/ready" || return 1
+  running coredns || die "coredns exited: $(tail -5 "$STATE/logs/coredns.log")"
+}
+
+# Knative Serving's core (controller, webhook, autoscaler, activator) as pods in knative-serving,
+# from its own YAML with the changes knative.py lists, and no networking layer: clients call a
+# revision's cluster-local Service, which Knative points at the activator while it has no pods.
+knative() {
+  binaries knative
+  local d=$STATE/knative v deploy
+  v=$(cat "$BIN_knative/version")
+  import_images "$BIN_knative"/images/*.tar
+  "$PY" "$(dirname "$0")/knative.py" "$BIN_knative/config" "$v" "$d" --dns "$DNS_SERVICE_IP" \
+    --registry "$NODE_IP:$REGISTRY_PORT" || die "knative: knative.py failed"
+  kc apply --server-side -f "$d/crds.yaml" >/dev/null
+  kc wait --for condition=established --timeout=60s -f "$d/crds.yaml" >/dev/null
+  kc apply --server-side --force-conflicts -f "$d/install.yaml" >/dev/null
+  for deploy in controller webhook autoscaler activator; do
+    kc -n knative-serving rollout status "deployment/$deploy" --timeout=180s >/dev/null \
+      || { log "knative: $deploy not available within 180s"; knative_evidence; return 1; }
+  done
+  # The webhook writes its own serving certificate into its configurations: a Service is admitted
+  # only once it has.
+  wait_for 120 "Knative's webhook admits a Service" knative_admits || { knative_evidence; return 1; }
+  log "Knative Serving $v: $(kc -n knative-serving get pods --no-headers 2>&1 | awk '{print $1, $3}' | tr '\n' ' ')"
+}
+
+knative_evidence() {
+  kc -n knative-serving get pods -o wide 2>&1 || true
+  kc -n knative-serving get events --sort-by=.lastTimestamp 2>&1 | tail -20 || true
+  local deploy
+  for deploy in controller webhook autoscaler activator; do
+    echo "----- knative-serving/$deploy (last 15 lines)"
+    kc -n knative-serving logs "deployment/$deploy" --tail=15 2>&1 || true
+  done
+}
+
+knative_admits() {
+  kc apply --dry-run=server -f - <<'YAML'
+apiVersion: serving.knative.dev/v1
+kind: Service
+metadata: {name: admission-check, namespace: default}
+spec: {template: {spec: {containers: [{image: localhost/pause:3.2}]}}}
+YAML
+}
+
 # The settings `configs` and `start` read, for the second node.
 node2_settings() {
   NODE_STATE=$STATE/node2 NODE_RUN=$RUN/node2 SOCK=$RUN/node2/containerd/containerd.sock
@@ -589,7 +653,7 @@ stop() {
 down() {
   local c
   if [ -d "$STATE/node2" ] || ip netns list 2>/dev/null | grep -qw "$NODE2_NETNS"; then (leave) || true; fi
-  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
+  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${DNS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
@@ -640,10 +704,12 @@ case ${1:-} in
   fleet) fleet ;;
   policy) policy ;;
   registry) registry ;;
+  dns) dns ;;
+  knative) knative ;;
   join) shift; join "$@" ;;
   lose) lose ;;
   leave) leave ;;
   logs) logs ;;
   down) down ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -206,6 +206,12 @@ if ! bash "$here/cluster.sh" keda; then
   exit 1
 fi
 
+step "cluster DNS (CoreDNS) and Knative Serving's core, for the serverless groups"
+if ! bash "$here/cluster.sh" dns || ! PY=$PY bash "$here/cluster.sh" knative; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+
 step "kwok, for the simulated GPU fleet (tests/e2e/test_fleet_on_cluster.py)"
 if ! bash "$here/cluster.sh" fleet; then
   LOG_LINES=40 bash "$here/cluster.sh" logs
