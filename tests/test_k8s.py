@@ -295,6 +295,65 @@ def test_a_bad_group_is_refused_at_render_time_in_one_line_naming_it(values, mes
     assert message in first, first
 
 
+def test_a_serverless_group_is_a_knative_service_with_the_same_pod():
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1],
+        *("--set", "groups.cnn.serverless.enabled=true", "--set", "groups.lstm.serverless.enabled=true"),
+        *("--set", "groups.lstm.serverless.protocol=h2c", "--set", "groups.lstm.serverless.targetConcurrency=7"),
+        tests=True,
+    )
+    ksvcs = {
+        d["metadata"]["labels"]["torchserve-models/group"]: d
+        for d in docs
+        if d["apiVersion"] == "serving.knative.dev/v1" and d["kind"] == "Service"
+    }
+    assert set(ksvcs) == {"cnn", "lstm"}
+    # Knative owns their pods, scaling and rollout: none of a Deployment group's objects for them.
+    for kind in ("Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert set(by_group(docs, kind)) == {"transformer"}, kind
+    core = {d["metadata"]["name"] for d in docs if d["apiVersion"] == "v1" and d["kind"] == "Service"}
+    assert not {n for n in core if "cnn" in n or "lstm" in n}
+    # The helm test's model (lstm) is served by a serverless group: no test pod to call it.
+    assert not [d for d in docs if d["kind"] == "Pod" and "predict" in d["metadata"]["name"]]
+    stable = by_group(docs, "Deployment")["transformer"]["spec"]["template"]["spec"]
+    for group, protocol, port, target in (("cnn", "http1", 8080, "45"), ("lstm", "h2c", 7070, "7")):
+        template = ksvcs[group]["spec"]["template"]
+        spec, annotations = template["spec"], template["metadata"]["annotations"]
+        assert annotations["autoscaling.knative.dev/min-scale"] == "0"
+        assert annotations["autoscaling.knative.dev/target"] == target
+        assert annotations["autoscaling.knative.dev/metric"] == "concurrency"
+        ts, ready = spec["containers"]
+        # The same pod as a Deployment group's, but for what Knative changes.
+        assert spec["securityContext"] == stable["securityContext"]
+        assert [v["name"] for v in spec["volumes"]] == [v["name"] for v in stable["volumes"]]
+        [init] = spec["initContainers"]
+        assert init["command"][: init["command"].index("--models")] == stable["initContainers"][0]["command"][:-2]
+        assert init["command"][-1] == group
+        [stable_ts] = stable["containers"]
+        for key in ("command", "env", "securityContext", "volumeMounts", "resources", "image"):
+            assert ts[key] == stable_ts[key], key
+        assert ts["ports"] == [{"name": protocol, "containerPort": port}]
+        assert "lifecycle" not in ts and "readinessProbe" not in ts and "startupProbe" not in ts
+        # Readiness: every model READY, over HTTP from the sidecar that the queue-proxy probes.
+        assert ready["command"][2:] == ["ready-server", "--port", "8090", "--models", group]
+        assert ready["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8090}
+        assert spec["timeoutSeconds"] == 600 and spec["containerConcurrency"] == 0
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy" and "test" not in d["metadata"]["name"]]
+    knative = [
+        r
+        for r in policy["spec"]["ingress"]
+        if {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "knative-serving"}}} in r["from"]
+    ]
+    assert [sorted(p["port"] for p in r["ports"]) for r in knative] == [[8012, 8013], [9090]]
+
+
+def test_serverless_refuses_a_canary_and_a_model_without_a_target():
+    on = "groups.cnn.serverless.enabled=true"
+    assert "serverless and canary together" in render_error(on, "groups.cnn.canary.enabled=true")
+    assert "model cnn has no serverless.targetConcurrency" in render_error(on, "serverless.targetConcurrency.cnn=null")
+    assert "serverless.protocol" in render_error(on, "serverless.protocol=grpc")
+
+
 def test_a_group_sets_its_own_gpus_bounds_and_version_and_a_canary_shares_its_services():
     docs = k8s_tool.template(
         k8s_tool.KUBE_VERSIONS[-1],

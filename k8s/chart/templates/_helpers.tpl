@@ -82,9 +82,10 @@ seccompProfile:
 
 {{/* The serving groups, each resolved against the release-wide values, as JSON:
 name -> {models, replicaCount, resources, gpu, minReplicas, maxReplicas, maxUnavailable, source,
-image, canary}. A key a group sets replaces the release-wide value of the same name. Refuses, in
+image, canary, serverless}. A key a group sets replaces the release-wide value of the same name. Refuses, in
 one line naming the group: a group with no models, a model not in models.names, a model in two
-groups. allInOnePod replaces the groups with one, "all", serving every model in each pod. */}}
+Deployment groups (a serverless group may serve a model another group serves too: Knative routes
+one protocol per revision, so REST and gRPC on h2c are two groups). allInOnePod replaces the groups with one, "all", serving every model in each pod. */}}
 {{- define "tsm.groups" -}}
 {{- $v := .Values -}}
 {{- $groups := $v.groups | default dict -}}
@@ -103,8 +104,10 @@ groups. allInOnePod replaces the groups with one, "all", serving every model in 
 {{- if not (has $m $v.models.names) -}}
 {{- fail (printf "groups.%s: model %s is not in models.names (the archives in the model source's manifest.json)" $name $m) -}}
 {{- end -}}
+{{- if not (dig "serverless" "enabled" $v.serverless.enabled $g) -}}
 {{- if hasKey $owner $m }}{{ fail (printf "groups.%s: model %s is already served by group %s" $name $m (get $owner $m)) }}{{ end -}}
 {{- $_ := set $owner $m $name -}}
+{{- end -}}
 {{- end -}}
 {{- $source := dict
   "type" (dig "modelSource" "type" $v.models.source.type $g)
@@ -131,6 +134,29 @@ groups. allInOnePod replaces the groups with one, "all", serving every model in 
     "tag" (dig "canary" "image" "tag" $image.tag $g)
     "digest" (dig "canary" "image" "digest" $image.digest $g)
     "pullPolicy" (dig "canary" "image" "pullPolicy" $image.pullPolicy $g)) -}}
+{{- $sv := $v.serverless -}}
+{{- $target := dig "serverless" "targetConcurrency" "" $g -}}
+{{- if not $target -}}
+{{- range $m := $models -}}
+{{- $t := index $sv.targetConcurrency $m | default 0 -}}
+{{- if and (dig "serverless" "enabled" $sv.enabled $g) (not $t) -}}
+{{- fail (printf "groups.%s: serverless, and model %s has no serverless.targetConcurrency (set serverless.targetConcurrency.%s, or the group's serverless.targetConcurrency)" $name $m $m) -}}
+{{- end -}}
+{{- if or (not $target) (and $t (lt (float64 $t) (float64 $target))) }}{{ $target = $t }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- $serverless := dict
+  "enabled" (dig "serverless" "enabled" $sv.enabled $g)
+  "protocol" (dig "serverless" "protocol" $sv.protocol $g)
+  "minScale" (dig "serverless" "minScale" $sv.minScale $g)
+  "maxScale" (dig "serverless" "maxScale" $sv.maxScale $g)
+  "targetConcurrency" $target
+  "window" (dig "serverless" "window" $sv.window $g)
+  "scaleToZeroRetention" (dig "serverless" "scaleToZeroRetention" $sv.scaleToZeroRetention $g)
+  "timeoutSeconds" (dig "serverless" "timeoutSeconds" $sv.timeoutSeconds $g) -}}
+{{- if and $serverless.enabled $canary.enabled -}}
+{{- fail (printf "groups.%s: serverless and canary together: a Knative Service rolls out its own revisions" $name) -}}
+{{- end -}}
 {{- $_ := set $out $name (dict
   "models" $models
   "replicaCount" (dig "replicaCount" $v.replicaCount $g)
@@ -141,8 +167,22 @@ groups. allInOnePod replaces the groups with one, "all", serving every model in 
   "maxUnavailable" (dig "podDisruptionBudget" "maxUnavailable" $v.podDisruptionBudget.maxUnavailable $g)
   "source" $source
   "image" $image
-  "canary" $canary) -}}
+  "canary" $canary
+  "serverless" $serverless) -}}
 {{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The groups of tsm.groups that run as Deployments (with their Services, HPA or ScaledObject and
+PDB), and those that run as Knative Services (serverless.enabled), each as JSON. */}}
+{{- define "tsm.deploymentGroups" -}}
+{{- $out := dict -}}
+{{- range $name, $g := include "tsm.groups" . | fromJson }}{{ if not $g.serverless.enabled }}{{ $_ := set $out $name $g }}{{ end }}{{ end -}}
+{{- toJson $out -}}
+{{- end -}}
+{{- define "tsm.serverlessGroups" -}}
+{{- $out := dict -}}
+{{- range $name, $g := include "tsm.groups" . | fromJson }}{{ if $g.serverless.enabled }}{{ $_ := set $out $name $g }}{{ end }}{{ end -}}
 {{- toJson $out -}}
 {{- end -}}
 
