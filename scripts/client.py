@@ -135,6 +135,10 @@ class Settings:
     grpc_target: str | None = field(default_factory=lambda: os.environ.get("TS_GRPC_TARGET") or None)
     # gRPC load-balancing policy over the target's addresses: pick_first (gRPC's default) or round_robin.
     grpc_lb: str = field(default_factory=lambda: os.environ.get("TS_GRPC_LB", "pick_first"))
+    # The name the server knows itself by, sent as HTTP's Host and gRPC's :authority when the
+    # address called is another (a Service's IP, a port-forward): a serverless group's revision,
+    # <revision>.<namespace>.svc.cluster.local, which Knative's activator routes on.
+    authority: str | None = field(default_factory=lambda: os.environ.get("TS_AUTHORITY") or None)
 
     def token(self, api: str) -> str | None:
         """Explicit token, else the current key from the key file (re-read: keys rotate)."""
@@ -173,6 +177,8 @@ class RestTransport:
 
     def _call(self, method: str, api: str, path: str, token_api: str | None = None, **kw) -> requests.Response:
         headers = kw.pop("headers", {})
+        if self.s.authority and api == "inference":
+            headers["Host"] = self.s.authority
         token = self.s.token(token_api or api)
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -245,7 +251,8 @@ class GrpcTransport:
         # of one target): a new client, as after a failure, connects anew, and a connection to a
         # pod on a lost node (no reset ever comes back) is not handed to it again.
         own = [("grpc.use_local_subchannel_pool", 1)]
-        self.inf_ch = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", s.grpc_lb), *own])
+        authority = [("grpc.default_authority", s.authority)] if s.authority else []
+        self.inf_ch = grpc.insecure_channel(target, options=[("grpc.lb_policy_name", s.grpc_lb), *own, *authority])
         self.mgmt_ch = grpc.insecure_channel(f"{s.host}:{s.ports['grpc_management']}", options=own)
         self.inf = inference_pb2_grpc.InferenceAPIsServiceStub(self.inf_ch)
         self.mgmt = management_pb2_grpc.ManagementAPIsServiceStub(self.mgmt_ch)
@@ -433,6 +440,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="gRPC load balancing over the target's addresses (default: $TS_GRPC_LB or pick_first)",
     )
+    p.add_argument(
+        "--authority",
+        default=None,
+        help="the server's name, as HTTP Host and gRPC :authority, when --host or --grpc-target is another address,"
+        " e.g. <revision>.<ns>.svc.cluster.local for a serverless group (default: $TS_AUTHORITY)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="GET /ping (or gRPC Ping)")
     sub.add_parser("models", help="list the registered models")
@@ -477,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         s.management_token = args.management_token
     if args.key_file is not None:
         s.key_file = args.key_file
+    if args.authority is not None:
+        s.authority = args.authority
     if args.grpc_target is not None:
         s.grpc_target = args.grpc_target
     if args.grpc_lb is not None:

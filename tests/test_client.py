@@ -57,3 +57,39 @@ def test_a_refused_connection_is_named_with_the_socket_s_reason():
     settings = Settings(host="127.0.0.1", ports={**PORTS, "inference": port}, timeout=5, inference_token="")
     with pytest.raises(ServerError, match=r"cannot connect \(ConnectionError: \[Errno 111\] Connection refused\)"):
         Client("rest", settings).predict("cnn", b"x")
+
+
+def test_authority_is_sent_as_the_host_a_serverless_revision_is_routed_on():
+    """Knative's activator finds a revision from the Host (<revision>.<ns>.svc.cluster.local): a
+    client calling the revision's Service by its address must send that name, and only to inference."""
+    import http.server
+
+    hosts: list[str] = []
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            hosts.append(self.headers["Host"])
+            body = b'{"label": 7}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        ports = {**PORTS, "inference": httpd.server_address[1]}
+        name = "tssl-cnn-00001.e2e.svc.cluster.local"
+        for authority in (None, name):
+            s = Settings(host="127.0.0.1", ports=ports, timeout=10, inference_token="", authority=authority)
+            with Client("rest", s) as client:
+                assert client.predict("cnn", b"x") == {"label": 7}
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert hosts == [f"127.0.0.1:{ports['inference']}", name]
