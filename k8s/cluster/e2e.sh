@@ -10,18 +10,20 @@
 # 1. preflight: root, cgroup v1, overlayfs, network namespaces; else it says why and skips (exit 0,
 #    or the --first command's status).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
-#    on what makes it: Kubernetes v1.34, etcd, kube-router, the metrics components and kwok (from the
+#    on what makes it: Kubernetes v1.34, etcd, kube-router, the metrics components, KEDA, kwok, the
+#    registry, CoreDNS and Knative Serving with its images (from the
 #    Go module proxy, pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is
 #    rebuilt when its key is unchanged. The Go builds run in the background beside steps 2-3.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
 # 4. the cluster up in its own network namespace, the image imported and pushed to the cluster's
-#    registry, kube-router's NetworkPolicy firewall, the metrics pipeline and kwok started, then
+#    registry, kube-router's NetworkPolicy firewall, the metrics pipeline, KEDA, the cluster DNS
+#    (CoreDNS) and Knative Serving's core (for serverless groups) and kwok started, then
 #    tests/e2e under pytest inside that namespace (helm install into Pod Security "restricted"
 #    namespaces, predictions, rollout, drain, restart, helm test, deploy, NetworkPolicy enforcement,
 #    pulls from the registry, a second real node joined for a node drain and a node loss under load,
-#    autoscaling, GPU scheduling, the dashboard, uninstall; last, the
-#    simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure pytest prints the step's
-#    events, kubelet lines and pod logs.
+#    autoscaling, serverless groups scaling to zero and back, GPU scheduling, the dashboard,
+#    uninstall; last, the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure
+#    pytest prints the step's events, kubelet lines and pod logs.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -106,7 +106,7 @@ class Cluster:
 
     def prometheus_url(self) -> str:
         """The e2e's Prometheus, through the Service the chart's defaults name (monitoring/prometheus-operated):
-        by its ClusterIP, since the cluster runs no DNS server."""
+        by its ClusterIP, since the tests run on the node, outside the cluster DNS."""
         ip = self.json("get", "service", "prometheus-operated", "-n", "monitoring")["spec"]["clusterIP"]
         return f"http://{ip}:9090"
 
@@ -204,6 +204,9 @@ class Cluster:
             # What each autoscaler saw and decided: conditions, current metrics, events.
             ["describe", "hpa", "-A"],
             ["get", "scaledobjects.keda.sh", "-A", "-o", "wide"],
+            # Knative's serverless groups: each revision, its PodAutoscaler's desired and actual
+            # scale, and its ServerlessService's mode (Proxy: through the activator; Serve: direct).
+            ["get", "ksvc,revisions,podautoscalers,serverlessservices", "-A", "-o", "wide"],
             ["top", "pods", "-A"],
         ]:
             proc = self.run([self.kubectl_bin, "--request-timeout=20s", *cmd], timeout=40, check=False)
