@@ -47,7 +47,7 @@ from tests.e2e.harness.release import (
     Release,
     image_values,
 )
-from tests.e2e.harness.results import record
+from tests.e2e.harness.results import record, save_figure
 
 RELEASE = Release("tsa")
 NAMESPACE = "e2e-autoscale"
@@ -230,14 +230,12 @@ def plot(way: str, result: dict, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.axvline(result["load_stopped_s"], color="red", alpha=0.4)
     ax1.annotate("load stopped", (result["load_stopped_s"], MAX + 0.2), color="red", fontsize=8, ha="right")
-    fig.suptitle(
+    save_figure(
+        fig,
         f"{way}: 1 -> 3 in {result['scale_up_s']:.0f} s, 3 -> 1 in {result['scale_down_s']:.0f} s after the load; "
         f"{result['requests']} requests, {result['failed']} failed",
-        fontsize=10,
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 @pytest.fixture(scope="module")

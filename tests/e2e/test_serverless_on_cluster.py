@@ -54,7 +54,7 @@ from tests.e2e.harness.release import (
     pull_secret,
     registry_image_flags,
 )
-from tests.e2e.harness.results import record
+from tests.e2e.harness.results import record, save_figure
 
 NAMESPACE = "e2e-serverless"
 RELEASE = Release("tssl")
@@ -435,11 +435,9 @@ def plot(result: dict, path: Path) -> None:
     ax2.barh(names, [stages[k] for k in names])
     ax2.invert_yaxis()
     ax2.set_xlabel("seconds after 20 REST requests reached cnn at zero pods")
-    fig.suptitle(
+    save_figure(
+        fig,
         f"cnn from zero: first answer {stages['first answer']} s, {result['rest_from_zero']['requests']} requests, "
         f"0 failed; three cycles, 0 failed",
-        fontsize=10,
+        path,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
