@@ -222,7 +222,7 @@ def serverless(cluster: Cluster):
         c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
 
 
-def at_zero(c: Cluster, timeline: Timeline, group: str) -> bool:
+def at_zero(timeline: Timeline, group: str) -> bool:
     row = timeline.sample()[group]
     return row["desired"] == 0 and row["actual"] == 0 and row["ready"] == 0
 
@@ -230,7 +230,7 @@ def at_zero(c: Cluster, timeline: Timeline, group: str) -> bool:
 def wait_zero(c: Cluster, timeline: Timeline, group: str) -> float:
     t0 = time.monotonic()
     try:
-        c.wait(f"{group} scaled to zero", lambda: at_zero(c, timeline, group), ZERO_BOUND_S, poll=1)
+        c.wait(f"{group} scaled to zero", lambda: at_zero(timeline, group), ZERO_BOUND_S, poll=1)
     except StepFailed as e:
         raise StepFailed(f"{e}\n{timeline.summary()}") from None
     return time.monotonic() - t0
