@@ -120,7 +120,9 @@ def fleet(cluster: Cluster):
     def nodes_ready():
         listed = c.json("get", "nodes", "-l", "type=kwok")["items"]
         ready = [
-            n for n in listed if any(x["type"] == "Ready" and x["status"] == "True" for x in n["status"].get("conditions", []))
+            n
+            for n in listed
+            if any(x["type"] == "Ready" and x["status"] == "True" for x in n["status"].get("conditions", []))
         ]
         return len(ready) == len(nodes)
 
