@@ -150,8 +150,14 @@ def build(
     config: Path,
     optimize: str | None = None,
     profile: str | None = None,
+    handler_file: Path | None = None,
 ) -> dict:
-    handler = registry.get(model).handler_file.name
+    """Archive ``checkpoint`` as ``model`` into ``export`` and record it in the manifest.
+
+    ``handler_file`` replaces the registry's handler with another module of the ``handlers``
+    package's kind (the e2e's slow-loading cnn); it is archived beside that package."""
+    handler_file = handler_file or registry.get(model).handler_file
+    handler = handler_file.name
     ckpt = registry.load_checkpoint(checkpoint, model)
     if not config.is_file():
         raise CLIError(f"{config}: model config not found")
@@ -165,6 +171,7 @@ def build(
         stage, out = Path(tmp) / "stage", Path(tmp) / "out"
         out.mkdir()
         extra = stage_packages(stage)
+        shutil.copy2(handler_file, stage / "handlers" / handler)  # another handler joins the package
         if optimize or profile:
             config = variant_config(config, Path(tmp), model, optimize, profile)
         variant = _config_optimize(config)

@@ -70,6 +70,22 @@ def test_a_new_version_rebuilds(store, tmp_path):
     assert entry["size"] > entry["checkpoint_size"] * 0.5 and entry["metrics"]["accuracy"] >= 0
 
 
+def test_another_handler_is_archived_at_the_root_and_in_the_handlers_package(store, tmp_path):
+    ckpts, _ = store
+    handler = tmp_path / "other_handler.py"
+    handler.write_text(
+        "from handlers.image_classifier import ImageClassifierHandler\n\n\nclass Other(ImageClassifierHandler):\n    pass\n"
+    )
+    config = archive.ROOT / "handlers" / "config" / "cnn.yaml"
+    entry = archive.build("cnn", ckpts / "cnn" / "checkpoint.pt", "1.0", tmp_path / "s", config, handler_file=handler)
+    assert entry["handler"] == "other_handler.py"
+    with zipfile.ZipFile(tmp_path / "s" / "cnn.mar") as z:
+        assert z.read("other_handler.py") == z.read("handlers/other_handler.py") == handler.read_bytes()
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["handler"] == "other_handler.py"
+        assert "handlers/image_classifier.py" in z.namelist()
+    assert not archive.verify(tmp_path / "s")
+
+
 def rebuild_one(store, tmp_path, model: str, setting: str) -> tuple:
     """A copy of the store, with ``model`` rebuilt by `make archive <setting>` (e.g. PROFILE=gpu);
     returns (the copy, its manifest entry for the model)."""
