@@ -347,6 +347,29 @@ def test_a_serverless_group_is_a_knative_service_with_the_same_pod():
     assert [sorted(p["port"] for p in r["ports"]) for r in knative] == [[8012, 8013], [9090]]
 
 
+def test_a_serverless_group_reads_its_own_model_source_from_a_read_only_claim():
+    # Knative admits a PersistentVolumeClaim only read-only (kubernetes.podspec-persistent-volume-claim).
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1],
+        *("--set", "groups.cnn.serverless.enabled=true", "--set", "groups.cnn.modelSource.type=pvc"),
+        *("--set", "groups.cnn.modelSource.pvc.claimName=slow-models"),
+    )
+    [ksvc] = [d for d in docs if d["apiVersion"] == "serving.knative.dev/v1"]
+    spec = ksvc["spec"]["template"]["spec"]
+    claims = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert [v["persistentVolumeClaim"] for v in claims] == [{"claimName": "slow-models", "readOnly": True}]
+    [init] = spec["initContainers"]
+    [mount] = [m for m in init["volumeMounts"] if m["name"] == claims[0]["name"]]
+    assert mount["readOnly"] is True and mount["mountPath"] == "/mnt/model-source"
+    # The other groups keep the release's source: the image.
+    assert not [
+        v
+        for d in by_group(docs, "Deployment").values()
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+
+
 def test_serverless_refuses_a_canary_and_a_model_without_a_target():
     on = "groups.cnn.serverless.enabled=true"
     assert "serverless and canary together" in render_error(on, "groups.cnn.canary.enabled=true")

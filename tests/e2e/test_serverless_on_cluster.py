@@ -7,7 +7,9 @@ cluster's registry:
 
 - ``cnn`` over REST (http1), ``cnn-grpc`` the same model over gRPC (h2c): Knative routes one port
   per revision, so the two protocols are two groups;
-- ``lstm`` over REST with a concurrency target of 2 a pod, for the load that scales it past one.
+- ``lstm`` over REST with a concurrency target of 2 a pod, for the load that scales it past one;
+- ``cnn-slow``: cnn from an archive on a volume (models.source.type pvc) whose handler takes
+  90 s to load (tests/e2e/slow_handler.py), a stand-in for a model whose weights take minutes.
 
 Clients call a revision's Service (``<revision>.<namespace>.svc.cluster.local``, which Knative points
 at the activator while the revision has no ready pod) by its ClusterIP, with that name as HTTP Host
@@ -21,6 +23,9 @@ container, or a pod deleted before it was ever Ready, fails it.
    and verified (init container), containers started, models loaded, first answer.
 2. Three cycles of back to zero after the idle window and a burst from zero again, 0 failed.
 3. Under load ``lstm`` scales past one pod, and back to zero after it, 0 failed.
+4. From zero, 20 requests to ``cnn-slow`` are held while its pod loads the model for 90 s, past
+   the 60 s at which held connections have been closed elsewhere, and all answered; the pod is
+   neither restarted nor removed before it is Ready.
 
 The figures go to bench/results/serverless.json and serverless.png (docs/serverless.md).
 """
@@ -29,6 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
+import shutil
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,13 +44,17 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import yaml
 
 matplotlib.use("Agg")  # files only: the e2e has no display
 import matplotlib.pyplot as plt
 
+from scripts import archive
 from scripts.client import Client, ClientError, Settings
+from scripts.common import ROOT
 from scripts.registry import sample_inputs
 from scripts.serve import PORTS
+from tests.e2e import slow_handler
 from tests.e2e.harness.cluster import Cluster, StepFailed
 from tests.e2e.harness.load import Load, outcome_of
 from tests.e2e.harness.release import (
@@ -67,9 +79,17 @@ BURST = 20
 # A request from zero waits for a pod to start and load its models: measured 5-9 s here; the
 # client's deadline is far above it, and below the revision's timeoutSeconds (the chart's 600).
 COLD_TIMEOUT_S = 120
+# The slow group's deadline: its load and as much again as a fast one's, below timeoutSeconds.
+SLOW_TIMEOUT_S = slow_handler.LOAD_S + COLD_TIMEOUT_S
+SLOW_CLAIM = "slow-models"
 LSTM_TARGET = 2  # requests in flight per lstm pod: 8 closed-loop clients want 4 pods, capped at MAX_SCALE
 MAX_SCALE = 3
-GROUPS = {"cnn": ("cnn", "http1"), "cnn-grpc": ("cnn", "h2c"), "lstm": ("lstm", "http1")}
+GROUPS = {
+    "cnn": ("cnn", "http1"),
+    "cnn-grpc": ("cnn", "h2c"),
+    "lstm": ("lstm", "http1"),
+    "cnn-slow": ("cnn", "http1"),
+}
 VALUES_FLAGS = [
     *("--set", "models.names={cnn,lstm}", "--set", "groups.transformer=null", "--set", "helmTest.model=cnn"),
     *("--set", "groups.cnn.serverless.enabled=true"),
@@ -77,6 +97,9 @@ VALUES_FLAGS = [
     *("--set", "groups.cnn-grpc.serverless.protocol=h2c"),
     *("--set", "groups.lstm.serverless.enabled=true"),
     *("--set", f"groups.lstm.serverless.targetConcurrency={LSTM_TARGET}"),
+    *("--set", "groups.cnn-slow.models={cnn}", "--set", "groups.cnn-slow.serverless.enabled=true"),
+    *("--set", "groups.cnn-slow.modelSource.type=pvc"),
+    *("--set", f"groups.cnn-slow.modelSource.pvc.claimName={SLOW_CLAIM}"),
     *("--set", f"serverless.window={WINDOW_S}s", "--set", f"serverless.maxScale={MAX_SCALE}"),
 ]
 RESULTS: dict = {}  # what each test measured, written once by the last
@@ -197,11 +220,29 @@ class Timeline:
         assert not self.killed_unready, f"pods deleted before they were Ready: {self.killed_unready}\n{self.summary()}"
 
 
+def slow_store(store: Path) -> Path:
+    """``store`` with one archive, cnn, built by the real archiver with slow_handler.py as its
+    handler and a model config whose startupTimeout gives a worker the load and a minute more."""
+    checkpoint = ROOT / "checkpoints" / "cnn" / "checkpoint.pt"
+    assert checkpoint.is_file(), f"{checkpoint}: missing (make archive trains it)"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    config = yaml.safe_load((ROOT / "handlers" / "config" / "cnn.yaml").read_text())
+    config["startupTimeout"] = slow_handler.LOAD_S + 60
+    with tempfile.TemporaryDirectory(prefix="slow-config-") as tmp:
+        path = Path(tmp) / "cnn.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        archive.build("cnn", checkpoint, "1.0", store, path, handler_file=Path(slow_handler.__file__))
+    return store
+
+
 @pytest.fixture(scope="module")
 def serverless(cluster: Cluster):
     c = dataclasses.replace(cluster, namespace=NAMESPACE)
     c.create_namespace(NAMESPACE)
     pull_secret(c, SECRET)
+    state = Path(os.environ.get("STATE", "/var/lib/torchserve-e2e"))
+    remove_volume = c.host_volume(NAMESPACE, SLOW_CLAIM, slow_store(state / "slow-model-store"))
     c.helm("install", RELEASE.name, str(CHART), "-f", str(VALUES), *registry_image_flags(SECRET), *VALUES_FLAGS)
     revisions = {}
     try:
@@ -219,6 +260,7 @@ def serverless(cluster: Cluster):
         yield c, revisions, inputs
     finally:
         c.helm("uninstall", RELEASE.name, "--wait", "--timeout", "120s", check=False)
+        remove_volume()
         c.kubectl("delete", "namespace", NAMESPACE, "--wait=false", namespaced=False, check=False)
 
 
@@ -236,13 +278,16 @@ def wait_zero(c: Cluster, timeline: Timeline, group: str) -> float:
     return time.monotonic() - t0
 
 
-def burst(rev: Revision, payload, n: int = BURST) -> tuple[float, list[tuple[float, float, str]]]:
-    """``n`` concurrent requests at once; (the wall-clock start, each request's (start, end, outcome))."""
+def burst(
+    rev: Revision, payload, n: int = BURST, timeout: float = COLD_TIMEOUT_S
+) -> tuple[float, list[tuple[float, float, str]]]:
+    """``n`` concurrent requests at once, each with the deadline ``timeout``; (the wall-clock start,
+    each request's (start, end, outcome))."""
 
     def one(_):
         start = time.time()
         try:
-            with Client(rev.transport, rev.settings(COLD_TIMEOUT_S)) as client:
+            with Client(rev.transport, rev.settings(timeout)) as client:
                 client.predict(GROUPS[rev.group][0], payload)
             outcome = "ok"
         except ClientError as e:
@@ -293,7 +338,7 @@ def cold_start(c: Cluster, group: str, t0: float, answers: list[tuple[float, flo
     return {"pod": pod["metadata"]["name"], **{k: (round(v - t0, 2) if v else None) for k, v in stages.items()}}
 
 
-def from_zero(serverless, group: str, trickle_group: str) -> dict:
+def from_zero(serverless, group: str, trickle_group: str, timeout: float = COLD_TIMEOUT_S) -> dict:
     c, revisions, inputs = serverless
     rev, other = revisions[group], revisions[trickle_group]
     with Timeline(c) as timeline:
@@ -309,7 +354,7 @@ def from_zero(serverless, group: str, trickle_group: str) -> dict:
         )
         with trickle:
             time.sleep(2)
-            t0, answers = burst(rev, inputs[GROUPS[group][0]])
+            t0, answers = burst(rev, inputs[GROUPS[group][0]], timeout=timeout)
         failed = [a for a in answers if a[2] != "ok"]
         assert not failed, f"{len(failed)} of {BURST} failed from zero: {failed[:3]}\n{timeline.summary()}"
         assert not trickle.non_ok(), f"the trickle on {trickle_group} failed: {trickle.failures[:3]}"
@@ -407,6 +452,19 @@ def test_scales_past_one_pod_under_load_and_back_to_zero(serverless):
         "outcomes": load.outcomes(),
     }
     print(RESULTS["load"])
+    save()
+
+
+def test_a_slow_loading_model_is_not_killed_and_its_held_requests_are_answered(serverless):
+    result = from_zero(serverless, "cnn-slow", "lstm", timeout=SLOW_TIMEOUT_S)
+    first = result["cold_start_s"]["first answer"]
+    # Answered only after the load: the requests were held through it, not served some other way.
+    assert first >= slow_handler.LOAD_S, f"first answer {first}s after the burst, under the {slow_handler.LOAD_S}s load"
+    RESULTS["slow_from_zero"] = {**result, "load_s": slow_handler.LOAD_S, "client_deadline_s": SLOW_TIMEOUT_S}
+    save()
+
+
+def save() -> None:
     plot(RESULTS, record("serverless", RESULTS).with_suffix(".png"))
 
 
@@ -415,7 +473,9 @@ def plot(result: dict, path: Path) -> None:
     if not rows or "rest_from_zero" not in result:
         return  # a test before failed: its figures are in the JSON as far as they go
     t = [r["t"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5))
+    slow = result.get("slow_from_zero")
+    fig, axes = plt.subplots(3 if slow else 2, 1, figsize=(9, 9.5 if slow else 6.5))
+    ax1, ax2 = axes[0], axes[1]
     ax1.step(t, [r["cnn"]["actual"] or 0 for r in rows], where="post", label="cnn pods (actual scale)")
     ax1.step(t, [r["cnn"]["ready"] for r in rows], where="post", label="cnn pods Ready (kubelet)", linestyle="--")
     ax1.set_ylabel("pods")
@@ -431,13 +491,23 @@ def plot(result: dict, path: Path) -> None:
     more = held.get_legend_handles_labels()
     ax1.legend(lines[0] + more[0], lines[1] + more[1], loc="upper left", fontsize=8)
     stages = result["rest_from_zero"]["cold_start_s"]
-    names = [k for k, v in stages.items() if k != "pod" and v is not None]
-    ax2.barh(names, [stages[k] for k in names])
-    ax2.invert_yaxis()
-    ax2.set_xlabel("seconds after 20 REST requests reached cnn at zero pods")
+    bars(ax2, stages, "seconds after 20 REST requests reached cnn at zero pods")
+    if slow:
+        bars(
+            axes[2], slow["cold_start_s"], f"seconds after 20 REST requests reached cnn-slow ({slow['load_s']} s load)"
+        )
+    slow_title = f"; cnn-slow: first answer {slow['cold_start_s']['first answer']} s, 0 failed" if slow else ""
     save_figure(
         fig,
         f"cnn from zero: first answer {stages['first answer']} s, {result['rest_from_zero']['requests']} requests, "
-        f"0 failed; three cycles, 0 failed",
+        f"0 failed; three cycles, 0 failed{slow_title}",
         path,
     )
+
+
+def bars(ax, stages: dict, label: str) -> None:
+    """A cold start's stages as bars, in seconds after the burst."""
+    names = [k for k, v in stages.items() if k != "pod" and v is not None]
+    ax.barh(names, [stages[k] for k in names])
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
