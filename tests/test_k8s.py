@@ -337,7 +337,8 @@ def test_a_serverless_group_is_a_knative_service_with_the_same_pod():
         # Readiness: every model READY, over HTTP from the sidecar that the queue-proxy probes.
         assert ready["command"][2:] == ["ready-server", "--port", "8090", "--models", group]
         assert ready["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8090}
-        assert spec["timeoutSeconds"] == 600 and spec["containerConcurrency"] == 0
+        assert spec["timeoutSeconds"] == spec["responseStartTimeoutSeconds"] == 600
+        assert spec["containerConcurrency"] == 0
     [policy] = [d for d in docs if d["kind"] == "NetworkPolicy" and "test" not in d["metadata"]["name"]]
     knative = [
         r
