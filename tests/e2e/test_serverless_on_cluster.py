@@ -79,7 +79,7 @@ BURST = 20
 # A request from zero waits for a pod to start and load its models: measured 5-9 s here; the
 # client's deadline is far above it, and below the revision's timeoutSeconds (the chart's 600).
 COLD_TIMEOUT_S = 120
-# The slow group's deadline: its load and as much again as a fast one's, below timeoutSeconds.
+# The slow group's deadline: its load plus a fast group's deadline, below timeoutSeconds.
 SLOW_TIMEOUT_S = slow_handler.LOAD_S + COLD_TIMEOUT_S
 SLOW_CLAIM = "slow-models"
 LSTM_TARGET = 2  # requests in flight per lstm pod: 8 closed-loop clients want 4 pods, capped at MAX_SCALE
@@ -102,7 +102,7 @@ VALUES_FLAGS = [
     *("--set", f"groups.cnn-slow.modelSource.pvc.claimName={SLOW_CLAIM}"),
     *("--set", f"serverless.window={WINDOW_S}s", "--set", f"serverless.maxScale={MAX_SCALE}"),
 ]
-RESULTS: dict = {}  # what each test measured, written once by the last
+RESULTS: dict = {}  # what each test measured, written by the last two (save())
 
 pytestmark = pytest.mark.skipif(not REGISTRY_IMAGE, reason="no E2E_REGISTRY_IMAGE: e2e.sh starts the registry")
 
