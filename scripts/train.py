@@ -48,10 +48,10 @@ def to_device(batch, device):
 
 def train_one_epoch(model, task, optimizer, scheduler, scaler, device, epoch, args, writer, step):
     model.train()
-    n_batches = task.n_batches("train", args.batch_size, np.random.default_rng(args.seed + epoch))
+    n_batches = task.n_batches("train", args.batch_size, np.random.default_rng(args.init_seed + epoch))
     running, seen = 0.0, 0
     bar = tqdm(
-        task.batches("train", args.batch_size, np.random.default_rng(args.seed + epoch)),
+        task.batches("train", args.batch_size, np.random.default_rng(args.init_seed + epoch)),
         total=n_batches,
         desc=f"epoch {epoch}/{args.epochs}",
         leave=False,
@@ -178,6 +178,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed for splits, initialisation and shuffling (default: %(default)s)"
     )
     p.add_argument(
+        "--init-seed",
+        type=int,
+        default=None,
+        help="seed for initialisation and batch order only, the splits staying --seed's: the same model "
+        "trained again, scored on the same held-out test split (default: --seed)",
+    )
+    p.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="a control run for classifiers: train on the training split's labels shuffled, a model that "
+        "answers confidently and learns nothing (what a quality gate must stop) (default: off)",
+    )
+    p.add_argument(
         "--device",
         default="auto",
         help="auto, cpu, cuda or cuda:N; auto picks cuda when available, with AMP (default: %(default)s)",
@@ -237,6 +250,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.output_dir is None:
         args.output_dir = ROOT / "checkpoints" / args.model
+    if args.init_seed is None:
+        args.init_seed = args.seed
     for name in ("epochs", "batch_size", "lr", "limit", "max_tokens", "bleu_samples", "batch_tokens", "eval_beam"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.init_seed)
 
     resumed = registry.load_checkpoint(args.resume) if args.resume else None
     if resumed is not None and resumed["model_name"] != args.model:
@@ -259,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     ds = load_dataset(args.model, args.data, seed=args.seed, limit=args.limit)
+    if args.shuffle_labels:
+        if not isinstance(ds.y, np.ndarray):
+            raise CLIError(f"--shuffle-labels: {args.model} is not a classifier (its targets are not labels)")
+        train_idx = ds.splits["train"]
+        ds.y = ds.y.copy()
+        ds.y[train_idx] = np.random.default_rng(args.init_seed).permutation(ds.y[train_idx])
     if resumed is not None and resumed["data"]["fingerprint"] != ds.fingerprint:
         raise CLIError(f"--resume {args.resume}: data differs from the run it continues (fingerprint mismatch)")
     entry = registry.get(args.model)
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = sum(
-        task.n_batches("train", args.batch_size, np.random.default_rng(args.seed + e))
+        task.n_batches("train", args.batch_size, np.random.default_rng(args.init_seed + e))
         for e in range(1, args.epochs + 1)
     )
     scheduler = make_scheduler(optimizer, steps)

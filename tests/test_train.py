@@ -57,6 +57,22 @@ def test_a_trained_cnn_learns_something(tmp_path):
     assert ckpt["metrics"]["test"]["accuracy"] > 0.5  # chance is 0.1
 
 
+def test_another_init_seed_trains_another_model_on_the_same_split(tiny_checkpoints, tmp_path):
+    base = torch.load(tiny_checkpoints["cnn"], map_location="cpu", weights_only=True)
+    other = tiny_train("cnn", tmp_path / "seed1", "--init-seed", "1")
+    assert other["data"]["fingerprint"] == base["data"]["fingerprint"]  # the same held-out test split
+    assert other["train_args"]["init_seed"] == 1 and base["train_args"]["init_seed"] == 0
+    assert any(not torch.equal(w, base["state_dict"][k]) for k, w in other["state_dict"].items())
+
+
+def test_shuffled_labels_train_a_model_that_learns_nothing(tmp_path):
+    # As test_a_trained_cnn_learns_something, which scores above 0.5, but for the labels.
+    ckpt = tiny_train("cnn", tmp_path / "shuffled", "--shuffle-labels", "--epochs", "2", "--limit", "1000")
+    assert ckpt["metrics"]["test"]["accuracy"] < 0.3  # ten digits: chance is 0.1
+    with pytest.raises(CLIError, match="not a classifier"):
+        train.main(["--model", "transformer", "--shuffle-labels", "--epochs", "1", "--limit", "200"])
+
+
 def test_resume_continues_from_last_and_refuses_another_model(tmp_path):
     out = tmp_path / "cnn"
     tiny_train("cnn", out)
