@@ -7,7 +7,9 @@
 #               (k8s/cluster/base-image.sh makes one from Debian packages alone)
 #   --offline   install the Python packages only from k8s/wheelhouse, which is filled first on this
 #               host with `pip download` of the pinned versions (CPU torch where the host's pip finds it)
-#   --model-store  the archives to bake in (default model-store/, from `make archive`)
+#   --model-store  the archives to bake in (default model-store/, from `make archive`); the held-out
+#               test examples of their models, for the model-quality gate, are written to k8s/heldout
+#               first from their checkpoints (python -m scripts.gate export)
 #   --output    also write the image as a docker-archive tar (what `ctr images import` and
 #               `docker load` read)
 #   --engine    docker or buildah (default: docker when `docker info` answers, else buildah)
@@ -38,10 +40,20 @@ if [ -z "$engine" ]; then
 fi
 
 # The Dockerfile bind-mounts k8s/wheelhouse; it stays empty for an online build.
+# The model-quality gate's held-out sets, for the models of the store whose checkpoints are here.
+py=${PYTHON:-.venv/bin/python}
+rm -rf k8s/heldout && mkdir -p k8s/heldout
+mapfile -t gated < <("$py" -c 'import json, sys, pathlib
+for m in json.load(open(sys.argv[1]))["archives"]:
+    if pathlib.Path("checkpoints", m, "checkpoint.pt").is_file(): print(m)' "$store/manifest.json")
+if ((${#gated[@]})); then
+  "$py" -m scripts.gate export --out k8s/heldout --models "${gated[@]}"
+else
+  echo "build-image: no checkpoints/<model>/checkpoint.pt for the store's models: the image has no held-out sets (the quality gate cannot run)"
+fi
 mkdir -p k8s/wheelhouse
 pip_options=""
 if ((offline)); then
-  py=${PYTHON:-.venv/bin/python}
   echo "build-image: filling k8s/wheelhouse with the pinned wheels"
   # (grep: this machine's pip configuration warns about every extra index folder it lacks.)
   "$py" -m pip download --quiet --disable-pip-version-check --only-binary=:all: -d k8s/wheelhouse \
