@@ -39,6 +39,15 @@ if ! [[ $minor =~ ^[0-9]+$ ]] || ((minor < 24)); then
   exit 2
 fi
 
+# A module whose go line asks for a newer Go than this one is built with Go 1.27.3, which the go
+# command takes from the module proxy like any module (golang.org/toolchain, once per machine, kept
+# in GOMODCACHE). The other parts keep the machine's Go, so their build cache stays valid.
+need=$(awk '$1 == "go" {print $2; exit}' "$mod/go.mod")
+have=$(go env GOVERSION | sed 's/^go//')
+if [ "$(printf '%s\n' "$need" "$have" | sort -V | tail -1)" != "$have" ]; then
+  export GOTOOLCHAIN=go1.27.3
+fi
+
 # What the version commands report: the versions the go.mod requires.
 ldflags="-s -w" tags=""
 version_of() { (cd "$mod" && go list -m -f '{{.Version}}' "$1"); }
@@ -54,6 +63,10 @@ case $name in
   registry) ldflags+=" -X github.com/distribution/distribution/v3/version.version=$(version_of "$module")" ;;
   kube-state-metrics) ldflags+=" -X github.com/prometheus/common/version.Version=$(version_of "$module")" ;;
   kwok) ldflags+=" -X sigs.k8s.io/kwok/pkg/consts.Version=$(version_of "$module" | sed 's/^v//')" ;;
+  argo-rollouts)
+    ldflags+=" -X github.com/argoproj/argo-rollouts/utils/version.version=$(version_of "$module" | sed 's/^v//')"
+    ldflags+=" -X github.com/argoproj/argo-rollouts/utils/version.gitTreeState=clean"
+    ;;
   metrics-server) ldflags+=" -X sigs.k8s.io/metrics-server/pkg/version.gitVersion=$(version_of "$module")" ;;
   prometheus)
     # Prometheus's module version v0.X.Y is its release 3.X.Y. Only the kubernetes service discovery
@@ -88,6 +101,12 @@ if [ "$name" = keda ]; then
   # The CRDs of this KEDA version, from its module (config/crd), for `kubectl apply`.
   mkdir -p "$out/crds"
   cp "$(cd "$mod" && go list -m -f '{{.Dir}}' "$module")"/config/crd/bases/*.yaml "$out/crds/"
+fi
+if [ "$name" = argo-rollouts ]; then
+  # The CRDs of this version (Rollout, AnalysisTemplate, AnalysisRun, ...), from its module.
+  mkdir -p "$out/crds"
+  cp "$(cd "$mod" && go list -m -f '{{.Dir}}' "$module")"/manifests/crds/*-crd.yaml "$out/crds/"
+  chmod u+w "$out"/crds/*.yaml
 fi
 if [ "$name" = kwok ]; then
   # The upstream Stage definitions that make kwok's nodes Ready (with heartbeats through leases)

@@ -13,6 +13,7 @@
 #   k8s/cluster/cluster.sh registry         # start the image registry (TLS, htpasswd); returns once it answers
 #   k8s/cluster/cluster.sh dns              # start the cluster DNS (CoreDNS, Service kube-system/kube-dns); returns once ready
 #   k8s/cluster/cluster.sh knative          # install Knative Serving's core (after dns, registry); returns once it admits a Service
+#   k8s/cluster/cluster.sh rollouts         # Argo Rollouts' CRDs and controller; returns once it is healthy
 #   k8s/cluster/cluster.sh join [IMAGE]     # a second real node (below); pulls IMAGE from the registry; returns once Ready
 #   k8s/cluster/cluster.sh lose             # node loss: kill the second node's every process at once, cut its link
 #   k8s/cluster/cluster.sh leave            # the second node gone, its Node object deleted, the first as before
@@ -83,7 +84,8 @@ mapfile -t FLEET < <(stage_field fleet 4)
 mapfile -t POLICY < <(stage_field policy 4)
 mapfile -t REGISTRY < <(stage_field registry 4)
 mapfile -t DNS < <(stage_field dns 4)
-COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${DNS[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}" "${NODE2[@]}")
+mapfile -t ROLLOUTS < <(stage_field rollouts 4)
+COMPONENTS=("${CORE[@]}" "${POLICY[@]}" "${REGISTRY[@]}" "${DNS[@]}" "${METRICS[@]}" "${KEDA[@]}" "${FLEET[@]}" "${ROLLOUTS[@]}" "${NODE2[@]}")
 BIN_metrics_server=${BIN_metrics_server:-}
 BIN_prometheus_adapter=${BIN_prometheus_adapter:-}
 BIN_keda=${BIN_keda:-}
@@ -106,6 +108,9 @@ DNS_SERVICE_IP=10.96.0.10
 DNS_HEALTH_PORT=8180
 DNS_READY_PORT=8181
 BIN_knative=${BIN_knative:-}
+BIN_argo_rollouts=${BIN_argo_rollouts:-}
+ROLLOUTS_METRICS_PORT=8090
+ROLLOUTS_HEALTH_PORT=8091
 PY=${PY:-.venv/bin/python}  # a Python with PyYAML, for knative.py
 # The simulated fleet's pod addresses: kwok hands them out; nothing routes to them.
 KWOK_POD_CIDR=10.250.0.0/16
@@ -381,6 +386,27 @@ keda() {
 
   wait_for 120 "external.metrics.k8s.io available" api_available v1beta1.external.metrics.k8s.io || return 1
   for c in "${KEDA[@]}"; do running "$c" || die "$c exited: $(tail -5 "$STATE/logs/$c.log")"; done
+}
+
+crds_established() {
+  local crd
+  for crd in "$@"; do
+    kc get crd "$crd" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null | grep -qx True || return 1
+  done
+}
+
+# Argo Rollouts' controller, cluster-wide, as a host process with the admin kubeconfig (in a cluster:
+# its Deployment and ClusterRole from the project's install.yaml). Its CRDs come from its module.
+# It queries the e2e's Prometheus (loopback) for AnalysisRuns and creates their Jobs.
+rollouts() {
+  binaries rollouts
+  kc apply --server-side -f "$BIN_argo_rollouts/crds" >/dev/null
+  wait_for 60 "Argo Rollouts' CRDs established" crds_established rollouts.argoproj.io analysistemplates.argoproj.io \
+    analysisruns.argoproj.io || return 1
+  start rollouts-controller "$BIN_argo_rollouts/rollouts-controller" --kubeconfig="$STATE/admin.kubeconfig" \
+    --leader-elect=false --metricsPort="$ROLLOUTS_METRICS_PORT" --healthzPort="$ROLLOUTS_HEALTH_PORT" --loglevel=info
+  wait_for 60 "argo rollouts controller healthy" in_ns curl -fsS "http://127.0.0.1:$ROLLOUTS_HEALTH_PORT/healthz" || return 1
+  running rollouts-controller || die "rollouts-controller exited: $(tail -5 "$STATE/logs/rollouts-controller.log")"
 }
 
 # kwok: the simulated GPU fleet's nodes and pods, beside the real control plane. It manages only the
@@ -702,6 +728,7 @@ case ${1:-} in
   metrics) metrics ;;
   keda) keda ;;
   fleet) fleet ;;
+  rollouts) rollouts ;;
   policy) policy ;;
   registry) registry ;;
   dns) dns ;;

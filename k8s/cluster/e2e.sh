@@ -11,13 +11,13 @@
 #    or the --first command's status).
 # 2. builds, cached outside the repo under E2E_CACHE (default /var/cache/torchserve-e2e), each keyed
 #    on what makes it: Kubernetes v1.34, etcd, kube-router, the metrics components, KEDA, kwok, the
-#    registry, CoreDNS and Knative Serving with its images (from the
+#    registry, CoreDNS, Knative Serving with its images and Argo Rollouts (from the
 #    Go module proxy, pinned by k8s/cluster/go/*/go.sum), the Debian base and pause images. Nothing is
 #    rebuilt when its key is unchanged. The Go builds run in the background beside steps 2-3.
 # 3. the serving image from k8s/Dockerfile with buildah, offline from a wheelhouse, as a tar.
 # 4. the cluster up in its own network namespace, the image imported and pushed to the cluster's
 #    registry, kube-router's NetworkPolicy firewall, the metrics pipeline, KEDA, the cluster DNS
-#    (CoreDNS) and Knative Serving's core (for serverless groups) and kwok started, then
+#    (CoreDNS), Knative Serving's core (for serverless groups), Argo Rollouts and kwok started, then
 #    tests/e2e under pytest inside that namespace (helm install into Pod Security "restricted"
 #    namespaces, predictions, rollout, drain, restart, helm test, deploy, NetworkPolicy enforcement,
 #    pulls from the registry, a second real node joined for a node drain and a node loss under load,
@@ -210,6 +210,12 @@ fi
 
 step "cluster DNS (CoreDNS) and Knative Serving's core, for the serverless groups"
 if ! bash "$here/cluster.sh" dns || ! PY=$PY bash "$here/cluster.sh" knative; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+
+step "Argo Rollouts' controller, for progressive delivery with analysis"
+if ! bash "$here/cluster.sh" rollouts; then
   LOG_LINES=40 bash "$here/cluster.sh" logs
   exit 1
 fi
