@@ -157,6 +157,20 @@ one protocol per revision, so REST and gRPC on h2c are two groups). allInOnePod 
 {{- if and $serverless.enabled $canary.enabled -}}
 {{- fail (printf "groups.%s: serverless and canary together: a Knative Service rolls out its own revisions" $name) -}}
 {{- end -}}
+{{- $rollout := dict
+  "enabled" (dig "rollout" "enabled" $v.rollout.enabled $g)
+  "canaryWeights" (dig "rollout" "canaryWeights" $v.rollout.canaryWeights $g)
+  "analysis" (mergeOverwrite (deepCopy $v.rollout.analysis) (dig "rollout" "analysis" dict $g))
+  "qualityGate" (mergeOverwrite (deepCopy $v.rollout.qualityGate) (dig "rollout" "qualityGate" dict $g)) -}}
+{{- if and $rollout.enabled $serverless.enabled -}}
+{{- fail (printf "groups.%s: serverless and rollout together: a Knative Service rolls out its own revisions" $name) -}}
+{{- end -}}
+{{- if and $rollout.enabled $rollout.qualityGate.enabled $v.torchserve.tokenAuth -}}
+{{- fail (printf "groups.%s: the rollout's quality gate calls the pods without a token: it needs torchserve.tokenAuth=false (NetworkPolicy limits the callers), or rollout.qualityGate.enabled=false" $name) -}}
+{{- end -}}
+{{- if and $rollout.enabled $canary.enabled -}}
+{{- fail (printf "groups.%s: rollout and canary together: the Rollout runs the canary itself (leave canary.enabled off)" $name) -}}
+{{- end -}}
 {{- $_ := set $out $name (dict
   "models" $models
   "replicaCount" (dig "replicaCount" $v.replicaCount $g)
@@ -168,6 +182,7 @@ one protocol per revision, so REST and gRPC on h2c are two groups). allInOnePod 
   "source" $source
   "image" $image
   "canary" $canary
+  "rollout" $rollout
   "serverless" $serverless) -}}
 {{- end -}}
 {{- toJson $out -}}
