@@ -4,6 +4,7 @@
   python -m scripts.deploy apply --namespace team-a --timeout 1200
   python -m scripts.deploy apply --values my-values.yaml --set gpu.count=0   # render the chart for this cluster
   python -m scripts.deploy delete             # remove what `apply` created (keeps the namespace)
+  python -m scripts.deploy rollout --rollout ts-torchserve-models-cnn   # follow an Argo Rollout to its verdict
 
 `apply` checks the cluster answers and (when the pods ask for GPUs, MIG slices included) that some
 node advertises them, applies every object of k8s/manifests server-side, waits for every group's
@@ -11,6 +12,10 @@ rollout and for its pods to be Ready (every model READY, per the chart's readine
 sends each group's own models one prediction through a port-forward to one of its pods and prints
 it. Image pull failures, failed model fetches, crash loops and pods that never turn Ready stop it
 with their events and log tail.
+
+A group with rollout.enabled runs its pods through an Argo Rollouts Rollout: `apply` (and `rollout`)
+follow it step by step, one line per change (the step, Ready pods per version, each analysis with
+its figures and the quality gate's scores), and exit 1 when the new version is aborted.
 """
 
 from __future__ import annotations
@@ -305,6 +310,162 @@ def wait_for_rollout(api, dep_doc: dict, timeout: float):
         time.sleep(5)
 
 
+# ----------------------------------------------------------------------------- Argo Rollouts
+
+ROLLOUTS = ("argoproj.io", "v1alpha1")
+HASH_LABEL = "rollouts-pod-template-hash"
+
+
+def rollout_of(docs: list[dict], deployment: dict) -> dict | None:
+    """The Rollout that runs this Deployment's pods (its workloadRef), if the manifests have one."""
+    name = deployment["metadata"]["name"]
+    for d in docs:
+        if d["kind"] == "Rollout" and d["spec"].get("workloadRef", {}).get("name") == name:
+            return d
+    return None
+
+
+def describe_step(steps: list[dict], index: int | None) -> str:
+    """``step 2/5 analysis x-health``: the step a Rollout is at (index past the end: all steps done)."""
+    if index is None or index >= len(steps):
+        return f"step {len(steps)}/{len(steps)} done"
+    step = steps[index]
+    if "setWeight" in step:
+        what = f"setWeight {step['setWeight']}"
+    elif "analysis" in step:
+        what = "analysis " + ",".join(t["templateName"] for t in step["analysis"].get("templates", []))
+    elif "pause" in step:
+        what = "pause"
+    else:
+        what = next(iter(step), "?")
+    return f"step {index + 1}/{len(steps)} {what}"
+
+
+def measurement_summary(run: dict) -> str:
+    """An AnalysisRun's metrics in one line: ``error-rate 0 Successful, latency 9.8 Successful``."""
+    parts = []
+    for m in run.get("status", {}).get("metricResults", []):
+        last = (m.get("measurements") or [{}])[-1]
+        value = last.get("value", "")
+        value = value.strip("[]") if isinstance(value, str) else value
+        parts.append(" ".join(str(x) for x in (m["name"], value, m.get("phase", "")) if x not in ("", None)))
+    return ", ".join(parts)
+
+
+def ready_by_hash(pods) -> collections.Counter:
+    """Ready pods per pod-template hash (Argo Rollouts' label), from the API's pod objects."""
+    ready: collections.Counter = collections.Counter()
+    for p in pods:
+        if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []):
+            ready[(p.metadata.labels or {}).get(HASH_LABEL, "")] += 1
+    return ready
+
+
+def rollout_state(ro: dict, ready: collections.Counter) -> tuple[str, str]:
+    """(key, line): where a Rollout stands, the key changing when a line is worth printing."""
+    st, steps = ro.get("status", {}), ro["spec"].get("strategy", {}).get("canary", {}).get("steps", [])
+    stable, current = st.get("stableRS", ""), st.get("currentPodHash", "")
+    run = st.get("canary", {}).get("currentStepAnalysisRunStatus") or {}
+    pods_line = f"stable {stable or '-'} {ready.get(stable, 0)} Ready"
+    if current and current != stable:
+        pods_line = f"canary {current} {ready.get(current, 0)} Ready, " + pods_line
+    analysis = f", analysis {run['name']} {run.get('status', '')}" if run else ""
+    phase = st.get("phase", "?") + (" aborted" if st.get("abort") else "")
+    line = f"{describe_step(steps, st.get('currentStepIndex'))}: {pods_line}{analysis} ({phase})"
+    key = (
+        f"{st.get('currentStepIndex')}|{phase}|{current}|{run.get('name')}|{run.get('status')}|{sorted(ready.items())}"
+    )
+    return key, line
+
+
+def verdict(ro: dict, workload_generation: int | None) -> bool | None:
+    """True: the newest template is promoted (or nothing is new); False: it was aborted and the stable
+    version is back; None: not yet. Only once the controller has seen the newest template (of the
+    Deployment the Rollout refers to), so a previous abort is not taken for this one's."""
+    st = ro.get("status", {})
+    if workload_generation is not None:
+        seen = str(st.get("workloadObservedGeneration", "")) == str(workload_generation)
+    else:
+        seen = st.get("observedGeneration") == str(ro["metadata"].get("generation"))
+    if not seen:
+        return None
+    if st.get("abort") and st.get("phase") == "Degraded":
+        return False
+    if st.get("phase") == "Healthy" and st.get("stableRS") and st.get("stableRS") == st.get("currentPodHash"):
+        return True
+    return None
+
+
+def watch_rollout(api, namespace: str, name: str, timeout: float, out=print) -> bool:
+    """Follow a Rollout to its verdict, one line per change (step, Ready pods per version, each
+    analysis with its figures and the quality gate's scores): True once the newest version is
+    promoted (or nothing is new), False once it is aborted and the stable version is back."""
+    from kubernetes import client
+
+    custom, core, apps = client.CustomObjectsApi(api), client.CoreV1Api(api), client.AppsV1Api(api)
+    t0 = time.monotonic()
+    seen, printed = "", analysis_runs(custom, namespace, name, finished_only=True)
+
+    def say(line: str) -> None:
+        out(f"rollout {name} [{time.monotonic() - t0:4.0f}s] {line}", flush=True)
+
+    while True:
+        ro = custom.get_namespaced_custom_object(*ROLLOUTS, namespace, "rollouts", name)
+        selector = ",".join(f"{k}={v}" for k, v in ro["spec"]["selector"]["matchLabels"].items())
+        key, line = rollout_state(ro, ready_by_hash(core.list_namespaced_pod(namespace, label_selector=selector).items))
+        if key != seen:
+            say(line)
+            seen = key
+        for run_name in sorted(analysis_runs(custom, namespace, name, finished_only=True) - printed):
+            run = custom.get_namespaced_custom_object(*ROLLOUTS, namespace, "analysisruns", run_name)
+            printed.add(run_name)
+            phase = run["status"]["phase"]
+            say(f"analysis {run_name}: {phase}: {measurement_summary(run)}{gate_lines(core, namespace, run)}")
+        ref = ro["spec"].get("workloadRef", {}).get("name")
+        generation = apps.read_namespaced_deployment(ref, namespace).metadata.generation if ref else None
+        done = verdict(ro, generation)
+        st = ro.get("status", {})
+        if done is False:
+            say(f"ABORTED: {st.get('message', '')}; the stable version {st.get('stableRS')} serves")
+            return False
+        if done:
+            say(f"promoted: {st.get('stableRS')} is stable, {st.get('readyReplicas', 0)} pods Ready")
+            return True
+        if time.monotonic() - t0 > timeout:
+            raise CLIError(f"rollout {namespace}/{name}: no verdict in {timeout:.0f}s ({line})")
+        time.sleep(2)
+
+
+def analysis_runs(custom, namespace: str, rollout: str, finished_only: bool = False) -> set[str]:
+    """The names of the Rollout's AnalysisRuns (those that have finished)."""
+    runs = custom.list_namespaced_custom_object(*ROLLOUTS, namespace, "analysisruns")["items"]
+    return {
+        r["metadata"]["name"]
+        for r in runs
+        if any(
+            o.get("kind") == "Rollout" and o.get("name") == rollout for o in r["metadata"].get("ownerReferences", [])
+        )
+        and (not finished_only or r.get("status", {}).get("phase") in ("Successful", "Failed", "Error", "Inconclusive"))
+    }
+
+
+def gate_lines(core, namespace: str, run: dict) -> str:
+    """The quality gate's verdict lines from the logs of the run's Jobs, if it ran any."""
+    lines = []
+    for m in run.get("status", {}).get("metricResults", []):
+        for meas in m.get("measurements") or []:
+            job = (meas.get("metadata") or {}).get("job-name")
+            if not job:
+                continue
+            for pod in core.list_namespaced_pod(namespace, label_selector=f"job-name={job}").items:
+                try:
+                    log = core.read_namespaced_pod_log(pod.metadata.name, namespace, tail_lines=20)
+                except Exception:  # the pod is gone: its verdict is the metric's phase
+                    continue
+                lines += [line for line in log.splitlines() if line.startswith("gate:")]
+    return "".join(f"\n    {line}" for line in lines)
+
+
 def smoke(api, pod, model: str, payload, port: int = 8080, timeout: float = 30) -> tuple[int, bytes]:
     from kubernetes import client
     from kubernetes.stream import portforward
@@ -352,7 +513,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("command", choices=["apply", "delete"], help="what to do")
+    p.add_argument(
+        "command",
+        choices=["apply", "delete", "rollout"],
+        help="what to do; rollout: follow each Rollout of the manifests (or --rollout NAME) to its verdict",
+    )
+    p.add_argument(
+        "--rollout", default=None, help="rollout: the Rollout to follow (default: every one of the manifests)"
+    )
     p.add_argument("--manifests", type=Path, default=MANIFESTS, help="rendered manifests (default: k8s/manifests)")
     p.add_argument(
         "--values",
@@ -380,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     api, version = connect()
     print(f"cluster: Kubernetes {version}")
+    if args.command == "rollout" and args.rollout:
+        namespace = args.namespace or "ml-serving"
+        return 0 if watch_rollout(api, namespace, args.rollout, args.timeout) else 1
     if args.values or args.sets:
         full_version, apis = api_versions(api)
         docs = in_namespace(render_chart(args.values, args.sets, full_version, apis), args.namespace)
@@ -388,6 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "delete":
         delete(api, docs)
         return 0
+    if args.command == "rollout":
+        rollouts = [d for d in docs if d["kind"] == "Rollout"]
+        if not rollouts:
+            raise CLIError("no Rollout in the manifests (set rollout.enabled)")
+        verdicts = [
+            watch_rollout(api, r["metadata"]["namespace"], r["metadata"]["name"], args.timeout) for r in rollouts
+        ]
+        return 0 if all(verdicts) else 1
     from kubernetes import client
 
     deps = deployments_of(docs)
@@ -412,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     inputs = smoke_inputs(sorted({m for d in deps for m in served_models(d)}), args.smoke_text)
     for dep in deps:
         name = dep["metadata"]["name"]
+        ro = rollout_of(docs, dep)
+        if ro and not watch_rollout(
+            api, ro["metadata"]["namespace"], ro["metadata"]["name"], deadline - time.monotonic()
+        ):
+            raise CLIError(f"rollout {ro['metadata']['name']} aborted: the stable version still serves")
         pods = wait_for_rollout(api, dep, max(1.0, deadline - time.monotonic()))
         print(f"rollout of {name} done in {time.monotonic() - t0:.0f}s: {len(pods)} pods Ready")
         for model in served_models(dep):

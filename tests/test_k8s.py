@@ -2,6 +2,7 @@
 in-pod scripts for real, and the deploy tool's logic. No API server runs here: the deploy tool's
 real run is skipped unless KUBECONFIG names a reachable cluster."""
 
+import collections
 import http.server
 import json
 import os
@@ -376,6 +377,69 @@ def test_serverless_refuses_a_canary_and_a_model_without_a_target():
     assert "serverless and canary together" in render_error(on, "groups.cnn.canary.enabled=true")
     assert "model cnn has no serverless.targetConcurrency" in render_error(on, "serverless.targetConcurrency.cnn=null")
     assert "serverless.protocol" in render_error(on, "serverless.protocol=grpc")
+
+
+def test_a_rollout_group_runs_its_deployments_pods_through_a_rollout_with_analysis_at_each_step():
+    docs = k8s_tool.template(
+        k8s_tool.KUBE_VERSIONS[-1],
+        *("--set", "groups.cnn.rollout.enabled=true", "--set", "groups.cnn.rollout.canaryWeights={20,60}"),
+        *("--set", "rollout.qualityGate.tolerance.accuracy=0.03"),
+    )
+    [ro] = by_kind(docs, "Rollout")
+    dep = by_group(docs, "Deployment")["cnn"]
+    # The pod template stays the Deployment's, which keeps no pod of its own on a new install.
+    assert ro["spec"]["workloadRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": dep["metadata"]["name"],
+        "scaleDown": "progressively",
+    }
+    assert dep["spec"]["replicas"] == 0 and "replicas" not in by_group(docs, "Deployment")["lstm"]["spec"]
+    assert ro["spec"]["selector"] == dep["spec"]["selector"] and "template" not in ro["spec"]
+    # The HPA scales the Rollout; the other groups keep theirs on their Deployments.
+    hpas = by_group(docs, "HorizontalPodAutoscaler")
+    assert hpas["cnn"]["spec"]["scaleTargetRef"] == {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Rollout",
+        "name": ro["metadata"]["name"],
+    }
+    assert hpas["lstm"]["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    canary = ro["spec"]["strategy"]["canary"]
+    assert (canary["maxSurge"], canary["maxUnavailable"]) == (1, 0)
+    steps = [next(iter(s)) + ":" + str(s.get("setWeight", "")) for s in canary["steps"]]
+    assert steps == ["setWeight:20", "analysis:", "analysis:", "setWeight:60", "analysis:"]
+    health, quality = (canary["steps"][i]["analysis"]["templates"][0]["templateName"] for i in (1, 2))
+    templates = {t["metadata"]["name"]: t for t in by_kind(docs, "AnalysisTemplate")}
+    assert set(templates) == {health, quality}
+    # Health: the canary pods' error rate and latency, each measurement must pass.
+    metrics = {m["name"]: m for m in templates[health]["spec"]["metrics"]}
+    assert set(metrics) == {"error-rate", "latency"}
+    assert metrics["error-rate"]["successCondition"] == "result[0] <= 0.01"
+    assert all(m["failureLimit"] == 0 for m in metrics.values())
+    query = metrics["error-rate"]["provider"]["prometheus"]["query"]
+    assert 'rollouts_pod_template_hash="{{args.canary-hash}}"' in query and "Requests5XX" in query
+    # Quality: the gate from the serving image, told both versions' pod-template hashes.
+    args = {a["name"]: a["valueFrom"]["podTemplateHashValue"] for a in canary["steps"][2]["analysis"]["args"]}
+    assert args == {"canary-hash": "Latest", "stable-hash": "Stable"}
+    job = templates[quality]["spec"]["metrics"][0]["provider"]["job"]["spec"]
+    pod = job["template"]["spec"]
+    [gate] = pod["containers"]
+    assert gate["image"] == dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert gate["command"][:4] == ["python3", "-m", "scripts.gate", "compare"]
+    assert "accuracy=0.03" in gate["command"] and "{{args.stable-hash}}" in gate["command"]
+    assert job["backoffLimit"] == 0 and gate["securityContext"]["readOnlyRootFilesystem"]
+    assert job["template"]["metadata"]["labels"]["torchserve-client"] == "true"  # the policy's inference clients
+    [role] = by_kind(docs, "Role")
+    assert pod["serviceAccountName"] == role["metadata"]["name"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+
+
+def test_a_rollout_refuses_a_canary_and_serverless():
+    on = "groups.cnn.rollout.enabled=true"
+    assert "rollout and canary together" in render_error(on, "groups.cnn.canary.enabled=true")
+    assert "serverless and rollout together" in render_error(on, "groups.cnn.serverless.enabled=true")
+    assert "canaryWeights" in render_error(on, "rollout.canaryWeights={100}")
+    assert "needs torchserve.tokenAuth=false" in render_error(on, "torchserve.tokenAuth=true")
 
 
 def test_a_group_sets_its_own_gpus_bounds_and_version_and_a_canary_shares_its_services():
@@ -1022,6 +1086,62 @@ def test_http_over_a_socket_pair_like_the_port_forward():
     assert time.monotonic() - t0 < 4, "read until the timeout instead of the answer's end"
     assert got[0].startswith(b"POST /predictions/lstm HTTP/1.1")
     b.close()
+
+
+STEPS = [
+    {"setWeight": 25},
+    {"analysis": {"templates": [{"templateName": "ts-cnn-health"}]}},
+    {"analysis": {"templates": [{"templateName": "ts-cnn-quality"}]}},
+    {"setWeight": 50},
+    {"analysis": {"templates": [{"templateName": "ts-cnn-health"}]}},
+]
+
+
+def a_rollout(generation: str = "3", **status) -> dict:
+    return {
+        "metadata": {"generation": 1},
+        "spec": {"strategy": {"canary": {"steps": STEPS}}, "workloadRef": {"name": "ts-cnn"}},
+        "status": {"workloadObservedGeneration": generation, **status},
+    }
+
+
+def test_deploy_follows_a_rollout_step_by_step_in_one_line_each():
+    ro = a_rollout(
+        currentStepIndex=2,
+        stableRS="aaa",
+        currentPodHash="bbb",
+        phase="Progressing",
+        canary={"currentStepAnalysisRunStatus": {"name": "ts-cnn-bbb-2-2", "status": "Running"}},
+    )
+    key, line = deploy.rollout_state(ro, collections.Counter({"aaa": 3, "bbb": 1}))
+    assert line == (
+        "step 3/5 analysis ts-cnn-quality: canary bbb 1 Ready, stable aaa 3 Ready, "
+        "analysis ts-cnn-bbb-2-2 Running (Progressing)"
+    )
+    # A new line only when something changed: the step, the pods, the analysis.
+    assert deploy.rollout_state(ro, collections.Counter({"aaa": 3, "bbb": 1}))[0] == key
+    assert deploy.rollout_state(ro, collections.Counter({"aaa": 4}))[0] != key
+    assert deploy.describe_step(STEPS, 5) == "step 5/5 done"
+    run = {
+        "status": {
+            "metricResults": [
+                {"name": "error-rate", "phase": "Successful", "measurements": [{"value": "[0.0021]"}]},
+                {"name": "model-quality", "phase": "Failed", "measurements": [{"metadata": {"job-name": "j"}}]},
+            ]
+        }
+    }
+    assert deploy.measurement_summary(run) == "error-rate 0.0021 Successful, model-quality Failed"
+
+
+def test_a_rollouts_verdict_waits_for_the_controller_to_see_the_newest_template():
+    aborted = {"abort": True, "phase": "Degraded", "stableRS": "aaa", "currentPodHash": "bbb"}
+    promoted = {"phase": "Healthy", "stableRS": "bbb", "currentPodHash": "bbb"}
+    assert deploy.verdict(a_rollout("3", **aborted), 3) is False
+    assert deploy.verdict(a_rollout("3", **promoted), 3) is True
+    # The Deployment changed again (a new version): the last abort or promotion is not this one's.
+    assert deploy.verdict(a_rollout("3", **aborted), 4) is None
+    assert deploy.verdict(a_rollout("3", **promoted), 4) is None
+    assert deploy.verdict(a_rollout("4", phase="Progressing", stableRS="bbb", currentPodHash="ccc"), 4) is None
 
 
 def test_deploy_without_a_cluster_is_one_clear_line(tmp_path):
