@@ -26,6 +26,7 @@ import json
 import os
 import ssl
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -154,22 +155,41 @@ def pod_urls(namespace: str, selector: str, pod_hash: str, port: int) -> list[st
     """The inference addresses of the Ready pods matching ``selector`` with that pod-template hash,
     from the Kubernetes API with this pod's service-account token."""
     query = urllib.parse.urlencode({"labelSelector": f"{selector},{HASH_LABEL}={pod_hash}"})
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-    if not host:
+    api = os.environ.get("KUBERNETES_SERVICE_HOST")
+    if not api:
         raise CLIError("not in a pod (no KUBERNETES_SERVICE_HOST): give --canary and --stable addresses")
     req = urllib.request.Request(
-        f"https://{host}:{port}/api/v1/namespaces/{namespace}/pods?{query}",
+        f"https://{api}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}/api/v1/namespaces/{namespace}/pods?{query}",
         headers={"Authorization": f"Bearer {(SA / 'token').read_text().strip()}"},
     )
     ctx = ssl.create_default_context(cafile=str(SA / "ca.crt"))
     with urllib.request.urlopen(req, context=ctx, timeout=20) as r:
-        pods = json.load(r)["items"]
+        return ready_urls(json.load(r)["items"], port)
+
+
+def ready_urls(pods: list[dict], port: int) -> list[str]:
+    """http://<pod IP>:<port> of each pod (as the API lists them) that is Ready and not going away."""
     urls = []
     for p in pods:
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
         if ready and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"):
             urls.append(f"http://{p['status']['podIP']}:{port}")
     return sorted(urls)
+
+
+def unreachable(urls: list[str], timeout: float = 5.0) -> list[str]:
+    """The URLs whose TorchServe does not answer /ping within ``timeout``: the gate says so at once
+    rather than waiting out every request's deadline (a NetworkPolicy that drops its packets)."""
+    out = []
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=timeout):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answered
+        except (OSError, urllib.error.URLError) as e:
+            out.append(f"{url} ({getattr(e, 'reason', e)})")
+    return out
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -232,6 +252,9 @@ def compare(args) -> int:
         return 0
     if not canary_urls or not stable_urls:
         print(f"gate: no Ready pods to compare (canary {len(canary_urls)}, stable {len(stable_urls)})")
+        return 2
+    if dead := unreachable(canary_urls + stable_urls):
+        print(f"gate: no answer to /ping from {', '.join(dead)}: cannot compare", flush=True)
         return 2
     worst = 0
     for model in args.models:

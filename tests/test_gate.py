@@ -49,6 +49,15 @@ def test_a_model_without_its_held_out_set_is_a_clear_error(tmp_path):
         gate.load_heldout(tmp_path, "lstm")
 
 
+def test_the_pods_urls_are_the_ready_ones_on_the_inference_port():
+    def pod(ip, ready="True", deleting=False):
+        meta = {"deletionTimestamp": "2026-12-06T00:00:00Z"} if deleting else {}
+        return {"metadata": meta, "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}}
+
+    pods = [pod("10.0.0.9"), pod("10.0.0.2"), pod("10.0.0.3", "False"), pod("10.0.0.4", deleting=True)]
+    assert gate.ready_urls(pods, 8080) == ["http://10.0.0.2:8080", "http://10.0.0.9:8080"]
+
+
 def test_compare_needs_both_sides():
     assert gate.run_cli("gate", gate.main, ["compare", "--models", "cnn", "--canary", "http://127.0.0.1:9"]) == 1
 
@@ -68,8 +77,7 @@ def test_compare_scores_both_sides_on_a_real_torchserve_and_fails_a_canary_below
     # ...and fails where the canary must beat the stable by more than it can.
     assert gate.main([*args, "--tolerance", "accuracy=-1.01"]) == 1
     assert capsys.readouterr().out.strip().endswith("FAIL")
-    # A canary that answers nothing scores nothing, and says how many requests failed.
+    # A canary that cannot be reached is no measurement: exit 2, at once, naming it.
     dead = ["compare", "--models", "cnn", "--heldout", str(tmp_path), "--canary", "http://127.0.0.1:9", "--stable", url]
-    assert gate.main([*dead, "--timeout", "5"]) == 1
-    out = capsys.readouterr().out
-    assert "canary 0.0000" in out and "30 canary requests failed" in out and out.strip().endswith("FAIL"), out
+    assert gate.main(dead) == 2
+    assert "no answer to /ping from http://127.0.0.1:9" in capsys.readouterr().out
