@@ -348,6 +348,10 @@ def measurement_summary(run: dict) -> str:
         last = (m.get("measurements") or [{}])[-1]
         value = last.get("value", "")
         value = value.strip("[]") if isinstance(value, str) else value
+        try:
+            value = f"{float(value):.4g}"
+        except (TypeError, ValueError):
+            pass
         parts.append(" ".join(str(x) for x in (m["name"], value, m.get("phase", "")) if x not in ("", None)))
     return ", ".join(parts)
 

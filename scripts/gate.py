@@ -26,6 +26,7 @@ import json
 import os
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -177,19 +178,28 @@ def ready_urls(pods: list[dict], port: int) -> list[str]:
     return sorted(urls)
 
 
-def unreachable(urls: list[str], timeout: float = 5.0) -> list[str]:
-    """The URLs whose TorchServe does not answer /ping within ``timeout``: the gate says so at once
-    rather than waiting out every request's deadline (a NetworkPolicy that drops its packets)."""
-    out = []
-    for url in urls:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=timeout):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answered
-        except (OSError, urllib.error.URLError) as e:
-            out.append(f"{url} ({getattr(e, 'reason', e)})")
-    return out
+def unreachable(urls: list[str], within: float = 60.0, timeout: float = 5.0) -> list[str]:
+    """The URLs whose TorchServe has not answered /ping within ``within`` seconds, tried every 2 s.
+
+    A NetworkPolicy enforcer admits a new pod's packets a moment after it starts (kube-router
+    refuses them until its next sync of the pod), so a first refusal is not the answer; past the
+    bound the gate says so rather than waiting out every request's deadline."""
+    deadline = time.monotonic() + within
+    pending, why = list(urls), {}
+    while pending:
+        for url in list(pending):
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=timeout):
+                    pending.remove(url)
+            except urllib.error.HTTPError:
+                pending.remove(url)  # it answered (401 where tokens are on)
+            except (OSError, urllib.error.URLError) as e:
+                why[url] = str(getattr(e, "reason", e))
+        if pending and time.monotonic() > deadline:
+            break
+        if pending:
+            time.sleep(2)
+    return [f"{url} ({why[url]})" for url in pending]
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -228,6 +238,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="how far below the stable the canary may score: accuracy=0.02 (a fraction), bleu=2 (points); repeatable",
     )
     c.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)")
+    c.add_argument(
+        "--reach-within",
+        type=float,
+        default=60.0,
+        help="seconds every pod has to answer /ping before the gate gives up, exit 2 (default: %(default)s)",
+    )
     return p
 
 
@@ -253,7 +269,7 @@ def compare(args) -> int:
     if not canary_urls or not stable_urls:
         print(f"gate: no Ready pods to compare (canary {len(canary_urls)}, stable {len(stable_urls)})")
         return 2
-    if dead := unreachable(canary_urls + stable_urls):
+    if dead := unreachable(canary_urls + stable_urls, args.reach_within):
         print(f"gate: no answer to /ping from {', '.join(dead)}: cannot compare", flush=True)
         return 2
     worst = 0
