@@ -25,6 +25,7 @@ bench/results/rollouts.json and rollouts.png.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 import subprocess
@@ -167,7 +168,8 @@ class Rollouts:
 
     def upgrade_to(self, version: str) -> tuple[bool, list[str], float, float]:
         """helm upgrade to that version's archive; the deploy tool follows the rollout to its verdict.
-        Returns (promoted, the tool's lines, seconds to the verdict, the load's clock at the upgrade)."""
+        Records the version's figures; returns (promoted, the tool's lines, seconds to the verdict,
+        the load's clock at the upgrade)."""
         at = time.monotonic() - self.load.t0
         self.c.helm(
             "upgrade",
@@ -187,7 +189,15 @@ class Rollouts:
         print(f"--- deploy rollout ({version}): exit {proc.returncode}\n{proc.stdout}{proc.stderr[-2000:]}")
         if proc.returncode not in (0, 1):
             raise StepFailed(f"deploy rollout failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
-        return proc.returncode == 0, lines, time.monotonic() - t0, at
+        took = time.monotonic() - t0
+        RESULTS["versions"][version] = {
+            "archive_version": VERSIONS[version],
+            "upgraded_at_s": round(at, 1),
+            "verdict_s": round(took, 1),
+            "lines": lines,
+            "gate": gate_scores(lines),
+        }
+        return proc.returncode == 0, lines, took, at
 
 
 @pytest.fixture(scope="module")
@@ -281,16 +291,9 @@ def test_a_good_new_version_is_promoted_through_every_step_by_itself(rollouts):
     hpa_scales_the_rollout(r.c)
     before = r.status()["stableRS"]
     failed_before = len(r.load.non_ok())
-    promoted, lines, took, at = r.upgrade_to("good")
+    promoted, lines, _, at = r.upgrade_to("good")
     st = r.status()
     gate = [line.strip() for line in lines if line.strip().startswith("gate: cnn accuracy")]
-    RESULTS["versions"]["good"] = {
-        "archive_version": VERSIONS["good"],
-        "upgraded_at_s": round(at, 1),
-        "verdict_s": round(took, 1),
-        "lines": lines,
-        "gate": gate_scores(lines),
-    }
     assert promoted, "\n".join(lines)
     assert st["stableRS"] != before and st["stableRS"] == st["currentPodHash"], st
     assert r.ready_by_hash() == {st["stableRS"]: PODS}
@@ -301,54 +304,40 @@ def test_a_good_new_version_is_promoted_through_every_step_by_itself(rollouts):
     assert len(r.load.non_ok()) == failed_before == 0, r.load.failures[:10]
 
 
+def rolled_back(r: Rollouts, version: str, metric: str) -> tuple[list[str], float]:
+    """Roll ``version`` out and see it aborted by ``metric``'s failure and the stable version alone
+    again, by itself. Returns the deploy tool's lines and the load's clock at the upgrade."""
+    stable = r.status()["stableRS"]
+    promoted, lines, _, at = r.upgrade_to(version)
+    st = r.status()
+    assert not promoted and st.get("abort") and st["stableRS"] == stable, st
+    assert [line for line in lines if ": Failed:" in line and metric in line], lines
+    assert metric in st.get("message", ""), st
+    r.c.wait("the stable version alone again", lambda: r.ready_by_hash() == {stable: PODS}, GRACE_S + 60)
+    RESULTS["versions"][version]["rolled_back_s"] = round(time.monotonic() - r.load.t0 - at, 1)
+    return lines, at
+
+
 def test_a_quietly_bad_version_is_aborted_by_the_quality_gate_and_rolled_back(rollouts):
     r = rollouts
-    stable = r.status()["stableRS"]
-    promoted, lines, took, at = r.upgrade_to("quiet")
-    st = r.status()
-    RESULTS["versions"]["quiet"] = {
-        "archive_version": VERSIONS["quiet"],
-        "upgraded_at_s": round(at, 1),
-        "verdict_s": round(took, 1),
-        "lines": lines,
-        "gate": gate_scores(lines),
-    }
-    assert not promoted and st.get("abort") and st["stableRS"] == stable, st
+    lines, _ = rolled_back(r, "quiet", "model-quality")
     # The health analysis passed (error rate and latency cannot tell), then the gate failed it.
     assert any(": Successful:" in line and "error-rate" in line for line in lines), lines
-    assert [line for line in lines if ": Failed:" in line and "model-quality" in line], lines
-    assert "model-quality" in st.get("message", ""), st
     gate = [line.strip() for line in lines if line.strip().startswith("gate: cnn accuracy")]
     assert gate and gate[-1].endswith("FAIL"), lines
-    # Back to the stable version alone, by itself.
-    r.c.wait("the stable version alone again", lambda: r.ready_by_hash() == {stable: PODS}, GRACE_S + 60)
-    RESULTS["versions"]["quiet"]["rolled_back_s"] = round(time.monotonic() - r.load.t0 - at, 1)
     assert not r.load.non_ok(), r.load.failures[:10]
 
 
 def test_a_loudly_bad_version_is_aborted_by_the_error_rate_check(rollouts):
     r = rollouts
-    stable = r.status()["stableRS"]
-    promoted, lines, took, at = r.upgrade_to("loud")
-    st = r.status()
-    RESULTS["versions"]["loud"] = {
-        "archive_version": VERSIONS["loud"],
-        "upgraded_at_s": round(at, 1),
-        "verdict_s": round(took, 1),
-        "lines": lines,
-        "gate": gate_scores(lines),
-    }
-    assert not promoted and st.get("abort") and st["stableRS"] == stable, st
-    assert [line for line in lines if ": Failed:" in line and "error-rate" in line], lines
-    assert "error-rate" in st.get("message", ""), st
+    lines, at = rolled_back(r, "loud", "error-rate")
     assert not any("model-quality" in line for line in lines), (
         "the gate ran: the error-rate check should have aborted first"
     )
-    r.c.wait("the stable version alone again", lambda: r.ready_by_hash() == {stable: PODS}, GRACE_S + 60)
     end = time.monotonic() - r.load.t0
-    RESULTS["versions"]["loud"]["rolled_back_s"] = round(end - at, 1)
     # The failures: the canary's requests only, while it was Ready in the Service.
-    canary_ready = [s["t"] for s in r.samples if s["t"] >= at and s["ready"].get(st.get("currentPodHash") or "", 0)]
+    canary = r.status().get("currentPodHash", "")  # the aborted version's pods
+    canary_ready = [s["t"] for s in r.samples if s["t"] >= at and s["ready"].get(canary, 0)]
     fails = failed_between(r.load, at, end)
     sent = [s for s in r.load.sent if at <= s.start <= end]
     RESULTS["versions"]["loud"].update(
@@ -356,11 +345,9 @@ def test_a_loudly_bad_version_is_aborted_by_the_error_rate_check(rollouts):
             "failed": len(fails),
             "sent": len(sent),
             "failed_window_s": [round(fails[0].start, 1), round(fails[-1].start, 1)] if fails else None,
-            "outcomes": dict(sorted({s.outcome: 0 for s in fails}.items())),
+            "outcomes": dict(collections.Counter(s.outcome for s in fails)),
         }
     )
-    for s in fails:
-        RESULTS["versions"]["loud"]["outcomes"][s.outcome] += 1
     assert fails, "the loudly bad version failed no request: the test shows nothing"
     assert len(r.load.non_ok()) == len(fails), r.load.failures[:10]  # none before this version
     # At most the canary's share (1 of 4 pods) of the requests in the window, half of which fail.
