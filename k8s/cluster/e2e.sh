@@ -228,4 +228,5 @@ fi
 
 step "tests/e2e (pytest inside the cluster's network namespace)"
 export KUBECONFIG=$STATE/admin.kubeconfig E2E_IMAGE=$IMAGE E2E_CLUSTER_SCRIPT=$PWD/$here/cluster.sh
-nsenter --net="/run/netns/$NETNS" -- "$PY" -m pytest tests/e2e -p no:cacheprovider -rfEP "$@"
+# --durations: the 30 slowest steps at the end, where CI's time goes.
+nsenter --net="/run/netns/$NETNS" -- "$PY" -m pytest tests/e2e -p no:cacheprovider -rfEP --durations=30 "$@"
