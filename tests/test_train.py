@@ -65,6 +65,7 @@ def test_another_init_seed_trains_another_model_on_the_same_split(tiny_checkpoin
     assert any(not torch.equal(w, base["state_dict"][k]) for k, w in other["state_dict"].items())
 
 
+@pytest.mark.slow  # trains beyond the tiny configuration
 def test_shuffled_labels_train_a_model_that_learns_nothing(tmp_path):
     # As test_a_trained_cnn_learns_something, which scores above 0.5, but for the labels.
     ckpt = tiny_train("cnn", tmp_path / "shuffled", "--shuffle-labels", "--epochs", "2", "--limit", "1000")
