@@ -408,7 +408,7 @@ def watch_rollout(api, namespace: str, name: str, timeout: float, out=print) -> 
 
     custom, core, apps = client.CustomObjectsApi(api), client.CoreV1Api(api), client.AppsV1Api(api)
     t0 = time.monotonic()
-    seen, printed = "", analysis_runs(custom, namespace, name, finished_only=True)
+    seen, printed = "", set(finished_runs(custom, namespace, name))
 
     def say(line: str) -> None:
         out(f"rollout {name} [{time.monotonic() - t0:4.0f}s] {line}", flush=True)
@@ -420,11 +420,11 @@ def watch_rollout(api, namespace: str, name: str, timeout: float, out=print) -> 
         if key != seen:
             say(line)
             seen = key
-        for run_name in sorted(analysis_runs(custom, namespace, name, finished_only=True) - printed):
-            run = custom.get_namespaced_custom_object(*ROLLOUTS, namespace, "analysisruns", run_name)
-            printed.add(run_name)
-            phase = run["status"]["phase"]
-            say(f"analysis {run_name}: {phase}: {measurement_summary(run)}{gate_lines(core, namespace, run)}")
+        for run_name, run in sorted(finished_runs(custom, namespace, name).items()):
+            if run_name not in printed:
+                printed.add(run_name)
+                phase = run["status"]["phase"]
+                say(f"analysis {run_name}: {phase}: {measurement_summary(run)}{gate_lines(core, namespace, run)}")
         ref = ro["spec"].get("workloadRef", {}).get("name")
         generation = apps.read_namespaced_deployment(ref, namespace).metadata.generation if ref else None
         done = verdict(ro, generation)
@@ -440,16 +440,16 @@ def watch_rollout(api, namespace: str, name: str, timeout: float, out=print) -> 
         time.sleep(2)
 
 
-def analysis_runs(custom, namespace: str, rollout: str, finished_only: bool = False) -> set[str]:
-    """The names of the Rollout's AnalysisRuns (those that have finished)."""
+def finished_runs(custom, namespace: str, rollout: str) -> dict[str, dict]:
+    """The Rollout's finished AnalysisRuns, by name."""
     runs = custom.list_namespaced_custom_object(*ROLLOUTS, namespace, "analysisruns")["items"]
     return {
-        r["metadata"]["name"]
+        r["metadata"]["name"]: r
         for r in runs
         if any(
             o.get("kind") == "Rollout" and o.get("name") == rollout for o in r["metadata"].get("ownerReferences", [])
         )
-        and (not finished_only or r.get("status", {}).get("phase") in ("Successful", "Failed", "Error", "Inconclusive"))
+        and r.get("status", {}).get("phase") in ("Successful", "Failed", "Error", "Inconclusive")
     }
 
 
