@@ -679,7 +679,7 @@ stop() {
 down() {
   local c
   if [ -d "$STATE/node2" ] || ip netns list 2>/dev/null | grep -qw "$NODE2_NETNS"; then (leave) || true; fi
-  for c in "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${DNS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
+  for c in "${ROLLOUTS[@]}" "${FLEET[@]}" "${KEDA[@]}" "${METRICS[@]}" "${DNS[@]}" "${REGISTRY[@]}" "${POLICY[@]}"; do stop "$c"; done
   stop kube-proxy; stop kubelet; stop kube-scheduler; stop kube-controller-manager
   if running containerd; then
     # Every container and sandbox the kubelet left: kill its tasks, then let containerd go.
