@@ -116,11 +116,17 @@ def pod_state(pod: dict) -> PodState:
 
 
 class PodWatch:
-    """A namespace's pods, event by event from the API server's watch, in the order etcd wrote them.
+    """A namespace's pods and ReplicaSets, event by event from the API server's watches.
 
     Per group it keeps the live pods (not being deleted) and the ready ones among them, and the
     extremes of both since ``reset()``: a count polled every second could miss a dip that lasted
     less. It also notes when each pod was first seen and first bound to a node.
+
+    Per group it also keeps the pods its ReplicaSets are told to hold (the sum of their
+    ``spec.replicas``) and its highest since ``reset()``. That sum is what a Deployment's maxSurge
+    bounds. The live pods can stand a few above it for a moment: the Deployment controller lowers
+    the old ReplicaSet and raises the new one, and the new one's pods can be created before the
+    ReplicaSet controller has marked the old one's extra pods for deletion.
     """
 
     def __init__(self, namespace: str):
@@ -137,11 +143,14 @@ class PodWatch:
         self.ready: collections.Counter[str] = collections.Counter()
         self.min_ready: dict[str, int] = {}
         self.max_live: dict[str, int] = {}
+        self.replica_sets: dict[str, tuple[str, int]] = {}  # name -> (group, spec.replicas)
+        self.planned: collections.Counter[str] = collections.Counter()
+        self.max_planned: dict[str, int] = {}
         self.events = 0
         self.error: str | None = None
         self.reconnects: list[str] = []
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -166,11 +175,25 @@ class PodWatch:
                 self.min_ready[g] = min(self.min_ready.get(g, self.ready[g]), self.ready[g])
                 self.max_live[g] = max(self.max_live.get(g, self.live[g]), self.live[g])
 
+    def _apply_replica_set(self, kind: str, rs: dict, now: float) -> None:
+        name = rs["metadata"]["name"]
+        with self.lock:
+            group, replicas = self.replica_sets.pop(name, ("", 0))
+            self.planned[group] -= replicas
+            if kind != "DELETED":
+                group = rs["metadata"].get("labels", {}).get(GROUP, "")
+                replicas = int(rs["spec"].get("replicas", 0))
+                self.replica_sets[name] = (group, replicas)
+                self.planned[group] += replicas
+            for g in self.planned:
+                self.max_planned[g] = max(self.max_planned.get(g, self.planned[g]), self.planned[g])
+
     def reset(self) -> None:
         """Start new extremes from the counts as they are now."""
         with self.lock:
             self.min_ready = dict(self.ready)
             self.max_live = dict(self.live)
+            self.max_planned = dict(self.planned)
 
     def snapshot(self) -> dict[str, PodState]:
         with self.lock:
@@ -184,18 +207,27 @@ class PodWatch:
     # ----------------------------------------------------------------- the watch
 
     def start(self) -> PodWatch:
-        listed = json.loads(self.core.list_namespaced_pod(self.namespace, _preload_content=False).data)
-        now = time.monotonic()
-        for pod in listed["items"]:
-            self._apply("ADDED", pod, now)
-        self._thread = threading.Thread(target=self._run, args=(listed["metadata"]["resourceVersion"],), daemon=True)
-        self._thread.start()
+        from kubernetes import client
+
+        apps = client.AppsV1Api()
+        for list_fn, apply in (
+            (self.core.list_namespaced_pod, self._apply),
+            (apps.list_namespaced_replica_set, self._apply_replica_set),
+        ):
+            listed = json.loads(list_fn(self.namespace, _preload_content=False).data)
+            now = time.monotonic()
+            for item in listed["items"]:
+                apply("ADDED", item, now)
+            rv = listed["metadata"]["resourceVersion"]
+            thread = threading.Thread(target=self._run, args=(list_fn, apply, rv), daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
-    def _run(self, rv: str) -> None:
+    def _run(self, list_fn, apply, rv: str) -> None:
         while not self._stop.is_set():
             try:
-                resp = self.core.list_namespaced_pod(
+                resp = list_fn(
                     self.namespace,
                     watch=True,
                     resource_version=rv,
@@ -218,7 +250,7 @@ class PodWatch:
                             return
                         rv = obj["metadata"]["resourceVersion"]
                         if event["type"] != "BOOKMARK":
-                            self._apply(event["type"], obj, time.monotonic())
+                            apply(event["type"], obj, time.monotonic())
                     if self._stop.is_set():
                         return
             except Exception as e:  # a dropped connection: resume from the last resource version
@@ -229,5 +261,5 @@ class PodWatch:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=35)
+        for thread in self._threads:
+            thread.join(timeout=35)
