@@ -24,6 +24,11 @@
 #    autoscaling, serverless groups scaling to zero and back, GPU scheduling, the dashboard,
 #    uninstall; last, the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure
 #    pytest prints the step's events, kubelet lines and pod logs.
+#    In two runs of pytest: the cluster comes up once the core's parts are built (parts.tsv lists
+#    them first: Kubernetes, etcd, kube-router, the registry, CoreDNS), and the tests that need no
+#    other part run while the rest build, still at the lowest priority; then the tests marked
+#    `late` (tests/e2e/conftest.py), once the other stages are up. On a warm cache both runs follow
+#    at once. Each run prints its own 30 slowest steps.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -81,7 +86,9 @@ fi
 [ -x /usr/local/go/bin/go ] && export PATH=/usr/local/go/bin:$PATH
 mkdir -p "$CACHE/parts"  # each part's line of parts.tsv, a cache key input of its own
 declare -A bin=()  # part -> the folder of its binaries, exported as BIN_<part> for cluster.sh
-mapfile -t parts < <(awk -F'\t' '!/^#/ && NF {print $1}' "$here/parts.tsv")
+mapfile -t parts < <(awk -F'\t' '!/^#/ && NF {print $1}' "$here/parts.tsv")  # in build order
+# The parts of the core's stages: the cluster, its firewall, its registry and its DNS.
+mapfile -t core_parts < <(awk -F'\t' '!/^#/ && NF && $5 ~ /^(up|policy|registry|dns)$/ {print $1}' "$here/parts.tsv")
 build_args=()
 for part in "${parts[@]}"; do
   awk -F'\t' -v p="$part" '$1 == p' "$here/parts.tsv" > "$CACHE/parts/$part"
@@ -109,8 +116,30 @@ for _ in {1..50}; do
   fi
   sleep 0.1
 done
+# shellcheck disable=SC2317 # called by the traps, which shellcheck does not follow
 stop_builds() {
   if kill -0 "$builds" 2>/dev/null; then kill -TERM -- "-$builds" 2>/dev/null || true; wait "$builds" 2>/dev/null || true; fi
+}
+builds_failed() {
+  tail -60 "$builds_log"
+  echo "e2e-k8s: a Go build failed (the whole log: $builds_log)" >&2
+  exit 1
+}
+# wait_for_parts PART...: until each has built (its .complete), while the builds go on; a build
+# that fails ends the e2e. Bounded by the builds themselves, which stop at their first failure.
+wait_for_parts() {
+  local p ready
+  while :; do
+    ready=1
+    for p in "$@"; do [ -f "${bin[$p]}/.complete" ] || ready=0; done
+    ((ready)) && return 0
+    if ! kill -0 "$builds" 2>/dev/null; then
+      wait "$builds" || builds_failed
+      for p in "$@"; do [ -f "${bin[$p]}/.complete" ] || { echo "e2e-k8s: the builds ended without $p" >&2; exit 1; }; done
+      return 0
+    fi
+    sleep 2
+  done
 }
 trap 'stop_builds; exit 130' INT TERM
 trap 'rc=$?; stop_builds; exit $rc' EXIT
@@ -137,6 +166,7 @@ export KUBECTL=${bin[kubernetes]}/kubectl HELM=$PWD/.venv/k8s/bin/helm
 export STATE=${E2E_STATE:-/var/lib/torchserve-e2e} NETNS=${E2E_NETNS:-tsk8s-e2e}
 tmp=$(mktemp -d /var/tmp/e2e-image.XXXXXX)
 cluster_started=0
+# shellcheck disable=SC2317 # called by the trap
 cleanup() {
   local rc=$?
   stop_builds
@@ -157,13 +187,8 @@ bash k8s/build-image.sh --engine buildah --image "$IMAGE" --base "$images/base.t
 # runs do not pile up images; the layers this build reuses stay.
 STORAGE_DRIVER=vfs buildah rmi --prune >/dev/null 2>&1 || true
 
-step "waiting for the Go-built parts"
-if ! wait "$builds"; then
-  tail -60 "$builds_log"
-  echo "e2e-k8s: a Go build failed (the whole log: $builds_log)" >&2
-  exit 1
-fi
-cat "$builds_log"
+step "waiting for the Go-built parts of the core: ${core_parts[*]}"
+wait_for_parts "${core_parts[@]}"
 
 step "cluster up"
 cluster_started=1
@@ -192,6 +217,40 @@ if ! bash "$here/cluster.sh" policy; then
   exit 1
 fi
 
+step "cluster DNS (CoreDNS), for Knative's pods"
+if ! bash "$here/cluster.sh" dns; then
+  LOG_LINES=40 bash "$here/cluster.sh" logs
+  exit 1
+fi
+
+export KUBECONFIG=$STATE/admin.kubeconfig E2E_IMAGE=$IMAGE E2E_CLUSTER_SCRIPT=$PWD/$here/cluster.sh
+# run_tests PHASE [pytest options]: pytest on the tests of one phase (core or late) that the
+# arguments select; exit status 5 when they select none.
+run_tests() {
+  local phase=$1
+  shift
+  nsenter --net="/run/netns/$NETNS" -- env E2E_PHASE="$phase" \
+    "$PY" -m pytest tests/e2e -p no:cacheprovider "$@" "${pytest_args[@]}"
+}
+pytest_args=("$@")
+rc=0
+step "tests/e2e, the core's (pytest inside the cluster's network namespace; the other parts build beside it)"
+# --durations: the 30 slowest steps at the end, where CI's time goes.
+run_tests core -rfEP --durations=30 || rc=$?
+none=0
+((rc == 5)) && { none=1 rc=0; }
+
+late_rc=0
+run_tests late --collect-only -q >/dev/null 2>&1 || late_rc=$?
+if ((late_rc == 5)); then
+  step "no test of the late phase selected: the other stages are not started"
+  ((none)) && exit 5
+  exit "$rc"
+fi
+step "waiting for the other Go-built parts"
+wait_for_parts "${parts[@]}"
+cat "$builds_log"
+
 step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter"
 # prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.
 export ADAPTER_RULES=$tmp/adapter-rules.yaml
@@ -208,8 +267,8 @@ if ! bash "$here/cluster.sh" keda; then
   exit 1
 fi
 
-step "cluster DNS (CoreDNS) and Knative Serving's core, for the serverless groups"
-if ! bash "$here/cluster.sh" dns || ! PY=$PY bash "$here/cluster.sh" knative; then
+step "Knative Serving's core, for the serverless groups"
+if ! PY=$PY bash "$here/cluster.sh" knative; then
   LOG_LINES=40 bash "$here/cluster.sh" logs
   exit 1
 fi
@@ -226,7 +285,8 @@ if ! bash "$here/cluster.sh" fleet; then
   exit 1
 fi
 
-step "tests/e2e (pytest inside the cluster's network namespace)"
-export KUBECONFIG=$STATE/admin.kubeconfig E2E_IMAGE=$IMAGE E2E_CLUSTER_SCRIPT=$PWD/$here/cluster.sh
-# --durations: the 30 slowest steps at the end, where CI's time goes.
-nsenter --net="/run/netns/$NETNS" -- "$PY" -m pytest tests/e2e -p no:cacheprovider -rfEP --durations=30 "$@"
+step "tests/e2e, the late ones (pytest inside the cluster's network namespace)"
+late_rc=0
+run_tests late -rfEP --durations=30 || late_rc=$?
+((rc)) || rc=$late_rc
+exit "$rc"

@@ -39,6 +39,8 @@ from tests.e2e.harness.release import (
     image_values,
 )
 
+# late: Prometheus and kube-state-metrics
+pytestmark = pytest.mark.late
 NAMESPACE = "e2e-dashboard"
 RELEASE = Release("tsd")
 SELECTOR = RELEASE.selector

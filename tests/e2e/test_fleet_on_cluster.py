@@ -42,7 +42,8 @@ from tests.e2e.harness.release import (
 )
 from tests.e2e.harness.results import record
 
-pytestmark = pytest.mark.fleet
+# late: kwok
+pytestmark = [pytest.mark.fleet, pytest.mark.late]
 
 NAMESPACE = "fleet"
 # The deploy tool renders the chart under this release name (scripts/k8s.py): helm's objects and

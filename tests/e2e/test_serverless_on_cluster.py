@@ -104,7 +104,11 @@ VALUES_FLAGS = [
 ]
 RESULTS: dict = {}  # what each test measured, written by the last two (save())
 
-pytestmark = pytest.mark.skipif(not REGISTRY_IMAGE, reason="no E2E_REGISTRY_IMAGE: e2e.sh starts the registry")
+# late: Knative Serving
+pytestmark = [
+    pytest.mark.late,
+    pytest.mark.skipif(not REGISTRY_IMAGE, reason="no E2E_REGISTRY_IMAGE: e2e.sh starts the registry"),
+]
 
 
 def wall(stamp: str) -> float:
