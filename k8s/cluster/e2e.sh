@@ -24,11 +24,12 @@
 #    autoscaling, serverless groups scaling to zero and back, GPU scheduling, the dashboard,
 #    uninstall; last, the simulated GPU fleet, which `make e2e-fleet` runs alone). On a failure
 #    pytest prints the step's events, kubelet lines and pod logs.
-#    In two runs of pytest: the cluster comes up once the core's parts are built (parts.tsv lists
-#    them first: Kubernetes, etcd, kube-router, the registry, CoreDNS), and the tests that need no
-#    other part run while the rest build, still at the lowest priority; then the tests marked
-#    `late` (tests/e2e/conftest.py), once the other stages are up. On a warm cache both runs follow
-#    at once. Each run prints its own 30 slowest steps.
+#    In a run of pytest per stage: the cluster comes up once the core's parts are built (parts.tsv
+#    lists them first: Kubernetes, etcd, kube-router, the registry, CoreDNS), and the tests that
+#    need no other part run while the rest build, still at the lowest priority. Then each later
+#    stage (metrics, keda, knative, rollouts, fleet) starts once its parts are built, and the
+#    tests marked with it (`stage`, tests/e2e/conftest.py) run while the next stages' parts build.
+#    On a warm cache the runs follow each other at once. Each run prints its 30 slowest steps.
 # 5. the cluster down, whatever happened: every process stopped by PID, the host restored.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -224,69 +225,72 @@ if ! bash "$here/cluster.sh" dns; then
 fi
 
 export KUBECONFIG=$STATE/admin.kubeconfig E2E_IMAGE=$IMAGE E2E_CLUSTER_SCRIPT=$PWD/$here/cluster.sh
-# run_tests PHASE [pytest options]: pytest on the tests of one phase (core or late) that the
-# arguments select; exit status 5 when they select none.
+# The stages after the core, in the order they start; parts.tsv builds their parts in this order.
+late_stages=(metrics keda knative rollouts fleet)
+# start_stage STAGE: start one of them (`cluster.sh STAGE`), once its parts are built.
+start_stage() {
+  local what
+  case $1 in
+    metrics)
+      what="metrics pipeline: metrics-server, Prometheus, prometheus-adapter, kube-state-metrics"
+      # prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.
+      export ADAPTER_RULES=$tmp/adapter-rules.yaml
+      "$PY" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"rules": v["rules"]["custom"]}, open(sys.argv[2], "w"))' \
+        k8s/prometheus-adapter-values.yaml "$ADAPTER_RULES"
+      ;;
+    keda) what="KEDA" ;;
+    knative) what="Knative Serving's core, for the serverless groups" ;;
+    rollouts) what="Argo Rollouts' controller, for progressive delivery with analysis" ;;
+    fleet) what="kwok, for the simulated GPU fleet (tests/e2e/test_fleet_on_cluster.py)" ;;
+  esac
+  step "$what"
+  if ! PY=$PY bash "$here/cluster.sh" "$1"; then
+    LOG_LINES=40 bash "$here/cluster.sh" logs
+    exit 1
+  fi
+}
+pytest_args=("$@")
+# run_tests PHASE [pytest options]: pytest on the tests of one phase that the arguments select: core,
+# or a late stage (the test's `stage` mark, tests/e2e/conftest.py).
 run_tests() {
   local phase=$1
   shift
   nsenter --net="/run/netns/$NETNS" -- env E2E_PHASE="$phase" \
     "$PY" -m pytest tests/e2e -p no:cacheprovider "$@" "${pytest_args[@]}"
 }
-pytest_args=("$@")
+# The phases of the tests the arguments select, one a line. Where the collection fails, every phase:
+# their runs report why.
+collected=0
+nsenter --net="/run/netns/$NETNS" -- env E2E_PHASES_OUT="$tmp/phases" \
+  "$PY" -m pytest tests/e2e -p no:cacheprovider --collect-only -q "${pytest_args[@]}" >/dev/null 2>&1 || collected=$?
+if ((collected != 0 && collected != 5)) || [ ! -f "$tmp/phases" ]; then
+  printf '%s\n' core "${late_stages[@]}" > "$tmp/phases"
+fi
 rc=0
-step "tests/e2e, the core's (pytest inside the cluster's network namespace; the other parts build beside it)"
-# --durations: the 30 slowest steps at the end, where CI's time goes.
-run_tests core -rfEP --durations=30 || rc=$?
-none=0
-((rc == 5)) && { none=1 rc=0; }
+# run_phase PHASE TITLE: its selected tests, if any; the first failure's status is the exit status.
+run_phase() {
+  grep -qx "$1" "$tmp/phases" || return 0
+  step "$2"
+  local r=0
+  # --durations: the 30 slowest steps at the end, where CI's time goes.
+  run_tests "$1" -rfEP --durations=30 || r=$?
+  ((rc)) || rc=$r
+}
+run_phase core "tests/e2e that need only the core (pytest inside the cluster's network namespace; the other parts build beside them)"
 
-late_rc=0
-run_tests late --collect-only -q >/dev/null 2>&1 || late_rc=$?
-if ((late_rc == 5)); then
-  step "no test of the late phase selected: the other stages are not started"
-  ((none)) && exit 5
-  exit "$rc"
-fi
-step "waiting for the other Go-built parts"
-wait_for_parts "${parts[@]}"
-cat "$builds_log"
-
-step "metrics pipeline: metrics-server, Prometheus, prometheus-adapter"
-# prometheus-adapter's configuration is the rules of the values file users install it with, unchanged.
-export ADAPTER_RULES=$tmp/adapter-rules.yaml
-"$PY" -c 'import sys, yaml; v = yaml.safe_load(open(sys.argv[1])); yaml.safe_dump({"rules": v["rules"]["custom"]}, open(sys.argv[2], "w"))' \
-  k8s/prometheus-adapter-values.yaml "$ADAPTER_RULES"
-if ! bash "$here/cluster.sh" metrics; then
-  LOG_LINES=40 bash "$here/cluster.sh" logs
-  exit 1
-fi
-
-step "KEDA"
-if ! bash "$here/cluster.sh" keda; then
-  LOG_LINES=40 bash "$here/cluster.sh" logs
-  exit 1
-fi
-
-step "Knative Serving's core, for the serverless groups"
-if ! PY=$PY bash "$here/cluster.sh" knative; then
-  LOG_LINES=40 bash "$here/cluster.sh" logs
-  exit 1
-fi
-
-step "Argo Rollouts' controller, for progressive delivery with analysis"
-if ! bash "$here/cluster.sh" rollouts; then
-  LOG_LINES=40 bash "$here/cluster.sh" logs
-  exit 1
-fi
-
-step "kwok, for the simulated GPU fleet (tests/e2e/test_fleet_on_cluster.py)"
-if ! bash "$here/cluster.sh" fleet; then
-  LOG_LINES=40 bash "$here/cluster.sh" logs
-  exit 1
-fi
-
-step "tests/e2e, the late ones (pytest inside the cluster's network namespace)"
-late_rc=0
-run_tests late -rfEP --durations=30 || late_rc=$?
-((rc)) || rc=$late_rc
+# Each later stage starts once its parts are built and runs its tests while the next ones build,
+# up to the last stage that a selected test needs (a stage needs the ones before it).
+last=""
+for stage in "${late_stages[@]}"; do grep -qx "$stage" "$tmp/phases" && last=$stage; done
+for stage in "${late_stages[@]}"; do
+  [ -n "$last" ] || break
+  mapfile -t stage_parts < <(awk -F'\t' -v s="$stage" '!/^#/ && $5 == s {print $1}' "$here/parts.tsv")
+  step "waiting for the Go-built parts of stage $stage: ${stage_parts[*]}"
+  wait_for_parts "${stage_parts[@]}"
+  start_stage "$stage"
+  run_phase "$stage" "tests/e2e that need stage $stage (the later parts build beside them)"
+  [ "$stage" = "$last" ] && break
+done
+kill -0 "$builds" 2>/dev/null || cat "$builds_log"
+[ -s "$tmp/phases" ] || exit 5
 exit "$rc"

@@ -16,17 +16,32 @@ import pytest
 from tests.e2e.harness.cluster import Cluster
 
 
+def phase_of(item) -> str:
+    """The stage after which e2e.sh runs the test (its `stage` mark), or core."""
+    mark = item.get_closest_marker("stage")
+    return mark.args[0] if mark else "core"
+
+
 def pytest_collection_modifyitems(config, items):
-    # e2e.sh runs pytest twice: E2E_PHASE=core while the parts the `late` tests need still build,
-    # then E2E_PHASE=late once they are up.
+    # e2e.sh runs pytest once per phase (E2E_PHASE): the core's tests while the later stages' parts
+    # still build, then each later stage's once it is up.
     phase = os.environ.get("E2E_PHASE")
-    if phase in ("core", "late"):
-        keep = [item for item in items if (item.get_closest_marker("late") is not None) == (phase == "late")]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    if phase:
+        keep = [item for item in items if phase_of(item) == phase]
+        config.hook.pytest_deselected(items=[item for item in items if phase_of(item) != phase])
         items[:] = keep
     # The simulated fleet fills the API server with 600 to 940 pods: it goes last, after every test
     # of the real node.
     items.sort(key=lambda item: item.get_closest_marker("fleet") is not None)
+
+
+def pytest_collection_finish(session):
+    """With E2E_PHASES_OUT set, the phases of the tests that the arguments select, one a line, for
+    e2e.sh to start only the stages they need."""
+    out = os.environ.get("E2E_PHASES_OUT")
+    if out:
+        with open(out, "w") as f:
+            f.writelines(f"{phase}\n" for phase in sorted({phase_of(item) for item in session.items}))
 
 
 @pytest.fixture(scope="session")

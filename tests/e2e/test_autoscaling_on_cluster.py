@@ -49,8 +49,8 @@ from tests.e2e.harness.release import (
 )
 from tests.e2e.harness.results import record, save_figure
 
-# late: the metrics pipeline (metrics-server, Prometheus, prometheus-adapter) and KEDA
-pytestmark = pytest.mark.late
+# stage keda: needs the metrics pipeline (metrics-server, Prometheus, prometheus-adapter) and KEDA
+pytestmark = pytest.mark.stage("keda")
 RELEASE = Release("tsa")
 NAMESPACE = "e2e-autoscale"
 SELECTOR = RELEASE.selector

@@ -39,8 +39,8 @@ from tests.e2e.harness.release import (
     image_values,
 )
 
-# late: Prometheus and kube-state-metrics
-pytestmark = pytest.mark.late
+# stage metrics: needs Prometheus and kube-state-metrics
+pytestmark = pytest.mark.stage("metrics")
 NAMESPACE = "e2e-dashboard"
 RELEASE = Release("tsd")
 SELECTOR = RELEASE.selector

@@ -42,8 +42,8 @@ from tests.e2e.harness.release import (
 )
 from tests.e2e.harness.results import record
 
-# late: kwok
-pytestmark = [pytest.mark.fleet, pytest.mark.late]
+# stage fleet: needs kwok
+pytestmark = [pytest.mark.fleet, pytest.mark.stage("fleet")]
 
 NAMESPACE = "fleet"
 # The deploy tool renders the chart under this release name (scripts/k8s.py): helm's objects and

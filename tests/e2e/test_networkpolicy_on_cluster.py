@@ -37,8 +37,8 @@ from scripts.serve import PORTS
 from tests.e2e.harness.cluster import Cluster
 from tests.e2e.harness.release import CHART, CNN_ONLY, READY_BOUND_S, VALUES, Release, image_values
 
-# late: Prometheus, whose scrapes the policy must let through
-pytestmark = pytest.mark.late
+# stage metrics: needs Prometheus, whose scrapes the policy must let through
+pytestmark = pytest.mark.stage("metrics")
 NAMESPACE = "e2e-netpol"
 REMOTE = "e2e-netpol-clients"  # a client namespace, labelled as inferenceFrom.namespaceLabels says
 EGRESS = "e2e-netpol-egress"  # the url-source policy on a pod with the release's labels

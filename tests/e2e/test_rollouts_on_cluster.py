@@ -74,9 +74,9 @@ ROLLOUT_BOUND_S = 2 * STEP_BOUND_S + GRACE_S
 VERSIONS = {"good": "2.0", "quiet": "3.0", "loud": "4.0"}
 RESULTS: dict = {"versions": {}}
 
-# late: Argo Rollouts and Prometheus
+# stage rollouts: needs Argo Rollouts and Prometheus
 pytestmark = [
-    pytest.mark.late,
+    pytest.mark.stage("rollouts"),
     pytest.mark.skipif(
         not Path(ROOT / "checkpoints" / "cnn" / "checkpoint.pt").is_file(), reason="no cnn checkpoint (make archive)"
     ),

@@ -104,9 +104,9 @@ VALUES_FLAGS = [
 ]
 RESULTS: dict = {}  # what each test measured, written by the last two (save())
 
-# late: Knative Serving
+# stage knative: needs Knative Serving
 pytestmark = [
-    pytest.mark.late,
+    pytest.mark.stage("knative"),
     pytest.mark.skipif(not REGISTRY_IMAGE, reason="no E2E_REGISTRY_IMAGE: e2e.sh starts the registry"),
 ]
 
